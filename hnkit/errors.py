@@ -1,0 +1,8 @@
+"""The one exception type hnkit raises for a user's mistake.
+
+The CLI prints its message as a single line and exits with code 2; library users can catch it.
+"""
+
+
+class HnkitError(Exception):
+    """Bad input: a file, an option or a model that hnkit cannot use. The message is one line."""

@@ -1,0 +1,161 @@
+"""A hypernetwork: ``(k, v)`` module pairs keyed by input width (the web UI's way) or by site."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import HnkitError
+from .module import HypernetworkModule, check_structure, is_linear_activation, legacy_dropout_structure
+
+
+@dataclass
+class HypernetworkConfig:
+    """Module options; the names of the web UI's ``.pt`` keys are in the comments."""
+
+    layer_structure: list = field(default_factory=lambda: [1, 2, 1])  # layer_structure
+    activation: str | None = None  # activation_func; None or "linear" = no activation
+    layer_norm: bool = False  # is_layer_norm
+    dropout_structure: list | None = None  # dropout_structure; None = legacy rule below
+    use_dropout: bool = False  # use_dropout
+    last_layer_dropout: bool = False  # last_layer_dropout
+    activate_output: bool = False  # activate_output (missing in a .pt file means True)
+    weight_init: str = "Normal"  # weight_initialization
+    zero_init_last: bool = False  # hnkit only: last Linear starts at zero (exact identity)
+    per_site: bool = False  # hnkit only: one pair per attention site instead of per width
+
+    def __post_init__(self):
+        self.layer_structure = list(self.layer_structure)
+        if self.dropout_structure is None:
+            self.dropout_structure = legacy_dropout_structure(
+                self.layer_structure, self.use_dropout, self.last_layer_dropout
+            )
+        self.dropout_structure = [float(p) for p in self.dropout_structure]
+        self.use_dropout = bool(self.use_dropout or any(self.dropout_structure))
+        check_structure(self.layer_structure, self.dropout_structure)
+
+    @property
+    def is_linear(self) -> bool:
+        """No activation and no layer norm: the module is an affine map (it can be fused)."""
+        return is_linear_activation(self.activation) and not self.layer_norm
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HypernetworkConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise HnkitError(f"unknown hypernetwork option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class Hypernetwork(nn.Module):
+    """Named ``(k, v)`` pairs of :class:`HypernetworkModule`.
+
+    Keys are input widths (``int``: every attention site whose K/V input has that width shares the
+    pair) or, with ``config.per_site``, site names (``str``, e.g. ``"layers.3.self_attn"``).
+    The object is an ``nn.Module`` of its own and is never registered inside a base model.
+    """
+
+    def __init__(
+        self,
+        config: HypernetworkConfig | None = None,
+        keys=(),
+        *,
+        name: str = "hypernetwork",
+        step: int = 0,
+        family: str | None = None,
+        base_model: str | None = None,
+        base_model_hash: str | None = None,
+        description: str = "",
+        extra: dict | None = None,
+        widths: dict | None = None,
+    ):
+        super().__init__()
+        self.config = config or HypernetworkConfig()
+        self.name = name
+        self.step = step
+        self.family = family
+        self.base_model = base_model
+        self.base_model_hash = base_model_hash
+        self.description = description
+        # Web UI fields hnkit carries but does not use (sd_checkpoint, sd_checkpoint_name, optional_info).
+        self.extra = dict(extra or {})
+        self._keys: list = []
+        self._widths: dict = {}  # key -> input width
+        self.pairs = nn.ModuleDict()
+        for key in keys:
+            width = key if isinstance(key, int) else (widths or {}).get(key)
+            if width is None:
+                raise HnkitError(f"site key {key!r} needs its input width")
+            self.add_pair(key, width)
+
+    # -- structure ---------------------------------------------------------------------------
+    @property
+    def keyed_by(self) -> str:
+        return "site" if self.config.per_site else "width"
+
+    @staticmethod
+    def _module_name(key) -> str:
+        # ModuleDict names cannot hold dots; the real key is kept in self._keys.
+        return str(key).replace(".", ":")
+
+    def add_pair(self, key, width: int) -> None:
+        if isinstance(key, int) == self.config.per_site:
+            raise HnkitError(f"key {key!r} does not fit a hypernetwork keyed by {self.keyed_by}")
+        if key in self._widths:
+            raise HnkitError(f"duplicate hypernetwork key {key!r}")
+        c = self.config
+        make = lambda: HypernetworkModule(  # noqa: E731
+            width, c.layer_structure, c.activation, c.layer_norm, c.dropout_structure,
+            c.activate_output, c.weight_init, c.zero_init_last,
+        )
+        self.pairs[self._module_name(key)] = nn.ModuleList([make(), make()])
+        self._keys.append(key)
+        self._widths[key] = width
+
+    def keys(self) -> list:
+        return list(self._keys)
+
+    def width_of(self, key) -> int:
+        return self._widths[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._widths
+
+    def __getitem__(self, key) -> tuple[HypernetworkModule, HypernetworkModule]:
+        if key not in self._widths:
+            raise KeyError(key)
+        k, v = self.pairs[self._module_name(key)]
+        return k, v
+
+    def pair_for(self, site):
+        """The ``(k, v)`` pair that applies at an attention site, or None."""
+        key = site.key if self.config.per_site else site.width
+        return self[key] if key in self else None
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        return (f"Hypernetwork(name={self.name!r}, keyed_by={self.keyed_by}, keys={self._keys}, "
+                f"layer_structure={self.config.layer_structure}, activation={self.config.activation!r}, "
+                f"params={n})")
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def for_model(cls, model, config: HypernetworkConfig | None = None, *, name: str = "hypernetwork",
+                  **kwargs) -> "Hypernetwork":
+        """Modules for exactly the widths (or, with ``config.per_site``, the sites) ``model`` has."""
+        from .targets import find_sites, model_name
+
+        config = config or HypernetworkConfig()
+        family, sites = find_sites(model)
+        hn = cls(config, name=name, family=family, base_model=model_name(model), **kwargs)
+        for site in sites:
+            key = site.key if config.per_site else site.width
+            if key not in hn:
+                hn.add_pair(key, site.width)
+        return hn

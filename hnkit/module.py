@@ -1,0 +1,136 @@
+"""The residual MLP of a hypernetwork (DESIGN.md section 2).
+
+Child order inside ``self.linear`` decides the state-dict key names of the SD web UI's ``.pt``
+files, so it follows that format exactly: for each step ``Linear``, then the activation (none for
+"linear"/None, none on the last step unless ``activate_output``), then ``LayerNorm`` if enabled,
+then ``Dropout`` only where the dropout structure is non-zero.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .errors import HnkitError
+
+# Names the web UI accepts. "swish" is Hardswish there, not SiLU: files depend on that.
+_NAMED_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "leakyrelu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "swish": nn.Hardswish,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+# ... plus every class of torch.nn.modules.activation under its lowercased name (gelu, silu, mish, ...).
+ACTIVATIONS = {
+    name.lower(): cls
+    for name, cls in vars(torch.nn.modules.activation).items()
+    if inspect.isclass(cls) and issubclass(cls, nn.Module) and cls.__module__ == "torch.nn.modules.activation"
+}
+ACTIVATIONS.update(_NAMED_ACTIVATIONS)
+
+WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
+
+
+def is_linear_activation(activation: str | None) -> bool:
+    return activation is None or activation == "linear"
+
+
+def make_activation(activation: str) -> nn.Module:
+    cls = ACTIVATIONS.get(activation)
+    if cls is None:
+        raise HnkitError(f"unknown activation {activation!r}; known: linear, " + ", ".join(sorted(ACTIVATIONS)))
+    try:
+        return cls()
+    except TypeError as exc:  # e.g. Threshold, MultiheadAttention need arguments
+        raise HnkitError(f"activation {activation!r} cannot be used in a hypernetwork: {exc}") from None
+
+
+def legacy_dropout_structure(layer_structure, use_dropout: bool, last_layer_dropout: bool) -> list[float]:
+    """Dropout placement of files that predate ``dropout_structure``."""
+    n = len(layer_structure)
+    if not use_dropout:
+        return [0.0] * n
+    return [0.0] + [0.3] * (n - 3) + [0.3 if last_layer_dropout else 0.0] + [0.0]
+
+
+def check_structure(layer_structure, dropout_structure) -> None:
+    ls = list(layer_structure)
+    if len(ls) < 2 or ls[0] != 1 or ls[-1] != 1:
+        raise HnkitError(f"layer_structure must start and end with 1, got {ls}")
+    if any(m <= 0 for m in ls):
+        raise HnkitError(f"layer_structure entries must be positive, got {ls}")
+    ds = list(dropout_structure)
+    if len(ds) != len(ls):
+        raise HnkitError(f"dropout_structure {ds} must have as many entries as layer_structure {ls}")
+    if ds[0] != 0 or ds[-1] != 0 or any(not 0 <= p < 1 for p in ds):
+        raise HnkitError(f"dropout_structure {ds} must start and end with 0, every entry in [0, 1)")
+
+
+class HypernetworkModule(nn.Module):
+    """``y = x + strength * mlp(x)`` for inputs of width ``dim``."""
+
+    def __init__(
+        self,
+        dim: int,
+        layer_structure=(1, 2, 1),
+        activation: str | None = None,
+        layer_norm: bool = False,
+        dropout_structure=None,
+        activate_output: bool = False,
+        weight_init: str = "Normal",
+        zero_init_last: bool = False,
+    ):
+        super().__init__()
+        if dropout_structure is None:
+            dropout_structure = [0.0] * len(layer_structure)
+        check_structure(layer_structure, dropout_structure)
+        if weight_init not in WEIGHT_INITS:
+            raise HnkitError(f"unknown weight initialization {weight_init!r}; known: {', '.join(WEIGHT_INITS)}")
+        if not is_linear_activation(activation):
+            make_activation(activation)  # an unknown name is an error even where no layer uses it
+        self.dim = dim
+        n = len(layer_structure) - 1
+        layers: list[nn.Module] = []
+        for i in range(n):
+            d_out = int(dim * layer_structure[i + 1])
+            layers.append(nn.Linear(int(dim * layer_structure[i]), d_out))
+            if not is_linear_activation(activation) and (i < n - 1 or activate_output):
+                layers.append(make_activation(activation))
+            if layer_norm:
+                layers.append(nn.LayerNorm(d_out))
+            if dropout_structure[i + 1] > 0:
+                layers.append(nn.Dropout(p=float(dropout_structure[i + 1])))
+        self.linear = nn.Sequential(*layers)
+        self._init_weights(weight_init, activation, zero_init_last)
+
+    @torch.no_grad()
+    def _init_weights(self, weight_init: str, activation: str | None, zero_init_last: bool) -> None:
+        nonlinearity = "leaky_relu" if activation == "leakyrelu" else "relu"
+        for layer in self.linear:
+            if isinstance(layer, nn.LayerNorm) or (isinstance(layer, nn.Linear) and weight_init == "Normal"):
+                nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+            elif isinstance(layer, nn.Linear) and weight_init == "XavierUniform":
+                nn.init.xavier_uniform_(layer.weight)
+            elif isinstance(layer, nn.Linear) and weight_init == "XavierNormal":
+                nn.init.xavier_normal_(layer.weight)
+            elif isinstance(layer, nn.Linear) and weight_init == "KaimingUniform":
+                nn.init.kaiming_uniform_(layer.weight, nonlinearity=nonlinearity)
+            elif isinstance(layer, nn.Linear) and weight_init == "KaimingNormal":
+                nn.init.kaiming_normal_(layer.weight, nonlinearity=nonlinearity)
+            else:
+                continue
+            nn.init.zeros_(layer.bias)
+        if zero_init_last:
+            last = [m for m in self.linear if isinstance(m, nn.Linear)][-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def forward(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        # Weights stay in their own dtype (fp32); cast at the edges so a half-precision base works.
+        dtype = self.linear[0].weight.dtype
+        h = x.to(dtype)
+        return (h + self.linear(h) * strength).to(x.dtype)
