@@ -1,0 +1,71 @@
+"""Tiny models of every supported family, built from configs and loaded back through the real
+``from_pretrained`` path from a folder (no hub)."""
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+)
+
+VOCAB = 128
+_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_LLAMA_LIKE = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, **_TOKENS)
+
+TINY_CONFIGS = {
+    "gpt2": lambda: GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **_TOKENS),
+    "gpt_neo": lambda: GPTNeoConfig(num_layers=2, hidden_size=32, num_heads=4, vocab_size=VOCAB,
+                                    max_position_embeddings=64, attention_types=[[["global", "local"], 1]],
+                                    window_size=8, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0,
+                                    **_TOKENS),
+    "gptj": lambda: GPTJConfig(n_layer=2, n_embd=32, n_head=4, rotary_dim=4, vocab_size=VOCAB, n_positions=64,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **_TOKENS),
+    "gpt_neox": lambda: GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                      intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64,
+                                      hidden_dropout=0.0, attention_dropout=0.0, **_TOKENS),
+    "llama": lambda: LlamaConfig(**_LLAMA_LIKE),
+    "mistral": lambda: MistralConfig(**_LLAMA_LIKE),
+    "qwen2": lambda: Qwen2Config(**_LLAMA_LIKE),
+    "opt": lambda: OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4,
+                             vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=32,
+                             dropout=0.0, attention_dropout=0.0, **_TOKENS),
+}
+FAMILIES = list(TINY_CONFIGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """family -> folder holding a saved tiny model (random weights, seed 0)."""
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for family, make in TINY_CONFIGS.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(make())
+        dirs[family] = root / family
+        model.save_pretrained(dirs[family])
+    return dirs
+
+
+@pytest.fixture
+def load_tiny(tiny_model_dirs):
+    """Load a fresh tiny model of a family, in eval mode, through from_pretrained."""
+
+    def load(family):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family])
+        return model.eval()
+
+    return load
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,224 @@
+"""The adapter core on every supported family: identity, gradients, cache, checkpointing, exactness."""
+
+import copy
+
+import pytest
+import torch
+
+import hnkit
+from hnkit import HnkitError, Hypernetwork, HypernetworkConfig
+from hnkit.models import enable_gradient_checkpointing
+from hnkit.targets import find_sites
+
+from conftest import FAMILIES, VOCAB
+
+# A hypernetwork strong enough to change the model visibly.
+STRONG = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", weight_init="XavierNormal")
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_strength_zero_and_remove_are_bit_identical(family, load_tiny, ids):
+    model = load_tiny(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base = logits(model, ids)
+    hn = Hypernetwork.for_model(model, STRONG)
+    with hnkit.attach(model, hn, strength=0.0) as handle:
+        assert torch.equal(logits(model, ids), base)
+        assert list(model.state_dict()) == list(before)  # never registered inside the model
+        handle.strength = 1.0
+        assert not torch.equal(logits(model, ids), base)
+    assert torch.equal(logits(model, ids), base)
+    handle = hnkit.attach(model, hn, strength=0.8)
+    handle.remove()
+    assert torch.equal(logits(model, ids), base)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())  # flags given back
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_reach_only_the_hypernetwork(family, load_tiny, ids):
+    model = load_tiny(family)
+    hn = Hypernetwork.for_model(model, STRONG)
+    with hnkit.attach(model, hn):
+        out = model(ids, labels=ids)
+        out.loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    grads = [p.grad for p in hn.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_same_tokens_with_and_without_kv_cache(family, load_tiny, ids):
+    model = load_tiny(family)
+    hn = Hypernetwork.for_model(model, STRONG)
+    prompt = ids[:1, :5]
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    base = model.generate(prompt, **kw)
+    with hnkit.attach(model, hn, strength=1.0):
+        cached = model.generate(prompt, use_cache=True, **kw)
+        uncached = model.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b, c in zip(cached.scores, uncached.scores, base.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # the hypernetwork acts on every step
+        assert not torch.allclose(a, c, atol=1e-4)  # ... and it does act
+    assert torch.equal(model.generate(prompt, **kw).sequences, base.sequences)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_gives_the_same_gradients(family, load_tiny, ids):
+    # Dropout inside the hypernetwork: its hook runs again in backward and must see the same mask.
+    config = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", dropout_structure=[0, 0.3, 0])
+    torch.manual_seed(0)
+    hn = Hypernetwork.for_model(load_tiny(family), config).train()
+    grads = []
+    for checkpointing in (False, True):
+        model = load_tiny(family).train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        hn.zero_grad()
+        with hnkit.attach(model, hn):
+            torch.manual_seed(1)
+            model(ids, labels=ids, use_cache=False).loss.backward()
+        grads.append([p.grad.clone() for p in hn.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def _fold_into_weights(model, family, hn, strength):
+    """Reference: a [1, 1] linear hypernetwork is an affine map x -> (I + sA) x + s a, which can be
+    folded into the K and V weights by hand. Writing that fold per family checks that K gets the k
+    module and V the v module, whatever the layout of the projection."""
+    ref = copy.deepcopy(model)
+    for site in find_sites(ref)[1]:
+        attn = ref.get_submodule(_full_name(ref, site.key))
+        for which in (0, 1):
+            lin = hn[site.width][which].linear[0]
+            m = torch.eye(site.width) + strength * lin.weight  # x' = m x + c
+            c = strength * lin.bias
+            if family == "gpt2":  # Conv1D: out = x @ W + b, W is (in, 3d)
+                w, b = attn.c_attn.weight, attn.c_attn.bias
+                d = w.shape[0]
+                cols = slice((1 + which) * d, (2 + which) * d)
+                b.data[cols] += c @ w.data[:, cols]
+                w.data[:, cols] = m.T @ w.data[:, cols]
+            elif family == "gpt_neox":  # Linear (3d, in), per-head [q | k | v] rows
+                lin_qkv = attn.query_key_value
+                heads = ref.config.num_attention_heads
+                w = lin_qkv.weight.data.view(heads, 3, -1, site.width)
+                b = lin_qkv.bias.data.view(heads, 3, -1)
+                b[:, 1 + which] += w[:, 1 + which] @ c
+                w[:, 1 + which] = w[:, 1 + which] @ m
+            else:
+                proj = attn.k_proj if which == 0 else attn.v_proj
+                if proj.bias is not None:
+                    proj.bias.data += proj.weight.data @ c
+                else:
+                    proj.bias = torch.nn.Parameter(proj.weight.data @ c)
+                proj.weight.data = proj.weight.data @ m
+    return ref
+
+
+def _full_name(model, key):
+    return next(n for n, _ in model.named_modules() if n == key or n.endswith("." + key))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_a_hand_folded_reference(family, load_tiny, ids):
+    model = load_tiny(family)
+    torch.manual_seed(3)
+    hn = Hypernetwork.for_model(model, HypernetworkConfig(layer_structure=[1, 1], weight_init="XavierNormal"))
+    for k, v in (hn[key] for key in hn.keys()):  # K and V modules must differ for the check to bite
+        assert not torch.equal(k.linear[0].weight, v.linear[0].weight)
+    reference = logits(_fold_into_weights(model, family, hn, 0.7), ids)
+    with hnkit.attach(model, hn, strength=0.7):
+        got = logits(model, ids)
+    assert not torch.allclose(got, logits(model, ids), atol=1e-3)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_several_hypernetworks_are_chained_in_order(load_tiny, ids):
+    model = load_tiny("llama")
+    torch.manual_seed(0)
+    a, b = (Hypernetwork.for_model(model, STRONG) for _ in range(2))
+    k_proj = model.model.layers[0].self_attn.k_proj  # first layer: its input does not depend on the hypernetworks
+    seen = []
+    hook = k_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    logits(model, ids)
+    with hnkit.attach(model, [(a, 0.5), (b, 2.0)]) as handle:
+        logits(model, ids)
+        assert handle.strengths == [0.5, 2.0]
+        handle.set_strength(0.0, index=b)  # only a remains
+        logits(model, ids)
+        handle.set_strength(0.0, index=0)
+        logits(model, ids)
+    hook.remove()
+    x = seen[0]
+    with torch.no_grad():
+        torch.testing.assert_close(seen[1], b[32][0](a[32][0](x, 0.5), 2.0), rtol=0, atol=0)
+        torch.testing.assert_close(seen[2], a[32][0](x, 0.5), rtol=0, atol=0)
+    assert torch.equal(seen[3], x)
+
+
+def test_strength_changes_without_reattaching(load_tiny, ids):
+    model = load_tiny("gpt2")
+    hn = Hypernetwork.for_model(model, STRONG)
+    with hnkit.attach(model, hn, 0.5):
+        half = logits(model, ids)
+    with hnkit.attach(model, hn, 1.0) as handle:
+        handle.strength = 0.5
+        assert torch.equal(logits(model, ids), half)
+
+
+def test_zero_init_last_is_an_exact_identity(load_tiny, ids):
+    model = load_tiny("llama")
+    base = logits(model, ids)
+    hn = Hypernetwork.for_model(model, HypernetworkConfig(activation="relu", layer_norm=True, zero_init_last=True))
+    with hnkit.attach(model, hn, 1.0):
+        assert torch.equal(logits(model, ids), base)
+
+
+def test_per_site_hypernetwork_has_one_pair_per_layer(load_tiny, ids):
+    model = load_tiny("llama")
+    hn = Hypernetwork.for_model(model, HypernetworkConfig(per_site=True))
+    assert hn.keys() == ["layers.0.self_attn", "layers.1.self_attn"]
+    # The keys do not depend on the LM-head wrapper: the bare decoder has the same sites.
+    assert [s.key for s in find_sites(model.model)[1]] == hn.keys()
+    with hnkit.attach(model, hn):
+        model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in hn.parameters())
+
+
+def test_for_model_creates_exactly_the_model_widths(load_tiny):
+    for family in FAMILIES:
+        hn = Hypernetwork.for_model(load_tiny(family))
+        assert hn.keys() == [32] and hn.family == family
+        assert hn.base_model  # the folder it was loaded from
+
+
+def test_unsupported_model_lists_the_families():
+    with pytest.raises(HnkitError, match="supported families: .*gpt2.*llama"):
+        hnkit.attach(torch.nn.Linear(4, 4), Hypernetwork(keys=[4]))
+
+
+def test_widths_that_fit_no_site_are_an_error(load_tiny):
+    model = load_tiny("gpt2")
+    with pytest.raises(HnkitError, match=r"widths \[320, 768\].*widths \[32\]"):
+        hnkit.attach(model, Hypernetwork(keys=[768, 320]))
+    per_site = Hypernetwork(HypernetworkConfig(per_site=True), ["h.7.attn"], widths={"h.7.attn": 32})
+    with pytest.raises(HnkitError, match="h.7.attn"):
+        hnkit.attach(model, per_site)
+
+
+def test_attaching_twice_is_refused(load_tiny):
+    model = load_tiny("opt")
+    hn = Hypernetwork.for_model(model)
+    with hnkit.attach(model, hn):
+        with pytest.raises(HnkitError, match="already has hypernetworks attached"):
+            hnkit.attach(model, hn)
+    hnkit.attach(model, hn).remove()  # fine again once removed
