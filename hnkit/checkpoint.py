@@ -1,0 +1,249 @@
+"""Save and load hypernetworks: hnkit's ``.safetensors`` and the SD web UI's ``.pt``.
+
+Native file: one ``.safetensors``; tensors are named ``<key>.<k|v>.<param>`` (``768.k.linear.0.weight``,
+``layers.3.self_attn.v.linear.2.bias``) and the header's metadata holds one entry, ``"hnkit"``, a
+JSON object: format version, key list, module config, target family, base model, step, ...
+
+Web UI file: a ``torch.save``d dict, integer widths -> ``(k_state_dict, v_state_dict)``, plus the
+metadata keys of DESIGN.md section 2. It is a pickle, so it is only ever read with
+``torch.load(weights_only=True)``; a file that needs anything more is refused.
+
+Every write is atomic: a temporary file in the same folder, fsync, then rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from .errors import HnkitError
+from .hypernetwork import Hypernetwork, HypernetworkConfig
+
+FORMAT_VERSION = 1
+A1111_SUFFIXES = (".pt", ".pth", ".ckpt")
+_A1111_EXTRA = ("sd_checkpoint", "sd_checkpoint_name", "optional_info")
+
+
+# -- atomic writes -------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    if path.is_dir():
+        raise HnkitError(f"{path}: is a directory, expected a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# -- save ----------------------------------------------------------------------------------------
+def save(hn: Hypernetwork, path: str | os.PathLike, format: str | None = None) -> Path:
+    """Write ``hn`` to ``path``: ``format="hnkit"`` (``.safetensors``) or ``"a1111"`` (the web UI's
+    ``.pt``). Without ``format`` the suffix decides (``.pt``/``.pth``/``.ckpt`` mean a1111)."""
+    path = Path(path)
+    if format is None:
+        format = "a1111" if path.suffix in A1111_SUFFIXES else "hnkit"
+    if format == "a1111":
+        data = to_a1111(hn, path)
+        atomic_write(path, lambda f: torch.save(data, f))
+    elif format == "hnkit":
+        blob = st_save(_tensors(hn), metadata={"hnkit": json.dumps(_metadata(hn))})
+        atomic_write(path, lambda f: f.write(blob))
+    else:
+        raise HnkitError(f"{path}: unknown format {format!r}; use 'hnkit' or 'a1111'")
+    return path
+
+
+def _tensors(hn: Hypernetwork) -> dict:
+    out = {}
+    for key in hn.keys():
+        for tag, module in zip("kv", hn[key]):
+            for name, t in module.state_dict().items():
+                out[f"{key}.{tag}.{name}"] = t.detach().cpu().contiguous()
+    return out
+
+
+def _metadata(hn: Hypernetwork) -> dict:
+    return {
+        "format": "hnkit.hypernetwork",
+        "format_version": FORMAT_VERSION,
+        "name": hn.name,
+        "step": hn.step,
+        "keyed_by": hn.keyed_by,
+        "keys": hn.keys(),
+        "widths": [hn.width_of(k) for k in hn.keys()],
+        "config": hn.config.to_dict(),
+        "family": hn.family,
+        "base_model": hn.base_model,
+        "base_model_hash": hn.base_model_hash,
+        "description": hn.description,
+        "extra": hn.extra,
+    }
+
+
+def to_a1111(hn: Hypernetwork, path: Path | str = "hypernetwork.pt") -> dict:
+    """The dict the web UI itself would ``torch.save`` for this network."""
+    if hn.config.per_site:
+        raise HnkitError(f"{path}: a per-site hypernetwork cannot be written as a web UI .pt (it is keyed by width)")
+    c = hn.config
+    data: dict = {key: (hn[key][0].state_dict(), hn[key][1].state_dict()) for key in hn.keys()}
+    data.update({
+        "step": hn.step,
+        "name": hn.name,
+        "layer_structure": list(c.layer_structure),
+        "activation_func": c.activation,
+        "is_layer_norm": c.layer_norm,
+        "weight_initialization": c.weight_init,
+        "sd_checkpoint": hn.extra.get("sd_checkpoint"),
+        "sd_checkpoint_name": hn.extra.get("sd_checkpoint_name"),
+        "activate_output": c.activate_output,
+        "use_dropout": c.use_dropout,
+        "dropout_structure": list(c.dropout_structure),
+        "last_layer_dropout": c.dropout_structure[-2] != 0,
+        "optional_info": hn.extra.get("optional_info") or None,
+    })
+    return data
+
+
+# -- load ----------------------------------------------------------------------------------------
+def load(path: str | os.PathLike) -> Hypernetwork:
+    """Read a hypernetwork from hnkit's ``.safetensors`` or the web UI's ``.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        raise HnkitError(f"{path}: is a directory, expected a hypernetwork file (.safetensors or .pt)")
+    if not path.exists():
+        raise HnkitError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise HnkitError(f"{path}: file is empty")
+    if _looks_like_safetensors(head):
+        return _load_safetensors(path)
+    if path.suffix == ".safetensors":
+        raise HnkitError(f"{path}: corrupt safetensors file (bad header)")
+    return from_a1111(_torch_load(path), path)
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    n = int.from_bytes(head[:8], "little")
+    return len(head) > 8 and head[8:9] == b"{" and 0 < n < 100_000_000
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # The safe unpickler met something that is not tensors and plain data: code to run, or noise.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or ["unpickling error"]
+        detail = next((ln for ln in lines if re.search(r"GLOBAL|Unsupported|load key", ln)), lines[0])
+        raise HnkitError(f"{path}: refused: not loadable as plain tensors and data with weights_only=True "
+                         f"(it holds objects that would run code, or it is corrupt: {detail})") from None
+    except Exception as exc:  # zip/stream errors, EOF, bad magic: all mean a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HnkitError(f"{path}: corrupt or truncated .pt file ({first})") from None
+
+
+def _load_safetensors(path: Path) -> Hypernetwork:
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise HnkitError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+    if "hnkit" not in meta:
+        raise HnkitError(f"{path}: a safetensors file without hnkit metadata (not an hnkit hypernetwork)")
+    try:
+        m = json.loads(meta["hnkit"])
+        if m.get("format_version", 0) > FORMAT_VERSION:
+            raise HnkitError(f"{path}: format version {m['format_version']} is newer than this hnkit "
+                             f"reads ({FORMAT_VERSION}); upgrade hnkit")
+        config = HypernetworkConfig.from_dict(m["config"])
+        keys, widths = m["keys"], m["widths"]
+    except HnkitError as exc:
+        raise HnkitError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HnkitError(f"{path}: bad hnkit metadata ({exc})") from None
+    hn = Hypernetwork(
+        config, keys, widths=dict(zip(keys, widths)), name=m.get("name") or path.stem, step=m.get("step", 0),
+        family=m.get("family"), base_model=m.get("base_model"), base_model_hash=m.get("base_model_hash"),
+        description=m.get("description", ""), extra=m.get("extra"),
+    )
+    for key in keys:
+        for tag, module in zip("kv", hn[key]):
+            prefix = f"{key}.{tag}."
+            sd = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+            _load_module(module, sd, path, f"{key}/{tag}")
+    return hn
+
+
+def _load_module(module, sd: dict, path: Path, where: str) -> None:
+    expected = module.state_dict()
+    if set(sd) != set(expected):
+        raise HnkitError(f"{path}: {where}: weights {sorted(sd)} do not match the layer structure, "
+                         f"which needs {sorted(expected)}")
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor) or t.shape != expected[name].shape:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise HnkitError(f"{path}: {where}: {name} has shape {shape}, expected {tuple(expected[name].shape)}")
+    module.load_state_dict(sd)
+
+
+_OLDEST_KEYS = {"linear1.weight": "linear.0.weight", "linear1.bias": "linear.0.bias",
+                "linear2.weight": "linear.1.weight", "linear2.bias": "linear.1.bias"}
+
+
+def from_a1111(data, path: Path | str = "hypernetwork.pt") -> Hypernetwork:
+    """Build a Hypernetwork from the dict of a web UI ``.pt``, with the web UI's defaults."""
+    path = Path(path)
+    if not isinstance(data, dict):
+        raise HnkitError(f"{path}: not a hypernetwork file (holds a {type(data).__name__}, expected a dict)")
+    widths = [k for k in data if isinstance(k, int)]
+    if not widths:
+        raise HnkitError(f"{path}: not a hypernetwork file (no integer width keys)")
+    try:
+        dropout_structure = data.get("dropout_structure")
+        use_dropout = (True if dropout_structure is not None and any(dropout_structure)
+                       else bool(data.get("use_dropout", False)))
+        config = HypernetworkConfig(
+            layer_structure=list(data.get("layer_structure") or [1, 2, 1]),
+            activation=data.get("activation_func"),
+            layer_norm=bool(data.get("is_layer_norm", False)),
+            dropout_structure=list(dropout_structure) if dropout_structure is not None else None,
+            use_dropout=use_dropout,
+            last_layer_dropout=bool(data.get("last_layer_dropout", False)),
+            activate_output=bool(data.get("activate_output", True)),
+            weight_init=data.get("weight_initialization") or "Normal",
+        )
+        hn = Hypernetwork(config, widths, name=data.get("name") or path.stem, step=data.get("step") or 0,
+                          extra={k: data.get(k) for k in _A1111_EXTRA})
+    except HnkitError as exc:
+        raise HnkitError(f"{path}: {exc}") from None
+    for width in widths:
+        pair = data[width]
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(s, dict) for s in pair):
+            raise HnkitError(f"{path}: width {width}: expected a (k, v) pair of state dicts")
+        for tag, module, sd in zip("kv", hn[width], pair):
+            sd = {_OLDEST_KEYS.get(n, n): t for n, t in sd.items()}
+            _load_module(module, sd, path, f"{width}/{tag}")
+    return hn
