@@ -5,9 +5,18 @@ from __future__ import annotations
 
 def enable_gradient_checkpointing(model) -> None:
     """Turn on activation checkpointing, non-reentrant (gradients reach the hypernetwork even though
-    no base parameter needs them). transformers 5 renamed the method; both names are handled."""
+    no base parameter needs them). transformers 5 renamed the method; both names are handled.
+
+    transformers checkpoints a layer only while that layer is in training mode. The frozen base is
+    trained in eval mode (no dropout), so the checkpointed layers alone - not their children, whose
+    dropout stays off - get ``training = True``."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True and not isinstance(module, PreTrainedModel):
+            module.training = True  # the layer itself only: a non-recursive flag
