@@ -42,12 +42,23 @@ def cmd_convert(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_train_text(args) -> None:
+    from .train_text import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="hnkit", description="NovelAI-style hypernetworks for LMs and SD.")
     parser.add_argument("--version", action="version", version=f"hnkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .train_text import add_arguments
+
+    p = sub.add_parser("train-text", help="train a hypernetwork on a text corpus (a style) for a causal LM")
+    add_arguments(p)
+    p.set_defaults(func=cmd_train_text)
     p = sub.add_parser("inspect", help="print a hypernetwork file's config, widths and metadata")
     p.add_argument("file")
     p.set_defaults(func=cmd_inspect)
@@ -59,9 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """hnkit draws its own progress; the libraries' download/loading bars and notices are noise here."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command.startswith("train"):
+            quiet_libraries()
         args.func(args)
     except HnkitError as exc:
         print(f"hnkit: error: {exc}", file=sys.stderr)
@@ -69,6 +92,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("hnkit: interrupted", file=sys.stderr)
         return 130
+    except FileNotFoundError as exc:  # e.g. a path that vanished mid-run
+        print(f"hnkit: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     return 0
 
 

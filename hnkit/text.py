@@ -1,0 +1,210 @@
+"""The text task: a causal LM learns a style. Data through `datasets`, tokenized and packed once.
+
+    documents -> token ids (EOS after each document) -> fixed-size blocks -> train / validation
+
+Blocks are cached on disk (``$HNKIT_CACHE/text/<key>``), keyed by the data files (path, size,
+mtime), the tokenizer and the block size, so a second run does not tokenize again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import HnkitError
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HNKIT_CACHE", "~/.cache/hnkit")).expanduser()
+
+
+# -- model -------------------------------------------------------------------------------------
+def load_causal_lm(name: str, dtype=None):
+    """A causal LM and its tokenizer from a local folder or a hub id; one-line errors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    looks_local = name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+    path = Path(name).expanduser()
+    if looks_local and not path.is_dir():
+        raise HnkitError(f"{name}: no such model folder")
+    if looks_local and not (path / "config.json").is_file():
+        raise HnkitError(f"{name}: not a transformers model folder (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name)
+        model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HnkitError(f"{name}: could not load the model ({first})") from None
+    return model, tokenizer
+
+
+def context_length(model) -> int | None:
+    c = model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(getattr(c, attr, None), int):
+            return getattr(c, attr)
+    return None
+
+
+# -- data --------------------------------------------------------------------------------------
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return sorted(path.rglob("*.txt"))
+
+
+def read_documents(data: str | os.PathLike, text_field: str = "text") -> list[str]:
+    """Documents from a .txt file, a folder of .txt files, a .jsonl/.json file with a text field,
+    or a folder written by ``datasets.Dataset.save_to_disk``."""
+    path = Path(data)
+    if not path.exists():
+        raise HnkitError(f"{data}: no such file or folder")
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(path))
+        if hasattr(ds, "keys") and "train" in ds:  # a DatasetDict: take its train split
+            ds = ds["train"]
+        if text_field not in ds.column_names:
+            raise HnkitError(f"{data}: no {text_field!r} column (columns: {', '.join(ds.column_names)})")
+        docs = ds[text_field]
+    elif path.is_dir():
+        files = _data_files(path)
+        if not files:
+            raise HnkitError(f"{data}: no .txt files in this folder")
+        docs = [_read_text(f) for f in files]
+    elif path.suffix in (".jsonl", ".json"):
+        from datasets import load_dataset
+
+        try:
+            ds = load_dataset("json", data_files=str(path), split="train")
+        except Exception as exc:  # datasets raises several types for malformed JSON
+            raise HnkitError(f"{data}: unreadable JSON lines ({str(exc).strip().splitlines()[0]})") from None
+        if text_field not in ds.column_names:
+            raise HnkitError(f"{data}: no {text_field!r} field (fields: {', '.join(ds.column_names)})")
+        docs = ds[text_field]
+    else:
+        docs = [_read_text(path)]
+    docs = [d for d in docs if isinstance(d, str) and d.strip()]
+    if not docs:
+        raise HnkitError(f"{data}: no text found (empty data)")
+    return docs
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise HnkitError(f"{path}: not UTF-8 text") from None
+
+
+def _cache_key(data: Path, tokenizer, block_size: int, text_field: str) -> str:
+    h = hashlib.sha256()
+    for f in _data_files(data) if data.is_dir() else [data]:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(f"{tokenizer.name_or_path}|{len(tokenizer)}|{tokenizer.eos_token_id}|{block_size}|{text_field}".encode())
+    return h.hexdigest()[:24]
+
+
+def tokenized_blocks(data: str | os.PathLike, tokenizer, block_size: int, text_field: str = "text") -> torch.Tensor:
+    """All blocks of ``block_size`` tokens, shape (n_blocks, block_size); cached on disk."""
+    from datasets import Dataset, load_from_disk
+
+    if tokenizer.eos_token_id is None:
+        raise HnkitError("the tokenizer has no end-of-sequence token to separate documents")
+    cache = cache_root() / "text" / _cache_key(Path(data), tokenizer, block_size, text_field)
+    if not cache.is_dir():
+        docs = read_documents(data, text_field)
+        ds = Dataset.from_dict({"text": docs})
+        eos = tokenizer.eos_token_id
+
+        def tokenize(batch):
+            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            return {"input_ids": [x + [eos] for x in ids]}
+
+        def pack(batch):
+            flat = [t for ids in batch["input_ids"] for t in ids]
+            n = len(flat) // block_size
+            return {"input_ids": [flat[i * block_size:(i + 1) * block_size] for i in range(n)]}
+
+        ds = ds.map(tokenize, batched=True, remove_columns=["text"])
+        n_tokens = sum(len(x) for x in ds["input_ids"])
+        ds = ds.map(pack, batched=True, batch_size=len(ds))  # one batch: nothing dropped between documents
+        if len(ds) == 0:
+            raise HnkitError(f"{data}: only {n_tokens} tokens, fewer than one block of {block_size}")
+        tmp = cache.with_name(cache.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds.save_to_disk(str(tmp))
+        os.replace(tmp, cache)
+    return torch.tensor(load_from_disk(str(cache))["input_ids"], dtype=torch.long)
+
+
+def split_blocks(blocks: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random split; at least one validation block when there are two or more blocks."""
+    n = len(blocks)
+    n_val = min(n - 1, max(1, math.ceil(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return blocks[order[n_val:]], blocks[order[:n_val]]
+
+
+# -- the task ----------------------------------------------------------------------------------
+class TextTask:
+    """Causal-LM loss on packed blocks; previews are greedy continuations of fixed prompts."""
+
+    def __init__(self, model, tokenizer, hypernetwork, train_blocks, eval_blocks=None,
+                 sample_prompts=(), sample_tokens: int = 48):
+        self.model, self.tokenizer, self.hypernetwork = model, tokenizer, hypernetwork
+        self.train_dataset, self.eval_dataset = train_blocks, eval_blocks
+        self.sample_prompts, self.sample_tokens = list(sample_prompts), sample_tokens
+
+    def collate(self, examples) -> dict:
+        return {"input_ids": torch.stack(list(examples))}
+
+    def loss(self, batch) -> torch.Tensor:
+        ids = batch["input_ids"]
+        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    @torch.no_grad()
+    def continuations(self, prompts, max_new_tokens: int | None = None) -> list[str]:
+        out = []
+        device = next(self.model.parameters()).device
+        for prompt in prompts:
+            ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+            gen = self.model.generate(ids, max_new_tokens=max_new_tokens or self.sample_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.eos_token_id)
+            out.append(self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+        return out
+
+    def sample(self, step: int, folder: Path) -> None:
+        if not self.sample_prompts:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        texts = self.continuations(self.sample_prompts)
+        body = "".join(f"### prompt\n{p}\n### continuation (strength 1)\n{t}\n\n" for p, t in zip(self.sample_prompts, texts))
+        (folder / f"step-{step:07d}.txt").write_text(body, encoding="utf-8")
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean token loss) over ``blocks`` (whatever is attached to the model applies)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i:i + batch_size].to(device)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        n = ids.numel() - ids.shape[0]  # predicted tokens
+        total, count = total + loss.item() * n, count + n
+    return math.exp(total / count)
+
+
+def default_prompts(tokenizer, blocks: torch.Tensor, n: int = 2, tokens: int = 24) -> list[str]:
+    return [tokenizer.decode(b[:tokens], skip_special_tokens=True) for b in blocks[:n]]
+
