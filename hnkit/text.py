@@ -52,10 +52,16 @@ def context_length(model) -> int | None:
 
 
 # -- data --------------------------------------------------------------------------------------
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
+                              or (path / "dataset_dict.json").exists())
+
+
 def _data_files(path: Path) -> list[Path]:
+    """The files whose content makes up the data (what the cache key is computed from)."""
     if path.is_file():
         return [path]
-    if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+    if _is_saved_dataset(path):
         return sorted(p for p in path.rglob("*") if p.is_file())
     return sorted(path.rglob("*.txt"))
 
@@ -66,7 +72,7 @@ def read_documents(data: str | os.PathLike, text_field: str = "text") -> list[st
     path = Path(data)
     if not path.exists():
         raise HnkitError(f"{data}: no such file or folder")
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+    if _is_saved_dataset(path):
         from datasets import load_from_disk
 
         ds = load_from_disk(str(path))
@@ -107,7 +113,7 @@ def _read_text(path: Path) -> str:
 
 def _cache_key(data: Path, tokenizer, block_size: int, text_field: str) -> str:
     h = hashlib.sha256()
-    for f in _data_files(data) if data.is_dir() else [data]:
+    for f in _data_files(data):
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(f"{tokenizer.name_or_path}|{len(tokenizer)}|{tokenizer.eos_token_id}|{block_size}|{text_field}".encode())

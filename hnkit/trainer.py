@@ -19,6 +19,7 @@ just (epoch, offset): resume replays nothing and skips nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -158,6 +159,8 @@ class Trainer:
         if c.grad_accum < 1 or c.batch_size < 1 or c.max_steps < 1:
             raise HnkitError("--batch-size, --grad-accum and --max-steps must be at least 1")
         lr_at(0, c)  # a bad schedule fails now, not at step 0 of a long run
+        if c.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise HnkitError("--tensorboard needs the tensorboard package: pip install tensorboard")
         self.output = Path(c.output_dir)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # with no GPU, multi-process runs use DDP over gloo

@@ -232,3 +232,39 @@ def test_tokenized_blocks_are_cached(tiny_lm, tmp_path):
     assert len(a) == n_tokens // 32  # packed across documents, only the last partial block dropped
     (folder / "b.txt").write_text(text[3000:5000])  # a changed file is tokenized again
     assert len(tokenized_blocks(folder, tok, 32)) < len(a)
+
+
+def test_every_recipe_is_valid_and_shows_its_command():
+    from pathlib import Path
+
+    from hnkit.train_text import read_recipe
+
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        options = read_recipe(str(path))  # unknown keys or bad YAML raise
+        assert options["model"] and options["data"]
+        header = "".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+        assert f"hnkit train-text --config recipes/{path.name}" in header
+
+
+def test_jsonl_and_saved_datasets_input_with_tensorboard(tiny_lm, tmp_path):
+    from datasets import Dataset
+
+    text = tiny_lm["corpus"].read_text()
+    docs = [text[i:i + 2000] for i in range(0, 40000, 2000)]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "saved"))
+    for data, out in ((jsonl, tmp_path / "from_jsonl"), (tmp_path / "saved", tmp_path / "from_saved")):
+        args = train_args(tiny_lm, out, "--max-steps", 2, "--text-field", "body", "--tensorboard")
+        args[args.index("--data") + 1] = str(data)
+        assert main(args) == 0
+        assert [r["step"] for r in rows(out)] == [1, 2]
+        assert list(out.rglob("events.out.tfevents.*"))  # accelerate's TensorBoard tracker wrote
+    # the same documents give the same blocks either way
+    a = weights(tmp_path / "from_jsonl" / "hypernetwork.safetensors")
+    assert_same(a, weights(tmp_path / "from_saved" / "hypernetwork.safetensors"))
+    args = train_args(tiny_lm, tmp_path / "bad", "--max-steps", 1)
+    args[args.index("--data") + 1] = str(jsonl)
+    assert main(args) == 2  # no "text" field: one clear error
