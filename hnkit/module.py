@@ -131,6 +131,13 @@ class HypernetworkModule(nn.Module):
 
     def forward(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         # Weights stay in their own dtype (fp32); cast at the edges so a half-precision base works.
-        dtype = self.linear[0].weight.dtype
-        h = x.to(dtype)
-        return (h + self.linear(h) * strength).to(x.dtype)
+        # This runs at every attention layer for every token, so it avoids per-call overhead:
+        # no cast when the dtype matches, the children's forward() called directly (no
+        # nn.Module.__call__ each), and the strength fused into the residual add.
+        w = self.linear[0].weight
+        h = x if x.dtype == w.dtype else x.to(w.dtype)
+        y = h
+        for layer in self.linear:
+            y = layer.forward(y)
+        out = torch.add(h, y, alpha=strength)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
