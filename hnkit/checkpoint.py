@@ -142,7 +142,7 @@ def load(path: str | os.PathLike) -> Hypernetwork:
         return _load_safetensors(path)
     if path.suffix == ".safetensors":
         raise HnkitError(f"{path}: corrupt safetensors file (bad header)")
-    return from_a1111(_torch_load(path), path)
+    return from_a1111(_safe_load_pt(path), path)
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -150,7 +150,7 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return len(head) > 8 and head[8:9] == b"{" and 0 < n < 100_000_000
 
 
-def _torch_load(path: Path):
+def _safe_load_pt(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device, set_seed
 from torch import nn
 
 from .attach import attach
@@ -147,9 +149,6 @@ class TrainingStopped(HnkitError):
 
 class Trainer:
     def __init__(self, task, config: TrainConfig):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
         self.task, self.config = task, config
         c = config
         if c.precision not in ("fp32", "fp16", "bf16"):
@@ -200,8 +199,6 @@ class Trainer:
         start = self.offset + acc.process_index * bs
         examples = [self.task.train_dataset[i] for i in order[start:start + bs]]
         self.offset += world
-        from accelerate.utils import send_to_device
-
         return send_to_device(self.task.collate(examples), acc.device)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -284,8 +281,6 @@ class Trainer:
             idx = range(b * bs, min(len(ds), (b + 1) * bs))
             if b % acc.num_processes != acc.process_index:
                 continue
-            from accelerate.utils import send_to_device
-
             batch = send_to_device(self.task.collate([ds[i] for i in idx]), acc.device)
             with acc.autocast():
                 losses.append(self.task.loss(batch).float())
