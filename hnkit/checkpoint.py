@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from .errors import HnkitError
+from .errors import HnkitError, first_line
 from .hypernetwork import Hypernetwork, HypernetworkConfig
 
 FORMAT_VERSION = 1
@@ -160,8 +160,7 @@ def _safe_load_pt(path: Path):
         raise HnkitError(f"{path}: refused: not loadable as plain tensors and data with weights_only=True "
                          f"(it holds objects that would run code, or it is corrupt: {detail})") from None
     except Exception as exc:  # zip/stream errors, EOF, bad magic: all mean a damaged file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HnkitError(f"{path}: corrupt or truncated .pt file ({first})") from None
+        raise HnkitError(f"{path}: corrupt or truncated .pt file ({first_line(exc)})") from None
 
 
 def _load_safetensors(path: Path) -> Hypernetwork:

@@ -6,3 +6,9 @@ The CLI prints its message as a single line and exits with code 2; library users
 
 class HnkitError(Exception):
     """Bad input: a file, an option or a model that hnkit cannot use. The message is one line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

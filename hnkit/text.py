@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HnkitError
+from .errors import HnkitError, first_line
 
 
 def cache_root() -> Path:
@@ -38,8 +38,7 @@ def load_causal_lm(name: str, dtype=None):
         tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name)
         model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HnkitError(f"{name}: could not load the model ({first})") from None
+        raise HnkitError(f"{name}: could not load the model ({first_line(exc)})") from None
     return model, tokenizer
 
 
@@ -92,7 +91,7 @@ def read_documents(data: str | os.PathLike, text_field: str = "text") -> list[st
         try:
             ds = load_dataset("json", data_files=str(path), split="train")
         except Exception as exc:  # datasets raises several types for malformed JSON
-            raise HnkitError(f"{data}: unreadable JSON lines ({str(exc).strip().splitlines()[0]})") from None
+            raise HnkitError(f"{data}: unreadable JSON lines ({first_line(exc)})") from None
         if text_field not in ds.column_names:
             raise HnkitError(f"{data}: no {text_field!r} field (fields: {', '.join(ds.column_names)})")
         docs = ds[text_field]

