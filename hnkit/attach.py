@@ -53,11 +53,14 @@ class Attachment:
         for p in self._unfrozen:
             p.requires_grad_(False)
         self._removers = []
+        transforms = {}  # sites that use the same modules share one transform object
         for site in sites:
             pairs = [(i, hn.pair_for(site)) for i, hn in enumerate(self.hypernetworks)]
             pairs = [(i, p) for i, p in pairs if p is not None]
             if pairs:
-                self._removers.append(site.install(_SiteTransform(pairs, self._strengths)))
+                key = tuple((i, id(k), id(v)) for i, (k, v) in pairs)
+                transform = transforms.setdefault(key, _SiteTransform(pairs, self._strengths))
+                self._removers.append(site.install(transform))
         self.num_sites = len(self._removers)
 
     # strengths ------------------------------------------------------------------------------
