@@ -27,7 +27,7 @@ class _SiteTransform:
         for i, pair in self.pairs:
             s = self.strengths[i]
             if s != 0:
-                x = pair[which](x, s)
+                x = pair[which].forward(x, s)  # forward(): no nn.Module.__call__ per layer and token
         return x
 
 

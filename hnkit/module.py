@@ -105,6 +105,10 @@ class HypernetworkModule(nn.Module):
             if dropout_structure[i + 1] > 0:
                 layers.append(nn.Dropout(p=float(dropout_structure[i + 1])))
         self.linear = nn.Sequential(*layers)
+        # The same child modules as a plain tuple, for forward(): indexing and iterating a tuple
+        # costs nothing, nn.Sequential's __getitem__/__iter__ do. Kept out of _modules, so names,
+        # state_dict and .to() see only self.linear (which moves these very objects).
+        self.__dict__["_steps"] = tuple(layers)
         self._init_weights(weight_init, activation, zero_init_last)
 
     @torch.no_grad()
@@ -134,10 +138,11 @@ class HypernetworkModule(nn.Module):
         # This runs at every attention layer for every token, so it avoids per-call overhead:
         # no cast when the dtype matches, the children's forward() called directly (no
         # nn.Module.__call__ each), and the strength fused into the residual add.
-        w = self.linear[0].weight
-        h = x if x.dtype == w.dtype else x.to(w.dtype)
+        steps = self._steps
+        dtype = steps[0].weight.dtype
+        h = x if x.dtype == dtype else x.to(dtype)
         y = h
-        for layer in self.linear:
+        for layer in steps:
             y = layer.forward(y)
         out = torch.add(h, y, alpha=strength)
         return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -93,3 +93,22 @@ def test_zero_init_last():
     x = torch.randn(3, 8)
     assert torch.equal(m(x), x)
     assert m.linear[0].weight.abs().sum() > 0  # the rest keeps its init
+
+
+def test_forward_follows_the_registered_children_through_copies_and_moves():
+    # forward() walks a plain tuple of the children for speed; it must stay the same objects as
+    # self.linear after deepcopy, dtype moves and load_state_dict.
+    import copy
+
+    m = HypernetworkModule(8, [1, 2, 1], "relu")
+    x = torch.randn(3, 8)
+    c = copy.deepcopy(m)
+    with torch.no_grad():
+        c.linear[2].bias.fill_(1.0)
+    assert torch.equal(m(x), x + m.linear[2](torch.relu(m.linear[0](x))))
+    assert torch.equal(c(x), x + c.linear[2](torch.relu(c.linear[0](x))))
+    d = HypernetworkModule(8, [1, 2, 1], "relu")
+    d.load_state_dict(c.state_dict())
+    assert torch.equal(d(x), c(x))
+    d.double()
+    assert d(x).dtype == torch.float32 and torch.allclose(d(x), c(x), atol=1e-6)
