@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
 from hnkit.targets import find_sites  # noqa: E402
+from hnkit.trainer import make_optimizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -253,13 +254,13 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
 
     def hn_variant(name, hn):
-        optimizer = torch.optim.AdamW(hn.parameters(), lr=1e-4)
+        optimizer = make_optimizer(hn.parameters(), lr=1e-4, device=device)  # what hnkit's Trainer uses
         return Variant(name, lambda: train_step(model, optimizer, batch, autocast, scaler),
                        context=lambda: hnkit.attach(model, hn), params=n_trainable(hn.parameters()))
 
     def lora_variant(name, peft_model):
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        optimizer = make_optimizer(params, lr=1e-4, device=device)  # the same optimizer for LoRA
         return Variant(name, lambda: train_step(peft_model, optimizer, batch, autocast, scaler),
                        params=n_trainable(params))
 
