@@ -8,16 +8,24 @@ Web UI file: a ``torch.save``d dict, integer widths -> ``(k_state_dict, v_state_
 metadata keys of DESIGN.md section 2. It is a pickle, so it is only ever read with
 ``torch.load(weights_only=True)``; a file that needs anything more is refused.
 
+Optimizer sidecar: the web UI keeps an optimizer's state beside ``x.pt`` in ``x.pt.optim``, a dict
+``{'optimizer_name', 'hash', 'optimizer_state_dict'}`` whose ``hash`` is the first 10 hex digits
+of the SHA-256 of ``x.pt`` (so a stale sidecar is recognised). ``load`` reads it (weights_only,
+like the ``.pt``) into ``hn.optimizer_state``; saving a ``.pt`` writes it back with the new file's hash.
+
 Every write is atomic: a temporary file in the same folder, fsync, then rename.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,7 +74,16 @@ def save(hn: Hypernetwork, path: str | os.PathLike, format: str | None = None) -
         format = "a1111" if path.suffix in A1111_SUFFIXES else "hnkit"
     if format == "a1111":
         data = to_a1111(hn, path)
-        atomic_write(path, lambda f: torch.save(data, f))
+        state = _sidecar_state(hn, path)  # checked before anything is written
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        blob = buffer.getvalue()
+        atomic_write(path, lambda f: f.write(blob))
+        if state is not None:
+            # Written after the .pt: a crash in between leaves an old sidecar whose hash no longer
+            # matches, which readers (hnkit and the web UI) ignore.
+            state = {**state, "hash": _short_hash(blob)}
+            atomic_write(optim_sidecar(path), lambda f: torch.save(state, f))
     elif format == "hnkit":
         blob = st_save(_tensors(hn), metadata={"hnkit": json.dumps(_metadata(hn))})
         atomic_write(path, lambda f: f.write(blob))
@@ -128,7 +145,8 @@ def to_a1111(hn: Hypernetwork, path: Path | str = "hypernetwork.pt") -> dict:
 
 # -- load ----------------------------------------------------------------------------------------
 def load(path: str | os.PathLike) -> Hypernetwork:
-    """Read a hypernetwork from hnkit's ``.safetensors`` or the web UI's ``.pt``."""
+    """Read a hypernetwork from hnkit's ``.safetensors`` or the web UI's ``.pt``, in eval mode (no
+    dropout: ready for inference, as the web UI uses it; call ``.train()`` to train it further)."""
     path = Path(path)
     if path.is_dir():
         raise HnkitError(f"{path}: is a directory, expected a hypernetwork file (.safetensors or .pt)")
@@ -139,10 +157,12 @@ def load(path: str | os.PathLike) -> Hypernetwork:
     if not head:
         raise HnkitError(f"{path}: file is empty")
     if _looks_like_safetensors(head):
-        return _load_safetensors(path)
+        return _load_safetensors(path).eval()
     if path.suffix == ".safetensors":
         raise HnkitError(f"{path}: corrupt safetensors file (bad header)")
-    return from_a1111(_safe_load_pt(path), path)
+    hn = from_a1111(_safe_load_pt(path), path)
+    hn.optimizer_state = read_optim_sidecar(path)
+    return hn.eval()
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -155,12 +175,73 @@ def _safe_load_pt(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # The safe unpickler met something that is not tensors and plain data: code to run, or noise.
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or ["unpickling error"]
-        detail = next((ln for ln in lines if re.search(r"GLOBAL|Unsupported|load key", ln)), lines[0])
+        detail = _unpickling_detail(exc)
         raise HnkitError(f"{path}: refused: not loadable as plain tensors and data with weights_only=True "
                          f"(it holds objects that would run code, or it is corrupt: {detail})") from None
     except Exception as exc:  # zip/stream errors, EOF, bad magic: all mean a damaged file
         raise HnkitError(f"{path}: corrupt or truncated .pt file ({first_line(exc)})") from None
+
+
+# -- the web UI's optimizer sidecar ------------------------------------------------------------
+def optim_sidecar(path: str | os.PathLike) -> Path:
+    """``x.pt`` -> ``x.pt.optim``."""
+    path = Path(path)
+    return path.with_name(path.name + ".optim")
+
+
+def _short_hash(data: bytes) -> str:
+    """The web UI's short hash of a hypernetwork file: 10 hex digits of its SHA-256."""
+    return hashlib.sha256(data).hexdigest()[:10]
+
+
+def _legacy_hash(data: bytes) -> str:
+    """The hash older web UI versions wrote: 8 hex digits of the SHA-256 of 64 KiB at offset 1 MiB."""
+    return hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def read_optim_sidecar(path: str | os.PathLike) -> dict | None:
+    """The optimizer state stored beside a ``.pt`` (``{'optimizer_name', 'hash',
+    'optimizer_state_dict'}``), or None when there is no sidecar. A sidecar whose hash does not
+    match the ``.pt`` belongs to another version of the file: it is ignored with a warning, as the
+    web UI does. A damaged one is an error that names it."""
+    path = Path(path)
+    sidecar = optim_sidecar(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        data = torch.load(sidecar, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise HnkitError(f"{sidecar}: refused optimizer state: not loadable as plain tensors and data with "
+                         f"weights_only=True (it holds objects that would run code, or it is corrupt: "
+                         f"{_unpickling_detail(exc)})") from None
+    except Exception as exc:
+        raise HnkitError(f"{sidecar}: corrupt or truncated optimizer state file ({first_line(exc)})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("optimizer_state_dict"), dict):
+        raise HnkitError(f"{sidecar}: not an optimizer state file (expected a dict with 'optimizer_state_dict')")
+    blob = path.read_bytes()
+    if data.get("hash") not in (_short_hash(blob), _legacy_hash(blob)):
+        warnings.warn(f"{sidecar}: optimizer state is for another version of {path.name} "
+                      f"(hash {data.get('hash')!r} does not match); ignored", stacklevel=3)
+        return None
+    return {"optimizer_name": data.get("optimizer_name") or "AdamW", "hash": data["hash"],
+            "optimizer_state_dict": data["optimizer_state_dict"]}
+
+
+def _sidecar_state(hn: Hypernetwork, path: Path) -> dict | None:
+    state = getattr(hn, "optimizer_state", None)
+    if state is None:
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("optimizer_state_dict"), dict):
+        raise HnkitError(f"{path}: hn.optimizer_state must be a dict with an 'optimizer_state_dict' "
+                         "(e.g. {'optimizer_name': 'AdamW', 'optimizer_state_dict': optimizer.state_dict()})")
+    return {"optimizer_name": state.get("optimizer_name") or "AdamW",
+            "optimizer_state_dict": state["optimizer_state_dict"]}
+
+
+def _unpickling_detail(exc: Exception) -> str:
+    """The informative line of a weights_only unpickling error (torch puts advice lines around it)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or ["unpickling error"]
+    return next((ln for ln in lines if re.search(r"GLOBAL|Unsupported|load key", ln)), lines[0])
 
 
 def _load_safetensors(path: Path) -> Hypernetwork:

@@ -85,6 +85,9 @@ class Hypernetwork(nn.Module):
         self.description = description
         # Web UI fields hnkit carries but does not use (sd_checkpoint, sd_checkpoint_name, optional_info).
         self.extra = dict(extra or {})
+        # The web UI's optimizer sidecar (x.pt.optim) when one was loaded, written back by save() to
+        # a .pt: {'optimizer_name', 'hash', 'optimizer_state_dict'}. See hnkit.checkpoint.
+        self.optimizer_state: dict | None = None
         self._keys: list = []
         self._widths: dict = {}  # key -> input width
         self.pairs = nn.ModuleDict()

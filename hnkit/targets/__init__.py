@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..errors import HnkitError
-from . import gpt2, gpt_neo, gpt_neox, gptj, llama, opt
+from . import gpt2, gpt_neo, gpt_neox, gptj, llama, opt, unet
 from .base import Site
 
-FAMILIES = {t: mod for mod in (gpt2, gpt_neo, gptj, gpt_neox, llama, opt) for t in mod.MODEL_TYPES}
+FAMILIES = {t: mod for mod in (gpt2, gpt_neo, gptj, gpt_neox, llama, opt, unet) for t in mod.MODEL_TYPES}
 
 
 def supported_families() -> list[str]:
@@ -14,6 +14,10 @@ def supported_families() -> list[str]:
 
 
 def model_family(model) -> str:
+    if unet.is_unet(model):  # diffusers models have no config.model_type
+        return unet.FAMILY
+    if unet.is_pipeline(model):
+        raise HnkitError(f"got a {type(model).__name__}, not a model: attach to its UNet (pipe.unet)")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
@@ -32,4 +36,5 @@ def find_sites(model) -> tuple[str, list[Site]]:
 
 def model_name(model) -> str | None:
     config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return str(name) if name else None  # diffusers keeps a Path when loaded from one

@@ -1,0 +1,151 @@
+"""Stable Diffusion UNet (diffusers ``UNet2DConditionModel``: SD 1.x, SD 2.x, SDXL).
+
+Sites are the ``Attention`` modules of the transformer blocks, ``...transformer_blocks.j.attn1``
+(self-attention) and ``...attn2`` (cross-attention), with separate ``to_k`` / ``to_v`` projections.
+diffusers' processors call ``attn.to_k(context)`` and ``attn.to_v(context)`` with the tensor alone,
+where ``context`` is the hidden state for attn1 and the text embeddings for attn2: exactly the
+tensor the web UI feeds its hypernetwork (``k = to_k(hn_k(context))``), so a forward pre-hook on
+each projection is all it takes, whatever processor diffusers installs.
+
+One UNet forward hands the same text-embedding tensor to every attn2, so their hypernetwork
+modules would compute the same result once per layer (16 times in SD 1.x, 70 in SDXL).
+:class:`ContextMemo` computes it once per UNet call instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..errors import HnkitError
+from .base import matching_modules, separate_kv_site
+
+FAMILY = "sd_unet"
+MODEL_TYPES = (FAMILY,)
+
+# The transformer blocks of down, mid and up blocks; the key is this tail of the module name.
+_SITE_PATTERN = r"(?:(?:down|up)_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]"
+
+
+def is_unet(model) -> bool:
+    """A diffusers UNet: it has no ``config.model_type``, so it is recognised by its block layout."""
+    return isinstance(model, nn.Module) and all(
+        isinstance(getattr(model, name, None), nn.Module) for name in ("down_blocks", "up_blocks", "mid_block"))
+
+
+def is_pipeline(obj) -> bool:
+    """A diffusers pipeline (not a module itself) that holds a UNet: attach to ``pipe.unet``."""
+    return not isinstance(obj, nn.Module) and is_unet(getattr(obj, "unet", None))
+
+
+def sites(model):
+    memo = ContextMemo(model)
+    found = []
+    for key, attn in matching_modules(model, _SITE_PATTERN):
+        if getattr(attn, "fused_projections", False):
+            raise HnkitError(f"{key} has fused QKV projections (fuse_qkv_projections()); hypernetworks need "
+                             "separate to_k/to_v: call unet.unfuse_qkv_projections() first")
+        site = separate_kv_site(key, attn.to_k, attn.to_v, attn.to_k.in_features)
+        if getattr(attn, "is_cross_attention", False):
+            site = dataclasses.replace(site, install=memo.memoized_install(site.install, site.width))
+        found.append(site)
+    return found
+
+
+class MemoizedTransform:
+    """A site's transform, answered from the UNet's :class:`ContextMemo` when the input is the very
+    tensor the memo computed for, and computed directly otherwise. Same results either way."""
+
+    def __init__(self, transform, memo: "ContextMemo"):
+        self.transform = transform
+        self.memo = memo
+
+    def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        hit = self.memo.entries.get((self.transform, which))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        return self.transform(x, which)
+
+
+class ContextMemo:
+    """The cross-attention transforms of one UNet, computed once per UNet call.
+
+    A forward pre-hook on the UNet root (one per attachment, shared by all its attn2 sites) clears
+    the memo and computes ``transform(context, which)`` for each distinct transform and for K and
+    V, where ``context`` is the ``encoder_hidden_states`` the UNet was called with. The attn2 hooks
+    then get the stored result whenever their input *is* that tensor.
+
+    Why at the root and not lazily at the first attn2: under gradient checkpointing each block's
+    forward runs again during backward, and the recomputation must perform the same operations as
+    the original forward. Had the first block computed and cached the result, its recomputation
+    would find the cache filled and skip operations whose saved tensors autograd expects. Computed
+    at the root, outside every checkpointed block, the result is a plain input to all of them, both
+    times. Clearing per call keeps it exact in training, where weights change between steps while
+    the same cached text-embedding tensor may be fed again, and when strengths change between calls.
+
+    A transform whose modules have active dropout (training mode) is never memoized: each layer
+    draws its own dropout mask, as the web UI does.
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+        self.entries: dict = {}  # (transform, which) -> (context, result)
+        self._registered: dict = {}  # transform -> [width, number of sites using it]
+        self._hook = None
+
+    def memoized_install(self, install, width: int):
+        """Wrap a site's ``install(transform)`` so the site reads from this memo."""
+
+        def memo_install(transform):
+            self._register(transform, width)
+            undo = install(MemoizedTransform(transform, self))
+
+            def remove():
+                undo()
+                self._unregister(transform)
+
+            return remove
+
+        return memo_install
+
+    def _register(self, transform, width: int) -> None:
+        entry = self._registered.setdefault(transform, [width, 0])
+        entry[1] += 1
+        if self._hook is None:
+            self._hook = self.unet.register_forward_pre_hook(self._fill, with_kwargs=True)
+
+    def _unregister(self, transform) -> None:
+        entry = self._registered[transform]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._registered[transform]
+        if not self._registered and self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+            self.entries.clear()
+
+    def _fill(self, module, args, kwargs) -> None:
+        self.entries.clear()
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if not isinstance(context, torch.Tensor):
+            return None
+        for transform, (width, _) in self._registered.items():
+            if width == context.shape[-1] and not _draws_random_numbers(transform):
+                for which in (0, 1):
+                    self.entries[(transform, which)] = (context, transform(context, which))
+        return None
+
+
+def _draws_random_numbers(transform) -> bool:
+    """True when running ``transform`` consumes random numbers (dropout in training mode), or when
+    its modules cannot be seen (then memoizing is not known to be safe)."""
+    pairs = getattr(transform, "pairs", None)
+    if pairs is None:
+        return True
+    for _, modules in pairs:
+        for module in modules:
+            if module.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules()):
+                return True
+    return False
