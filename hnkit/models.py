@@ -1,6 +1,8 @@
-"""Small helpers around transformers models that every task needs."""
+"""Small helpers around transformers and diffusers models that every task needs."""
 
 from __future__ import annotations
+
+import sys
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -9,7 +11,12 @@ def enable_gradient_checkpointing(model) -> None:
 
     transformers checkpoints a layer only while that layer is in training mode. The frozen base is
     trained in eval mode (no dropout), so the checkpointed layers alone - not their children, whose
-    dropout stays off - get ``training = True``."""
+    dropout stays off - get ``training = True``. A diffusers model (the SD UNet) checkpoints
+    non-reentrantly by default and in any mode."""
+    diffusers = sys.modules.get("diffusers")  # a diffusers model implies diffusers is imported
+    if diffusers is not None and isinstance(model, diffusers.ModelMixin):
+        model.enable_gradient_checkpointing()
+        return
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -12,6 +12,7 @@ A task is any object with:
     collate(examples) -> batch (a dict of tensors)
     loss(batch) -> scalar tensor (the hypernetwork is attached while it runs)
     sample(step, folder) -> None    optional: write previews at strength 1
+    loss_is_token_cross_entropy     optional, default True: log validation perplexity too
 
 Data order is a pure function of (seed, epoch), so the data position saved in a checkpoint is
 just (epoch, offset): resume replays nothing and skips nothing.
@@ -393,7 +394,10 @@ class Trainer:
         val = self.evaluate()
         self.task.hypernetwork.train()
         if val is not None:
-            self.log({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+            row = {"step": self.step, "val_loss": val}
+            if getattr(self.task, "loss_is_token_cross_entropy", True):  # the image task's MSE has no perplexity
+                row["val_ppl"] = math.exp(min(val, 50))
+            self.log(row)
 
     def _run_samples(self) -> None:
         if self.accelerator.is_main_process and hasattr(self.task, "sample"):

@@ -237,15 +237,17 @@ def test_tokenized_blocks_are_cached(tiny_lm, tmp_path):
 def test_every_recipe_is_valid_and_shows_its_command():
     from pathlib import Path
 
-    from hnkit.train_text import read_recipe
+    from hnkit import train_image, train_text
 
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-    assert recipes
+    assert {"sd15_style.yaml", "sd21_style.yaml", "sdxl_style.yaml"} <= {p.name for p in recipes}
     for path in recipes:
+        header = "".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+        command = "train-image" if "hnkit train-image" in header else "train-text"
+        read_recipe = (train_image if command == "train-image" else train_text).read_recipe
         options = read_recipe(str(path))  # unknown keys or bad YAML raise
         assert options["model"] and options["data"]
-        header = "".join(line for line in path.read_text().splitlines() if line.startswith("#"))
-        assert f"hnkit train-text --config recipes/{path.name}" in header
+        assert f"hnkit {command} --config recipes/{path.name}" in header
 
 
 def test_jsonl_and_saved_datasets_input_with_tensorboard(tiny_lm, tmp_path):

@@ -1,0 +1,569 @@
+"""The image task: a Stable Diffusion UNet (SD1.x, SD2.x, SDXL) learns a style from captioned images.
+
+    image folder -> (file, caption) records -> resized, center-cropped pixels -> VAE latents (cached)
+    caption -> prompt template, tag shuffle / dropout -> text-encoder outputs (cached when static)
+    loss = MSE(unet(noisy latents, t, text), noise or velocity), the model's own noise scheduler
+
+Latents are encoded once per run, and kept on disk (``$HNKIT_CACHE/image/<key>.safetensors``)
+keyed by the image files (path, size, mtime), the resolution and a fingerprint of the VAE, so a
+second run does not decode or encode an image again. The cache holds the VAE's distribution (mean
+and std), so every ``--latent-sampling`` mode uses the same file.
+
+Randomness: the draws of one batch (template, tag order and dropout, latent sample, noise,
+timesteps) all come from one generator seeded by a number drawn from torch's global RNG (which
+the trainer seeds and accelerate saves and restores with a checkpoint) and the process index, so
+a resumed run draws exactly what the straight run would have. Evaluation batches use fixed
+per-image seeds instead, so their loss only changes when the hypernetwork does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import HnkitError, first_line
+from .text import cache_root
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TEMPLATES = Path(__file__).parent / "templates"
+LATENT_SAMPLING = ("once", "deterministic", "random")
+
+
+# -- model -------------------------------------------------------------------------------------
+@dataclass
+class SDModel:
+    """The parts of a Stable Diffusion pipeline that training needs."""
+
+    name: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: object  # a DDPMScheduler with the model's own schedule and prediction type
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL-style conditioning: pooled text embeddings and size/crop ids besides the context."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+
+def load_sd(name: str) -> SDModel:
+    """UNet, VAE, text encoder(s), tokenizer(s) and noise scheduler of a diffusers pipeline (a local
+    folder or a hub id); one-line errors."""
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+    looks_local = name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+    path = Path(name).expanduser()
+    source = str(path) if looks_local else name
+    if looks_local:
+        if not path.is_dir():
+            raise HnkitError(f"{name}: no such model folder")
+        if not (path / "model_index.json").is_file():
+            raise HnkitError(f"{name}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = DiffusionPipeline.load_config(source)
+    except (OSError, ValueError) as exc:
+        raise HnkitError(f"{name}: could not read the pipeline's model_index.json ({first_line(exc)})") from None
+    missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if not (isinstance(index.get(part), list) and index[part][-1])]
+    if "unet" in missing:
+        raise HnkitError(f"{name}: this pipeline has no UNet (model_index.json lists no 'unet'); "
+                         "hnkit train-image needs a Stable Diffusion UNet")
+    if missing:
+        raise HnkitError(f"{name}: not a Stable Diffusion pipeline (no {', '.join(missing)})")
+    if looks_local and not (path / "unet" / "config.json").is_file():
+        raise HnkitError(f"{name}: the pipeline lists a UNet but {path / 'unet'} holds no config.json")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+        text_encoders, tokenizers = [], []
+        for suffix in ("", "_2"):
+            if isinstance(index.get("text_encoder" + suffix), list) and index["text_encoder" + suffix][-1]:
+                cls = getattr(transformers, index["text_encoder" + suffix][-1])
+                text_encoders.append(cls.from_pretrained(source, subfolder="text_encoder" + suffix))
+                tok_cls = getattr(transformers, index["tokenizer" + suffix][-1], transformers.AutoTokenizer)
+                tokenizers.append(tok_cls.from_pretrained(source, subfolder="tokenizer" + suffix))
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise HnkitError(f"{name}: could not load the pipeline ({first_line(exc)})") from None
+    sd = SDModel(name, unet, vae, text_encoders, tokenizers, noise_scheduler)
+    if sd.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise HnkitError(f"{name}: unsupported prediction type {sd.prediction_type!r}")
+    if sd.is_sdxl:
+        c = unet.config
+        pooled = getattr(text_encoders[-1].config, "projection_dim", None)
+        if len(text_encoders) != 2 or c.projection_class_embeddings_input_dim != 6 * c.addition_time_embed_dim + pooled:
+            raise HnkitError(f"{name}: an SDXL-style UNet whose conditioning is not SDXL base's (two text "
+                             "encoders, 6 size/crop ids); refiner-style models are not supported")
+    for module in (unet, vae, *text_encoders):
+        module.requires_grad_(False).eval()
+    return sd
+
+
+def vae_fingerprint(vae) -> str:
+    """Identifies a VAE's weights without hashing all of them: config plus two small tensors (not
+    where it was loaded from, so a moved model folder keeps its cache)."""
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for t in (vae.encoder.conv_in.weight, vae.quant_conv.weight if vae.quant_conv is not None else None):
+        if t is not None:
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# -- data --------------------------------------------------------------------------------------
+@dataclass
+class ImageRecord:
+    path: Path
+    name: str  # path relative to the data folder, for messages
+    caption: str
+
+
+def caption_from_name(path: Path) -> str:
+    """The web UI's caption for an image without one: the file name without its extension and
+    without a leading run of digits and dashes ("00012-a red fox.png" -> "a red fox")."""
+    return re.sub(r"^[-\d]+\s*", "", path.stem)
+
+
+def read_image_folder(data: str | os.PathLike, caption_field: str = "text") -> list[ImageRecord]:
+    """Every image under ``data`` (sorted), captioned from ``metadata.jsonl`` (``file_name`` and
+    ``caption_field``), else from a ``.txt`` file of the same stem beside it, else from its name."""
+    folder = Path(data)
+    if not folder.exists():
+        raise HnkitError(f"{data}: no such folder")
+    if not folder.is_dir():
+        raise HnkitError(f"{data}: not a folder (--data takes a folder of images with captions)")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise HnkitError(f"{data}: no images in this folder ({', '.join(IMAGE_SUFFIXES)})")
+    captions = _metadata_captions(folder, caption_field)
+    records = []
+    for f in files:
+        rel = f.relative_to(folder).as_posix()
+        if rel in captions:
+            caption = captions[rel]
+        elif f.with_suffix(".txt").is_file():
+            caption = f.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip()
+        else:
+            caption = caption_from_name(f)
+        records.append(ImageRecord(f, rel, caption))
+    for rel in sorted(set(captions) - {r.name for r in records}):
+        warn(f"{folder / 'metadata.jsonl'}: {rel} is listed but is not an image in the folder; skipped")
+    return records
+
+
+def warn(message: str) -> None:
+    """A warning for the user: one line on stderr (from the main process only)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"hnkit: warning: {message}", file=sys.stderr)
+
+
+def _metadata_captions(folder: Path, caption_field: str) -> dict[str, str]:
+    path = folder / "metadata.jsonl"
+    if not path.is_file():
+        return {}
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset("json", data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises several types for malformed JSON
+        raise HnkitError(f"{path}: unreadable JSON lines ({first_line(exc)})") from None
+    for column in ("file_name", caption_field):
+        if column not in ds.column_names:
+            raise HnkitError(f"{path}: no {column!r} field (fields: {', '.join(ds.column_names)})")
+    return {Path(f).as_posix(): str(t or "").strip() for f, t in zip(ds["file_name"], ds[caption_field])}
+
+
+def load_image(path: Path, resolution: int):
+    """RGB pixels in [-1, 1], shape (3, r, r): the shorter side resized to ``resolution``, then a
+    center crop. Also returns SDXL's size conditioning: (original h, w, crop top, left)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        im = im.convert("RGB")
+    w, h = im.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return pixels, (h, w, top, left)
+
+
+@dataclass
+class EncodedImages:
+    """The readable images of a data folder as VAE latent distributions, already multiplied by the
+    VAE's scaling factor; ``sizes`` rows are SDXL's (original h, w, crop top, left)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    sizes: torch.Tensor
+    names: list[str]
+    skipped: list[str] = field(default_factory=list)  # "name (reason)"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _latent_cache_key(records: list[ImageRecord], resolution: int, vae) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        st = r.path.stat()
+        h.update(f"{r.path.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(f"{resolution}|{vae_fingerprint(vae)}".encode())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def encode_images(sd: SDModel, records: list[ImageRecord], resolution: int, device=None,
+                  batch_size: int = 4, disk_cache: bool = True) -> EncodedImages:
+    """Decode, resize and VAE-encode every image once (fp32); unreadable files are skipped with a
+    warning that names them, and none readable is an error. Cached on disk unless ``disk_cache``
+    is off."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    from .checkpoint import atomic_write
+
+    cache = cache_root() / "image" / f"{_latent_cache_key(records, resolution, sd.vae)}.safetensors"
+    if disk_cache and cache.is_file():
+        with safe_open(str(cache), framework="pt") as f:
+            meta = json.loads(f.metadata()["hnkit"])
+        t = load_file(str(cache))
+        encoded = EncodedImages(t["mean"], t["std"], t["sizes"], meta["names"], meta["skipped"])
+    else:
+        vae = sd.vae
+        device = torch.device(device or "cpu")
+        original = next(vae.parameters()).device, next(vae.parameters()).dtype
+        vae.to(device, torch.float32)
+        means, stds, sizes, names, skipped = [], [], [], [], []
+        pending = []
+
+        def flush():
+            dist = vae.encode(torch.stack([p for p, _, _ in pending]).to(device)).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+            for _, size, name in pending:
+                sizes.append(size)
+                names.append(name)
+            pending.clear()
+
+        for r in records:
+            try:
+                pixels, size = load_image(r.path, resolution)
+            except Exception as exc:  # PIL raises many types for a damaged or foreign file
+                skipped.append(f"{r.name} ({first_line(exc)})")
+                continue
+            pending.append((pixels, size, r.name))
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+        vae.to(*original)
+        if not names:
+            encoded = EncodedImages(torch.zeros(0), torch.zeros(0), torch.zeros(0, 4, dtype=torch.long), [], skipped)
+        else:
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            scale = vae.config.scaling_factor
+            encoded = EncodedImages((torch.cat(means) - shift) * scale, torch.cat(stds) * scale,
+                                    torch.tensor(sizes, dtype=torch.long), names, skipped)
+        if disk_cache and names:
+            tensors = {"mean": encoded.mean.contiguous(), "std": encoded.std.contiguous(), "sizes": encoded.sizes}
+            blob = save(tensors, metadata={"hnkit": json.dumps({"names": names, "skipped": skipped})})
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache, lambda f: f.write(blob))
+    for s in encoded.skipped:
+        warn(f"skipped unreadable image {s}")
+    if not len(encoded):
+        root = records[0].path.parents[len(Path(records[0].name).parts) - 1]
+        raise HnkitError(f"{root}: none of the {len(records)} images could be read (first: {encoded.skipped[0]})")
+    return encoded
+
+
+# -- captions ----------------------------------------------------------------------------------
+def read_templates(spec: str) -> list[str]:
+    """Prompt templates, one per line: a file, or the name of one that ships with hnkit
+    (``filewords``, ``style_filewords``, ``subject_filewords``)."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        shipped = TEMPLATES / f"{spec}.txt"
+        if not shipped.is_file():
+            names = ", ".join(sorted(p.stem for p in TEMPLATES.glob("*.txt")))
+            raise HnkitError(f"{spec}: no such template file (or shipped template: {names})")
+        path = shipped
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise HnkitError(f"{spec}: the template file has no templates")
+    return lines
+
+
+def process_tags(caption: str, shuffle: bool, dropout: float, generator: torch.Generator) -> str:
+    """Comma-separated tags, each dropped with probability ``dropout``, then shuffled."""
+    if not shuffle and not dropout:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    if dropout:
+        keep = torch.rand(len(tags), generator=generator) >= dropout
+        tags = [t for t, k in zip(tags, keep.tolist()) if k]
+    if shuffle:
+        tags = [tags[i] for i in torch.randperm(len(tags), generator=generator).tolist()]
+    return ", ".join(tags)
+
+
+def render_prompt(template: str, caption: str, name: str) -> str:
+    """``[name]`` -> the hypernetwork's name, ``[filewords]`` -> the caption."""
+    return template.replace("[name]", name).replace("[filewords]", caption)
+
+
+# -- text encoding -----------------------------------------------------------------------------
+@torch.no_grad()
+def encode_prompts(sd: SDModel, prompts: list[str]) -> dict:
+    """What the UNet is conditioned on: ``context`` (B, 77, width), and for SDXL ``pooled``.
+    SD1/SD2: the last hidden state of the text encoder. SDXL: the penultimate hidden states of both
+    encoders side by side, and the second encoder's projected pooled output."""
+    if not sd.is_sdxl:
+        ids = _token_ids(sd.tokenizers[0], prompts, sd.text_encoders[0])
+        return {"context": sd.text_encoders[0](ids)[0]}
+    hidden = []
+    for tokenizer, encoder in zip(sd.tokenizers, sd.text_encoders):
+        out = encoder(_token_ids(tokenizer, prompts, encoder), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return {"context": torch.cat(hidden, dim=-1), "pooled": out.text_embeds}
+
+
+def _token_ids(tokenizer, prompts, encoder) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.to(encoder.device)
+
+
+# -- the task ----------------------------------------------------------------------------------
+class _Examples:
+    """A dataset of image indices; ``fixed`` examples (evaluation) have their own noise seeds."""
+
+    def __init__(self, indices, fixed: bool = False):
+        self.indices, self.fixed = list(indices), fixed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i) -> dict:
+        return {"index": self.indices[i], "fixed": self.fixed, "draw": 0}
+
+
+class ImageTask:
+    """Noise-prediction loss of the UNet with the hypernetwork attached (by the trainer)."""
+
+    loss_is_token_cross_entropy = False  # the trainer logs no perplexity for an MSE
+
+    def __init__(self, sd: SDModel, hypernetwork, images: EncodedImages, captions: list[str], *,
+                 name: str = "hypernetwork", templates=("[filewords]",), shuffle_tags: bool = False,
+                 tag_dropout: float = 0.0, latent_sampling: str = "once", seed: int = 0,
+                 train_indices=None, eval_indices=None, resolution: int = 512, sample_prompts=(),
+                 sample_steps: int = 20, sample_guidance: float = 7.0):
+        if latent_sampling not in LATENT_SAMPLING:
+            raise HnkitError(f"unknown latent sampling {latent_sampling!r}; use {', '.join(LATENT_SAMPLING)}")
+        if not 0.0 <= tag_dropout < 1.0:
+            raise HnkitError(f"--tag-dropout {tag_dropout}: must be at least 0 and below 1")
+        self.sd, self.hypernetwork, self.images, self.captions = sd, hypernetwork, images, list(captions)
+        self.model = sd.unet
+        self.name, self.templates = name, list(templates)
+        self.shuffle_tags, self.tag_dropout = shuffle_tags, tag_dropout
+        self.latent_sampling, self.seed, self.resolution = latent_sampling, seed, resolution
+        self.sample_prompts = list(sample_prompts)
+        self.sample_steps, self.sample_guidance = sample_steps, sample_guidance
+        n = len(images)
+        self.train_dataset = _Examples(range(n) if train_indices is None else train_indices)
+        self.eval_dataset = _Examples(range(n) if eval_indices is None else eval_indices, fixed=True)
+        if latent_sampling == "once":  # one draw from each image's distribution, kept for the run
+            noise = torch.randn(images.mean.shape, generator=torch.Generator().manual_seed(seed))
+            self.latents = images.mean + images.std * noise
+        else:
+            self.latents = images.mean
+        self.text_cache = None
+
+    # -- set-up --------------------------------------------------------------------------------
+    @property
+    def captions_are_static(self) -> bool:
+        """Whether every example's prompt is the same at every step (then its encoding is cached)."""
+        return len(self.templates) == 1 and not self.shuffle_tags and not self.tag_dropout
+
+    def prepare(self, device) -> None:
+        """Move the frozen VAE and text encoders next to the UNet (in its dtype; the VAE stays fp32)
+        and encode the prompts once if they never change. Call after the UNet is on its device."""
+        dtype = next(self.model.parameters()).dtype
+        for encoder in self.sd.text_encoders:
+            encoder.to(device, dtype)
+        self.sd.vae.to(device, torch.float32)
+        self.text_cache = None
+        if self.captions_are_static:
+            prompts = [self.prompt(i) for i in range(len(self.images))]
+            parts = [encode_prompts(self.sd, prompts[i:i + 16]) for i in range(0, len(prompts), 16)]
+            self.text_cache = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}
+
+    # -- data ----------------------------------------------------------------------------------
+    def prompt(self, index: int, generator: torch.Generator | None = None) -> str:
+        """The prompt of image ``index``: a template (random with ``generator``, else the first)
+        around its caption, tags shuffled and dropped when asked and a generator is given."""
+        if generator is None:
+            return render_prompt(self.templates[0], self.captions[index], self.name)
+        template = self.templates[torch.randint(len(self.templates), (), generator=generator).item()]
+        caption = process_tags(self.captions[index], self.shuffle_tags, self.tag_dropout, generator)
+        return render_prompt(template, caption, self.name)
+
+    def batch_generator(self) -> torch.Generator:
+        """This batch's generator: one draw from the global RNG (restored on resume) and the process."""
+        from accelerate import PartialState
+
+        draw = torch.randint(2**62, ()).item()
+        return torch.Generator().manual_seed(draw + 7919 * PartialState().process_index)
+
+    def collate(self, examples) -> dict:
+        idx = [e["index"] for e in examples]
+        fixed = examples[0]["fixed"]
+        T = self.sd.noise_scheduler.config.num_train_timesteps
+        if fixed:  # evaluation: every image (and draw number) has its own fixed draws
+            gens = [torch.Generator().manual_seed(self.seed * 1_000_003 + 104_729 + 7919 * e["draw"] + e["index"])
+                    for e in examples]
+        else:
+            gens = [self.batch_generator()] * len(idx)
+        shape = self.images.mean.shape[1:]
+        if self.latent_sampling == "random" and not fixed:
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+            latents = self.images.mean[idx] + self.images.std[idx] * noise
+        else:
+            latents = self.latents[idx]
+        batch = {
+            "latents": latents,
+            "noise": torch.stack([torch.randn(shape, generator=g) for g in gens]),
+            "timesteps": torch.cat([torch.randint(0, T, (1,), generator=g) for g in gens]),
+        }
+        if self.text_cache is not None:
+            batch.update({k: v[idx] for k, v in self.text_cache.items()})
+        else:
+            prompts = [self.prompt(i, None if fixed else g) for i, g in zip(idx, gens)]
+            batch.update(encode_prompts(self.sd, prompts))
+        if self.sd.is_sdxl:
+            r = self.resolution
+            batch["time_ids"] = torch.cat([self.images.sizes[idx], torch.tensor([[r, r]] * len(idx))], 1).float()
+        return batch
+
+    # -- the loss ------------------------------------------------------------------------------
+    def loss(self, batch) -> torch.Tensor:
+        unet, scheduler = self.model, self.sd.noise_scheduler
+        latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
+        noisy = scheduler.add_noise(latents, noise, t)
+        if self.sd.prediction_type == "epsilon":
+            target = noise
+        elif self.sd.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, t)
+        else:  # "sample"
+            target = latents
+        dtype = unet.dtype
+        extra = {}
+        if self.sd.is_sdxl:
+            extra["added_cond_kwargs"] = {"text_embeds": batch["pooled"].to(dtype),
+                                          "time_ids": batch["time_ids"].to(dtype)}
+        pred = unet(noisy.to(dtype), t, encoder_hidden_states=batch["context"].to(dtype), **extra).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    # -- previews ------------------------------------------------------------------------------
+    def generate(self, prompts, seed: int | None = None) -> list:
+        """PIL images of ``prompts`` at fixed seeds, with whatever is attached to the UNet."""
+        return generate_images(self.sd, prompts, self.resolution, self.sample_steps, self.sample_guidance,
+                               self.seed if seed is None else seed)
+
+    def sample(self, step: int, folder: Path) -> None:
+        """Previews at strength 1 (the trainer keeps the hypernetwork attached while it calls this)."""
+        if not self.sample_prompts:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        listing = folder / "prompts.txt"
+        if not listing.exists():
+            lines = [f"{i:02d} seed {self.seed + i}: {p}\n" for i, p in enumerate(self.sample_prompts)]
+            listing.write_text("".join(lines), encoding="utf-8")
+        for i, image in enumerate(self.generate(self.sample_prompts)):
+            image.save(folder / f"step-{step:07d}-{i:02d}.png")
+
+
+def sd_pipeline(sd: SDModel):
+    """A diffusers pipeline made of the loaded parts (nothing copied), sampling with DPM-Solver++."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = DPMSolverMultistepScheduler.from_config(sd.noise_scheduler.config)
+    with warnings.catch_warnings():  # notices about older scheduler configs, fixed up by diffusers
+        warnings.simplefilter("ignore", FutureWarning)
+        if sd.is_sdxl:
+            pipe = StableDiffusionXLPipeline(
+                vae=sd.vae, text_encoder=sd.text_encoders[0], text_encoder_2=sd.text_encoders[1],
+                tokenizer=sd.tokenizers[0], tokenizer_2=sd.tokenizers[1], unet=sd.unet, scheduler=scheduler,
+                add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline(
+                vae=sd.vae, text_encoder=sd.text_encoders[0], tokenizer=sd.tokenizers[0], unet=sd.unet,
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate_images(sd: SDModel, prompts, resolution: int, steps: int = 20, guidance: float = 7.0,
+                    seed: int = 0) -> list:
+    """One PIL image per prompt, prompt i from seed + i (a CPU generator: the same on any device),
+    with whatever is attached to the UNet. The VAE decodes in fp32."""
+    pipe = sd_pipeline(sd)
+    images = []
+    for i, prompt in enumerate(prompts):
+        latents = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
+                       guidance_scale=guidance, output_type="latent",
+                       generator=torch.Generator().manual_seed(seed + i)).images
+        images.append(decode_latents(sd.vae, latents)[0])
+    return images
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> list:
+    """Latents as the UNet sees them (scaled) -> PIL images; the VAE runs in fp32."""
+    from PIL import Image
+
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = latents.to(next(vae.parameters()).device, torch.float32) / vae.config.scaling_factor + shift
+    pixels = vae.decode(z.to(next(vae.parameters()).dtype)).sample.float()
+    pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+@torch.no_grad()
+def fixed_loss(task: ImageTask, indices=None, draws: int = 4) -> float:
+    """Mean loss over ``indices`` (default: all images) x ``draws`` fixed noise/timestep draws, with
+    whatever is attached to the UNet: the same number before and after training means no change."""
+    indices = range(len(task.images)) if indices is None else indices
+    total, n = 0.0, 0
+    for d in range(draws):
+        examples = [{"index": i, "fixed": True, "draw": d} for i in indices]
+        batch = task.collate(examples)
+        device = next(task.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        total, n = total + task.loss(batch).item() * len(examples), n + len(examples)
+    return total / n

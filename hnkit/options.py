@@ -1,0 +1,175 @@
+"""Options shared by the training commands: one table per command, recipes and overrides.
+
+A command's options are a dict ``name -> (type, default, help)``. The same names, with
+underscores, are the keys of its YAML recipes; the command line overrides a recipe, a recipe the
+defaults. List options come in two kinds: ``NUMBERS`` (``--layer-structure 1,2,1``) and ``TEXTS``
+(``--sample-prompts "a cat" --sample-prompts "a dog"``: repeat the flag, since prompts hold commas).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from .errors import HnkitError, first_line
+
+NUMBERS, TEXTS = "numbers", "texts"
+
+# The trainer's options (hnkit/trainer.py TrainConfig), the same for every task.
+TRAINING = {
+    "output": (str, "runs/hypernetwork", "output folder"),
+    "name": (str, "hypernetwork", "name of the hypernetwork (and of the final file)"),
+    "max_steps": (int, 1000, "optimizer steps"),
+    "batch_size": (int, 4, "examples per step and process"),
+    "grad_accum": (int, 1, "micro-batches per optimizer step"),
+    "lr": (str, "1e-4", "learning rate, or the web UI's step string '5e-3:100, 1e-3:1000, 1e-5'"),
+    "lr_schedule": (str, "constant", "constant | linear | cosine"),
+    "warmup_steps": (int, 0, "linear warm-up steps"),
+    "weight_decay": (float, 0.0, "AdamW weight decay"),
+    "max_grad_norm": (float, 1.0, "clip gradients to this norm (0: off)"),
+    "max_grad_value": (float, 0.0, "clip gradients to this value (0: off)"),
+    "precision": (str, "fp32", "fp32 | fp16 | bf16"),
+    "gradient_checkpointing": (bool, False, "recompute activations in backward to save memory"),
+    "seed": (int, 0, "random seed"),
+    "save_every": (int, 0, "write a resumable checkpoint every N steps (0: at the end)"),
+    "keep_last": (int, 2, "checkpoints to keep"),
+    "eval_every": (int, 0, "validation loss every N steps (0: off)"),
+    "eval_batches": (int, 16, "validation batches per evaluation"),
+    "sample_every": (int, 0, "write samples every N steps (0: off)"),
+    "log_every": (int, 10, "metrics every N steps"),
+    "tensorboard": (bool, False, "also log to TensorBoard (needs the tensorboard package)"),
+    "resume": (str, None, "continue from this output folder or checkpoint folder"),
+}
+
+# The hypernetwork's structure (HypernetworkConfig); a task may change the defaults.
+MODULE = {
+    "layer_structure": (NUMBERS, [1, 2, 1], "module widths as multiples of the input width"),
+    "activation": (str, "linear", "linear, relu, leakyrelu, elu, swish, tanh, sigmoid, gelu, ..."),
+    "layer_norm": (bool, False, "LayerNorm after each Linear"),
+    "dropout_structure": (NUMBERS, None, "dropout per layer, e.g. 0,0.3,0"),
+    "activate_output": (bool, False, "activation after the last Linear too"),
+    "weight_init": (str, "Normal", "Normal | XavierUniform | XavierNormal | KaimingUniform | KaimingNormal"),
+    "zero_init_last": (bool, False, "start as an exact identity"),
+    "per_site": (bool, False, "one module pair per attention layer instead of per width"),
+}
+
+
+def with_defaults(table: dict, **defaults) -> dict:
+    """``table`` with some defaults changed (types and help kept)."""
+    out = dict(table)
+    for name, value in defaults.items():
+        typ, _, text = table[name]
+        out[name] = (typ, value, text)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, options: dict) -> None:
+    parser.add_argument("--config", help="a recipe YAML; command-line options override it")
+    for name, (typ, default, text) in options.items():
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typ == NUMBERS:
+            parser.add_argument(flag, default=None, help=f"{text} (comma-separated)")
+        elif typ == TEXTS:
+            parser.add_argument(flag, action="append", default=None, help=f"{text} (repeat the flag for several)")
+        else:
+            parser.add_argument(flag, type=typ, default=None, help=f"{text} (default: {default})")
+
+
+def _as_list(value, typ, name: str, where: str):
+    if value is None or isinstance(value, list):
+        return value
+    if typ == TEXTS:
+        return [str(value)]
+    try:
+        return [float(x) for x in str(value).split(",")]
+    except ValueError:
+        raise HnkitError(f"{where}: {name} must be comma-separated numbers, got {value!r}") from None
+
+
+def read_recipe(path: str, options: dict) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise HnkitError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise HnkitError(f"{path}: not valid YAML ({first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise HnkitError(f"{path}: a recipe is a mapping of option: value")
+    unknown = [k for k in data if k not in options]
+    if unknown:
+        raise HnkitError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    out = {}
+    for k, v in data.items():
+        typ = options[k][0]
+        if typ in (NUMBERS, TEXTS):
+            out[k] = _as_list(v, typ, k, path)
+        elif typ is str and v is not None:
+            out[k] = str(v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_options(args: argparse.Namespace, options: dict, required=("model", "data")) -> dict:
+    """defaults <- recipe YAML <- command line."""
+    opts = {name: default for name, (_, default, _) in options.items()}
+    if getattr(args, "config", None):
+        opts.update(read_recipe(args.config, options))
+    for name, (typ, _, _) in options.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            opts[name] = _as_list(value, typ, name, "command line") if typ in (NUMBERS, TEXTS) else value
+    for name in required:
+        if not opts[name]:
+            raise HnkitError(f"--{name.replace('_', '-')} is required (on the command line or in the --config recipe)")
+    return opts
+
+
+# -- from options to the objects a run needs -----------------------------------------------------
+def check_output(opts: dict) -> Path:
+    """The output folder; an existing run there is continued only with --resume, never overwritten."""
+    output = Path(opts["output"])
+    if opts["resume"] is None and (output / "checkpoints").exists():
+        raise HnkitError(f"{output}: already holds a training run; continue it with --resume {output} "
+                         "or choose another --output")
+    return output
+
+
+def module_config(opts: dict):
+    from .hypernetwork import HypernetworkConfig
+
+    module = {k: opts[k] for k in MODULE}
+    module["activation"] = None if module["activation"] in (None, "linear") else module["activation"]
+    return HypernetworkConfig(**module)
+
+
+def train_config(opts: dict, output: Path):
+    from .trainer import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in opts.items() if k in names}, output_dir=str(output))
+    config.lr = _number_or_string(config.lr)
+    config.max_grad_norm = config.max_grad_norm or None
+    config.max_grad_value = config.max_grad_value or None
+    return config
+
+
+def _number_or_string(lr):
+    try:
+        return float(lr)
+    except ValueError:
+        return str(lr)
+
+
+def checkpoint_file(folder: Path) -> Path:
+    """The hypernetwork file of the checkpoint --resume points at (an output folder: its latest)."""
+    found = sorted(folder.glob("checkpoints/step-*")) if (folder / "checkpoints").is_dir() else [folder]
+    if not found or not (found[-1] / "hypernetwork.safetensors").is_file():
+        raise HnkitError(f"{folder}: no checkpoint to resume from")
+    return found[-1] / "hypernetwork.safetensors"
