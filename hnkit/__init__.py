@@ -3,8 +3,11 @@
 from .attach import Attachment, attach
 from .checkpoint import load, save
 from .errors import HnkitError
+from .fuse import Fusion, fuse, unfuse
 from .hypernetwork import Hypernetwork, HypernetworkConfig
+from .merge import merge
 from .module import HypernetworkModule
+from .steer import StyleLibrary, after, fade_in, fade_out, steer
 from .targets import supported_families
 
 __version__ = "0.1.0"
@@ -12,4 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Attachment", "HnkitError", "Hypernetwork", "HypernetworkConfig", "HypernetworkModule",
     "attach", "load", "save", "supported_families", "__version__",
+    "Fusion", "StyleLibrary", "after", "fade_in", "fade_out", "fuse", "merge", "steer", "unfuse",
 ]

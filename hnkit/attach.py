@@ -1,7 +1,20 @@
-"""``attach(model, hypernetwork, strength)``: the adapter core's one verb, and its handle."""
+"""``attach(model, hypernetwork, strength)``: the adapter core's one verb, and its handle.
+
+Besides the strengths, an attachment has three knobs for steering generation:
+
+- ``blend``: how several networks combine at one site. ``"chain"`` (the default, the web UI's way)
+  feeds K's input through each network's k module in order; ``"sum"`` adds the residuals,
+  ``x + sum_i s_i * mlp_i(x)``, so each network sees the unmodified input.
+- ``layers``: a factor per attention layer (a list in model order, or a function of the layer
+  index) that multiplies every strength at that layer.
+- ``schedule``: a function of the token index that multiplies every strength while the model
+  generates (see :class:`Attachment` for what the index counts).
+"""
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 import weakref
 
@@ -11,39 +24,114 @@ from .errors import HnkitError
 from .hypernetwork import Hypernetwork
 from .targets import find_sites
 
+BLENDS = ("chain", "sum")
+
 _attached: "weakref.WeakKeyDictionary[torch.nn.Module, Attachment]" = weakref.WeakKeyDictionary()
+# Models whose K/V weights have a hypernetwork folded in (hnkit.fuse); attach() refuses them.
+_fused: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+class _Live:
+    """The values a transform reads at call time, shared by all transforms of one attachment and
+    changed in place: the strengths, and the schedule's factor for the current forward pass."""
+
+    def __init__(self, strengths: list[float]):
+        self.strengths = strengths
+        self.scale = 1.0
 
 
 class _SiteTransform:
-    """What one attention site does to its K/V input: each network's module in order (chained, as
-    the web UI does). Pure: it reads the strengths and nothing else, so gradient checkpointing can
-    run it again in backward. Returns ``x`` itself when every strength is 0."""
+    """What one attention site does to its K/V input. Pure: it reads the strengths, its layer
+    factors and the schedule factor and nothing else, so gradient checkpointing can run it again in
+    backward. Returns ``x`` itself when every effective strength is 0, and the site then runs the
+    model's own code."""
 
-    def __init__(self, pairs, strengths: list):
+    def __init__(self, pairs, live: _Live, blend: str = "chain", factors=None):
         self.pairs = pairs  # [(index into strengths, (k_module, v_module))]
-        self.strengths = strengths  # shared with the Attachment, changed in place
+        self.live = live
+        self.strengths = live.strengths  # shared with the Attachment, changed in place
+        self.blend = blend
+        self.factors = list(factors) if factors is not None else [1.0] * len(pairs)  # layer factor per pair
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        for i, pair in self.pairs:
-            s = self.strengths[i]
+        scale = self.live.scale
+        strengths = self.strengths
+        if self.blend == "chain":
+            for (i, pair), f in zip(self.pairs, self.factors):
+                s = strengths[i] * f * scale  # exact when f and scale are 1: chain stays as it was
+                if s != 0:
+                    x = pair[which].forward(x, s)  # forward(): no nn.Module.__call__ per layer and token
+            return x
+        active = []
+        for (i, pair), f in zip(self.pairs, self.factors):
+            s = strengths[i] * f * scale
             if s != 0:
-                x = pair[which].forward(x, s)  # forward(): no nn.Module.__call__ per layer and token
-        return x
+                active.append((pair[which], s))
+        if not active:
+            return x
+        if len(active) == 1:  # one network: the very same computation as chain
+            module, s = active[0]
+            return module.forward(x, s)
+        return _sum_of_residuals(x, active)
+
+
+def _steps(module):
+    steps = getattr(module, "_steps", None)  # the module's children as a tuple, when it keeps one
+    return steps if steps is not None else tuple(module.linear)
+
+
+def _sum_of_residuals(x: torch.Tensor, active) -> torch.Tensor:
+    """``x + s_1 * mlp_1(x) + s_2 * mlp_2(x) + ...``, added left to right in the modules' dtype
+    (fp32) and cast back at the end, as HypernetworkModule.forward does for one module."""
+    dtype = _steps(active[0][0])[0].weight.dtype
+    h = x if x.dtype == dtype else x.to(dtype)
+    out = h
+    for module, s in active:
+        steps = _steps(module)
+        y = h if steps[0].weight.dtype == dtype else h.to(steps[0].weight.dtype)
+        for layer in steps:
+            y = layer.forward(y)
+        out = torch.add(out, y if y.dtype == dtype else y.to(dtype), alpha=s)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class Attachment:
     """Hypernetworks attached to a model. ``remove()`` (or leaving a ``with`` block) restores it.
 
     While attached, the base model's parameters are frozen (``requires_grad=False``), so gradients
-    reach only the hypernetworks; ``remove()`` restores the flags."""
+    reach only the hypernetworks; ``remove()`` restores the flags.
 
-    def __init__(self, model, entries: list[tuple[Hypernetwork, float]]):
+    With a ``schedule``, every strength is multiplied by ``schedule(token_index)`` for the whole of
+    one forward pass of the model, where ``token_index`` is the number of tokens generated before
+    that pass: the prompt pass (which predicts the first new token) has index 0, the pass that
+    predicts the n-th new token (counting from 0) has index n. With the KV cache (generate()'s
+    default) the K and V of each position are computed once, in the pass that first sees it: the
+    prompt's at index 0, those of generated token n at index n + 1. Without the cache every pass
+    recomputes all positions with the current factor. The prompt length comes from the
+    ``generate()`` call; a forward called directly counts from the last forward that started with
+    an empty cache. Schedules are for inference: a forward with gradients enabled is refused,
+    because a factor that changes between passes would break gradient checkpointing's recompute.
+    """
+
+    def __init__(self, model, entries: list[tuple[Hypernetwork, float]], blend: str = "chain",
+                 layers=None, schedule=None):
+        if blend not in BLENDS:
+            raise HnkitError(f"unknown blend {blend!r}; use one of: {', '.join(BLENDS)}")
+        if schedule is not None and not callable(schedule):
+            raise HnkitError("schedule must be a function of the token index (e.g. hnkit.fade_in(50))")
+        if schedule is not None and not callable(getattr(model, "generate", None)):
+            raise HnkitError(f"a strength schedule counts generated tokens: it needs a model with generate(), "
+                             f"not a {type(model).__name__}")
         self.model = model
         self.hypernetworks = [hn for hn, _ in entries]
-        self._strengths = [float(s) for _, s in entries]
+        self._strengths = [_finite(s, "strength") for _, s in entries]
+        self._live = _Live(self._strengths)
+        self.blend = blend
+        self.schedule = schedule
         self.family, sites = find_sites(model)
         for hn in self.hypernetworks:
             _check_fits(hn, sites, self.family)
+        self.layer_factors = layer_factors(layers, len(sites))
         device = _device_of(model)
         for hn in self.hypernetworks:
             if device is not None:
@@ -53,15 +141,21 @@ class Attachment:
         for p in self._unfrozen:
             p.requires_grad_(False)
         self._removers = []
-        transforms = {}  # sites that use the same modules share one transform object
-        for site in sites:
+        transforms = {}  # sites with the same modules and the same effective strengths share one transform
+        for site, factor in zip(sites, self.layer_factors):
             pairs = [(i, hn.pair_for(site)) for i, hn in enumerate(self.hypernetworks)]
             pairs = [(i, p) for i, p in pairs if p is not None]
             if pairs:
-                key = tuple((i, id(k), id(v)) for i, (k, v) in pairs)
-                transform = transforms.setdefault(key, _SiteTransform(pairs, self._strengths))
+                key = tuple((i, id(k), id(v)) for i, (k, v) in pairs) + (factor,)
+                transform = transforms.setdefault(
+                    key, _SiteTransform(pairs, self._live, blend, [factor] * len(pairs)))
                 self._removers.append(site.install(transform))
         self.num_sites = len(self._removers)
+        self.token_index: int | None = None  # of the last forward pass, when there is a schedule
+        self._prompt_length: int | None = None  # set for the duration of a generate() call
+        self._sequence_start: int | None = None  # forwards outside generate(): the last prompt's length
+        if schedule is not None:
+            self._install_schedule()
 
     # strengths ------------------------------------------------------------------------------
     @property
@@ -87,7 +181,64 @@ class Attachment:
             index = 0
         elif isinstance(index, Hypernetwork):
             index = next(i for i, hn in enumerate(self.hypernetworks) if hn is index)
-        self._strengths[index] = float(value)
+        self._strengths[index] = _finite(value, "strength")
+
+    @property
+    def schedule_factor(self) -> float:
+        """The schedule's factor in the last forward pass (1.0 without a schedule)."""
+        return self._live.scale
+
+    # the schedule ---------------------------------------------------------------------------
+    def _install_schedule(self) -> None:
+        model = self.model
+        # prepend: the factor is set before any other pre-hook of the model may run a transform.
+        hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True, prepend=True)
+        self._removers.append(hook.remove)
+        # generate() is wrapped on this instance only, to learn the prompt length of each call:
+        # that is what makes the token index exact with or without the KV cache.
+        generate = model.generate
+        shadowed = "generate" in model.__dict__
+        previous = model.__dict__.get("generate")
+        model.__dict__["generate"] = functools.wraps(generate)(functools.partial(self._generate, generate))
+
+        def restore():
+            if shadowed:
+                model.__dict__["generate"] = previous
+            else:
+                model.__dict__.pop("generate", None)
+
+        self._removers.append(restore)
+
+    def _generate(self, generate, *args, **kwargs):
+        prompt = kwargs.get("inputs_embeds")
+        if prompt is None:
+            prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        outer = self._prompt_length
+        self._prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            self._prompt_length = outer
+
+    def _before_forward(self, module, args, kwargs) -> None:
+        if torch.is_grad_enabled():
+            raise HnkitError("a strength schedule is for inference only: run under torch.no_grad() "
+                             "(generate() does), or steer without a schedule to train or take gradients")
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None:
+            return
+        past = _cached_length(kwargs.get("cache", kwargs.get("past_key_values")))
+        total = past + x.shape[1]  # tokens in the sequence once this pass is done
+        if self._prompt_length is not None:
+            start = self._prompt_length
+        else:
+            if past == 0:
+                self._sequence_start = total
+            start = self._sequence_start if self._sequence_start is not None else total
+        self.token_index = max(0, total - start)
+        self._live.scale = _finite(self.schedule(self.token_index), f"schedule({self.token_index})")
 
     # lifetime -------------------------------------------------------------------------------
     @property
@@ -98,6 +249,7 @@ class Attachment:
         for undo in reversed(self._removers):
             undo()
         self._removers = []
+        self._live.scale = 1.0
         for p in self._unfrozen:
             p.requires_grad_(True)
         self._unfrozen = []
@@ -112,7 +264,43 @@ class Attachment:
 
     def __repr__(self) -> str:
         names = ", ".join(f"{hn.name}@{s:g}" for hn, s in zip(self.hypernetworks, self._strengths))
-        return f"Attachment({self.family}, {self.num_sites} sites, [{names}])"
+        extra = "" if self.blend == "chain" else f", blend={self.blend}"
+        extra += ", per-layer factors" if any(f != 1.0 for f in self.layer_factors) else ""
+        extra += ", scheduled" if self.schedule is not None else ""
+        return f"Attachment({self.family}, {self.num_sites} sites, [{names}]{extra})"
+
+
+def _finite(value, what: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise HnkitError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise HnkitError(f"{what} must be a finite number, got {value}")
+    return value
+
+
+def layer_factors(layers, n_sites: int) -> list[float]:
+    """One factor per attention site, in model order, from None (all 1), a list or a function."""
+    if layers is None:
+        return [1.0] * n_sites
+    if callable(layers):
+        return [_finite(layers(i), f"layers({i})") for i in range(n_sites)]
+    factors = [_finite(f, "a layer factor") for f in layers]
+    if len(factors) != n_sites:
+        raise HnkitError(f"layers has {len(factors)} factors, but the model has {n_sites} attention layers")
+    return factors
+
+
+def _cached_length(cache) -> int:
+    """Tokens already in a KV cache: a transformers Cache, the legacy tuple of (k, v) per layer, or none."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None and len(cache[0]):
+        return int(cache[0][0].shape[-2])
+    return 0
 
 
 def _device_of(model):
@@ -144,22 +332,37 @@ def _check_fits(hn: Hypernetwork, sites, family: str) -> None:
                       "and are ignored", stacklevel=3)
 
 
-def attach(model, hypernetwork, strength: float = 1.0) -> Attachment:
-    """Attach one hypernetwork at ``strength``, or a list of ``(hypernetwork, strength)`` pairs
-    applied in order (chained). Returns an :class:`Attachment`; use it as a context manager or call
-    ``remove()``. The hypernetwork is moved to the model's device and never registered inside it."""
+def as_entries(hypernetwork, strength: float = 1.0, verb: str = "attach") -> list[tuple[Hypernetwork, float]]:
+    """``[(hypernetwork, strength), ...]`` from one Hypernetwork or a list of pairs."""
     if isinstance(hypernetwork, (list, tuple)):
         entries = [(hn, s) for hn, s in hypernetwork]
     else:
         entries = [(hypernetwork, strength)]
     if not entries:
-        raise HnkitError("attach() needs at least one hypernetwork")
+        raise HnkitError(f"{verb}() needs at least one hypernetwork")
     for hn, _ in entries:
         if not isinstance(hn, Hypernetwork):
-            raise HnkitError(f"attach() takes Hypernetwork objects (see hnkit.load), got {type(hn).__name__}")
+            raise HnkitError(f"{verb}() takes Hypernetwork objects (see hnkit.load), got {type(hn).__name__}")
+    return entries
+
+
+def attach(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", layers=None,
+           schedule=None) -> Attachment:
+    """Attach one hypernetwork at ``strength``, or a list of ``(hypernetwork, strength)`` pairs.
+
+    ``blend="chain"`` (default) applies the networks one after the other, as the web UI does;
+    ``blend="sum"`` adds their residuals to the same input. ``layers`` multiplies the strengths per
+    attention layer (a list in model order or a function of the layer index); ``schedule``
+    multiplies them per generated token (see :class:`Attachment`). Returns an :class:`Attachment`;
+    use it as a context manager or call ``remove()``. The hypernetworks are moved to the model's
+    device and never registered inside it."""
+    entries = as_entries(hypernetwork, strength)
+    if model in _fused:
+        raise HnkitError("this model has a hypernetwork fused into its weights: unfuse(model) first "
+                         "(attaching on top of a fused network would apply a style twice)")
     if model in _attached:
         raise HnkitError("this model already has hypernetworks attached: remove() them first, "
                          "or attach a list of (hypernetwork, strength) pairs at once")
-    handle = Attachment(model, entries)
+    handle = Attachment(model, entries, blend=blend, layers=layers, schedule=schedule)
     _attached[model] = handle
     return handle

@@ -42,7 +42,10 @@ def line_plot(series: dict, path: str | Path, title: str = "", size=(800, 480)) 
                 draw.line(xy, fill=color, width=2)
             for x, y in xy:
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-            draw.text((width - right - 160, top + 8 + 14 * n), f"— {name}", fill=color)
+            # A drawn line sample: PIL's default bitmap font has no dash glyph (it showed a box).
+            lx, ly = width - right - 160, top + 8 + 14 * n
+            draw.line([lx, ly + 6, lx + 12, ly + 6], fill=color, width=2)
+            draw.text((lx + 16, ly), name, fill=color)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

@@ -1,9 +1,10 @@
 """Benchmark hnkit on a causal LM: every figure is a ratio against a baseline run in this process,
 on the same model and the same batch (DESIGN.md section 5). Nothing here asserts a time.
 
-    python scripts/bench_text.py                      # SmolLM2-135M, CPU fp32, batch 4 x 128 (~2.5 min, 2 cores)
+    python scripts/bench_text.py                      # SmolLM2-135M, CPU fp32, batch 4 x 128 (~3 min, 2 cores)
     python scripts/bench_text.py --tiny               # small random Llama: a smoke run in seconds
     python scripts/bench_text.py --device cuda --dtype bf16 --batch-size 8 --seq-len 512
+    python scripts/bench_text.py --only-generate      # figures 3 only (no training steps): ~2.5 min
 
 Needs PEFT for the LoRA baseline: pip install -e ".[bench]"
 
@@ -13,7 +14,9 @@ Needs PEFT for the LoRA baseline: pip install -e ".[bench]"
    (b) the classic web UI hypernetwork [1, 2, 1] (one (k, v) pair shared by all layers of a width),
        against a LoRA whose rank is chosen to match its size.
 2. hypernetwork training step vs a no-grad forward of the same batch.
-3. greedy generate() tokens/s (KV cache on, batch 1) with a hypernetwork attached vs without.
+3. greedy generate() tokens/s (KV cache on, batch 1) with a hypernetwork attached vs without:
+   (a) per-site, (b) shared [1, 2, 1], both with --activation; and a linear shared [1, 2, 1] (the
+   SmolLM2 demo recipe's network) (c) attached and (d) fused into the K/V weights (hnkit.fuse).
 
 Timing: warm-up rounds, then --steps timed rounds. Each round runs every variant once, one after the
 other in a rotating order, so that load from other processes falls on all of them alike; a ratio is
@@ -65,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                    help="bf16/fp16: the forward runs under autocast (hypernetwork and LoRA weights stay fp32)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    p.add_argument("--only-generate", action="store_true",
+                   help="skip the training figures (1, 2): time generate() only")
     p.add_argument("--profile", action="store_true",
                    help="also time the hypernetwork modules alone and print a torch.profiler table per config")
     return p.parse_args(argv)
@@ -279,9 +284,10 @@ def main(argv=None) -> int:
     model.train()
     lora_a.train()
     lora_b.train()
-    measure(train_variants, args.warmup, args.steps, sync, console, "train")
+    if not args.only_generate:
+        measure(train_variants, args.warmup, args.steps, sync, console, "train")
 
-    if args.profile:
+    if args.profile and not args.only_generate:
         for v, hn in ((site, hn_site), (shared, hn_shared)):
             alone = time_modules_alone(model, hn, args.batch_size, args.seq_len, device, args.steps, sync)
             console.print(f"{v.name}: modules alone (fwd + bwd, every site) {alone:.3f}s = "
@@ -305,7 +311,14 @@ def main(argv=None) -> int:
     gen_base = Variant("generate, no hypernetwork", generate)
     gen_site = Variant("generate, per-site attached", generate, context=lambda: hnkit.attach(model, hn_site))
     gen_shared = Variant("generate, shared attached", generate, context=lambda: hnkit.attach(model, hn_shared))
-    measure([gen_base, gen_site, gen_shared], args.warmup, args.steps, sync, console, "generate")
+    # A linear network (no activation) can be folded into the K/V weights: hnkit.fuse.
+    torch.manual_seed(2)
+    hn_linear = hnkit.Hypernetwork.for_model(model, hnkit.HypernetworkConfig(layer_structure=[1, 2, 1]),
+                                             name="linear").to(device)
+    gen_linear = Variant("generate, linear attached", generate, context=lambda: hnkit.attach(model, hn_linear))
+    gen_fused = Variant("generate, linear fused", generate, context=lambda: hnkit.fuse(model, hn_linear))
+    gen_variants = [gen_base, gen_site, gen_shared, gen_linear, gen_fused]
+    measure(gen_variants, args.warmup, args.steps, sync, console, "generate")
 
     # Report. A ratio is the median over rounds of (hnkit time / baseline time) within one round, so
     # that a burst of load from another process skews one round, not the figure.
@@ -321,23 +334,26 @@ def main(argv=None) -> int:
         fmt = "{:.3f} s" if unit == "s" else "{:.1f} tok/s"
         table.add_row(figure, fmt.format(value), fmt.format(base), f"{r:.3f}", f"<= {target:g}", ok)
 
-    row(f"1a train step: per-site vs LoRA r={args.lora_rank}", site.median, lora_site.median,
-        ratio(site, lora_site), 1.0)
-    row(f"1b train step: shared [1, 2, 1] vs LoRA r={lora_b_rank}", shared.median, lora_shared.median,
-        ratio(shared, lora_shared), 1.0)
-    row("2a train step: per-site vs no-grad forward", site.median, no_grad.median, ratio(site, no_grad), 2.3)
-    row("2b train step: shared [1, 2, 1] vs no-grad forward", shared.median, no_grad.median,
-        ratio(shared, no_grad), 2.3)
-    row(f"(ref) train step: LoRA r={args.lora_rank} vs no-grad forward", lora_site.median, no_grad.median,
-        ratio(lora_site, no_grad), 2.3)
-    for label, v in (("3a generate: per-site attached vs none", gen_site),
-                     ("3b generate: shared [1, 2, 1] attached vs none", gen_shared)):
-        row(label, args.new_tokens / v.median, args.new_tokens / gen_base.median, ratio(v, gen_base), 1.05,
+    if not args.only_generate:
+        row(f"1a train step: per-site vs LoRA r={args.lora_rank}", site.median, lora_site.median,
+            ratio(site, lora_site), 1.0)
+        row(f"1b train step: shared [1, 2, 1] vs LoRA r={lora_b_rank}", shared.median, lora_shared.median,
+            ratio(shared, lora_shared), 1.0)
+        row("2a train step: per-site vs no-grad forward", site.median, no_grad.median, ratio(site, no_grad), 2.3)
+        row("2b train step: shared [1, 2, 1] vs no-grad forward", shared.median, no_grad.median,
+            ratio(shared, no_grad), 2.3)
+        row(f"(ref) train step: LoRA r={args.lora_rank} vs no-grad forward", lora_site.median, no_grad.median,
+            ratio(lora_site, no_grad), 2.3)
+    for label, v, target in (("3a generate: per-site attached vs none", gen_site, 1.05),
+                             ("3b generate: shared [1, 2, 1] attached vs none", gen_shared, 1.05),
+                             ("3c generate: linear [1, 2, 1] attached vs none", gen_linear, 1.05),
+                             ("3d generate: linear [1, 2, 1] fused vs none", gen_fused, 1.01)):
+        row(label, args.new_tokens / v.median, args.new_tokens / gen_base.median, ratio(v, gen_base), target,
             unit="tok/s")
     console.print(table)
     console.print(f"per-site = {site.name}, shared = {shared.name}. ratio = hnkit time / baseline time, "
                   "the median of per-round ratios; for generate 1.05 means 5% fewer tokens per second.")
-    for v in (gen_site, gen_shared):
+    for v in gen_variants[1:]:
         extra = (v.median - gen_base.median) / args.new_tokens
         console.print(f"{v.name}: {extra * 1e3:+.2f} ms per token = {extra / n_layers * 1e6:+.0f} us per "
                       f"attention layer (K and V together)")

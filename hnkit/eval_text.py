@@ -1,0 +1,139 @@
+"""``hnkit eval-text``: how strongly does a style act, and what does it cost the rest of the language?
+
+For each hypernetwork, held-out perplexity on the style corpus (should fall as the strength rises)
+and on a neutral corpus (should not rise much) across a sweep of factors on its strength.
+
+    hnkit eval-text --model runs/base --hypernetwork noir.safetensors --style-data noir/ \\
+        --neutral-data wiki.txt --strengths 0,0.5,1,1.5 --plot noir-eval.png
+
+The style corpus is split as ``train-text`` splits it (``--val-fraction``, ``--seed``, same
+``--block-size``), so the blocks measured are the ones that run held out. The neutral corpus is
+never trained on; a seeded sample of its blocks is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import HnkitError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
+    parser.add_argument("--hypernetwork", action="append", required=True, metavar="FILE[:STRENGTH]",
+                        help="a style file and its strength (default 1); repeat to compare several")
+    parser.add_argument("--style-data", required=True, help="the style's corpus (as for train-text --data)")
+    parser.add_argument("--neutral-data", help="a corpus the style should leave alone (optional)")
+    parser.add_argument("--strengths", default="0,0.25,0.5,0.75,1,1.25",
+                        help="factors on each style's strength (default: 0,0.25,0.5,0.75,1,1.25)")
+    parser.add_argument("--plot", default="eval-text.png", help="PNG of perplexity against factor")
+    parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per block (default: 256)")
+    parser.add_argument("--max-blocks", type=int, default=32, help="blocks measured per corpus (default: 32)")
+    parser.add_argument("--val-fraction", type=float, default=0.05,
+                        help="held-out share of the style corpus, as in train-text (default: 0.05)")
+    parser.add_argument("--seed", type=int, default=0, help="split seed, as in train-text (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward (default: 8)")
+    parser.add_argument("--text-field", default="text", help="text field of .jsonl / datasets input")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+
+def held_out_blocks(data, tokenizer, block_size, val_fraction, seed, max_blocks, text_field="text"):
+    """The style corpus's validation blocks, as train-text splits them (all blocks if there are none)."""
+    from .text import split_blocks, tokenized_blocks
+
+    blocks = tokenized_blocks(data, tokenizer, block_size, text_field)
+    _, val = split_blocks(blocks, val_fraction, seed)
+    return (val if len(val) else blocks)[:max_blocks]
+
+
+def sample_blocks(data, tokenizer, block_size, seed, max_blocks, text_field="text"):
+    from .text import tokenized_blocks
+
+    blocks = tokenized_blocks(data, tokenizer, block_size, text_field)
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    return blocks[order[:max_blocks]]
+
+
+def sweep(model, styles, corpora: dict, factors: list[float], batch_size: int = 8) -> dict:
+    """``{style name: {corpus name: [perplexity per factor]}}``; factor 0 is the bare model, measured once."""
+    import hnkit
+
+    from .text import perplexity
+
+    bare = {name: perplexity(model, blocks, batch_size) for name, blocks in corpora.items()}
+    results = {}
+    for hn, strength in styles:
+        per_corpus = {name: [] for name in corpora}
+        with hnkit.attach(model, hn, 0.0) as handle:
+            for f in factors:
+                handle.strength = strength * f
+                for name, blocks in corpora.items():
+                    value = bare[name] if strength * f == 0 else perplexity(model, blocks, batch_size)
+                    per_corpus[name].append(value)
+        results[_unique(hn.name, results)] = per_corpus
+    return results
+
+
+def _unique(name: str, taken) -> str:
+    out, n = name, 2
+    while out in taken:
+        out, n = f"{name} ({n})", n + 1
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .generate_text import check_styles_fit, load_styles, parse_factors
+    from .plot import line_plot
+    from .text import context_length, load_causal_lm
+
+    factors = parse_factors(args.strengths)
+    for option in ("block_size", "max_blocks", "batch_size"):
+        if getattr(args, option) <= 0:
+            raise HnkitError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    for data in (args.style_data, args.neutral_data):
+        if data is not None and not Path(data).exists():
+            raise HnkitError(f"{data}: no such file or folder")
+    styles = load_styles(args.hypernetwork)
+    model, tokenizer = load_causal_lm(args.model)
+    model.eval()
+    if args.device or torch.cuda.is_available():
+        model.to(args.device or "cuda")
+    check_styles_fit(model, styles)
+    ctx = context_length(model)
+    if ctx is not None and args.block_size > ctx:
+        raise HnkitError(f"--block-size {args.block_size} is larger than the model's context of {ctx} tokens")
+    corpora = {"style": held_out_blocks(args.style_data, tokenizer, args.block_size, args.val_fraction, args.seed,
+                                        args.max_blocks, args.text_field)}
+    if args.neutral_data:
+        corpora["neutral"] = sample_blocks(args.neutral_data, tokenizer, args.block_size, args.seed,
+                                           args.max_blocks, args.text_field)
+    results = sweep(model, styles, corpora, factors, args.batch_size)
+
+    sizes = ", ".join(f"{name} {len(b)} x {args.block_size} tokens" for name, b in corpora.items())
+    table = Table("factor", *[f"{style}\n{corpus}" for style, per in results.items() for corpus in per],
+                  title=f"held-out perplexity ({sizes}); strength = factor x the file's strength")
+    for i, f in enumerate(factors):
+        table.add_row(f"{f:g}", *[f"{values[i]:.3f}" for per in results.values() for values in per.values()])
+    Console().print(table)
+    series = {f"{style}: {corpus}": list(zip(factors, values))
+              for style, per in results.items() for corpus, values in per.items()}
+    plot = line_plot(series, args.plot, title="held-out perplexity vs factor on the strength")
+    print(f"wrote {plot}")
+    report = {"model": args.model, "factors": factors, "block_size": args.block_size,
+              "blocks": {name: len(b) for name, b in corpora.items()},
+              "styles": {style: {"file": spec, "perplexity": per}
+                         for (style, per), spec in zip(results.items(), args.hypernetwork)}}
+    if args.json:
+        from .checkpoint import atomic_write
+
+        atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=2).encode()))
+        print(f"wrote {args.json}")
+    return report

@@ -1,0 +1,220 @@
+"""Fold a linear hypernetwork into the K/V projection weights, so that inference costs nothing extra.
+
+A hypernetwork module without activation and layer norm is an affine map, ``mlp(x) = A x + c``
+(dropout is off at inference), so its site computes ``x' = x + D x + t`` with ``D = s A`` and
+``t = s c``. Several networks compose the same way (chain: one after the other; sum: ``D = sum
+s_i A_i``). A projection ``W x + b`` fed ``x'`` becomes ``(W + W D) x + (b + W t)``: new weights,
+same code. The arithmetic is done in float64 and rounded once to the weights' dtype.
+
+``fuse`` swaps in new Parameter objects and keeps the originals; ``unfuse`` (or the handle's
+``remove()``) puts the very same original Parameters back, and removes the biases it added to
+projections that had none, so the model is bit-identical to before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attach import _attached, _check_fits, _finite, _fused, as_entries, layer_factors
+from .errors import HnkitError
+from .hypernetwork import Hypernetwork
+from .module import HypernetworkModule
+from .targets import find_sites
+
+
+def affine_map(module: HypernetworkModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, c)`` in float64 with ``mlp(x) = A x + c`` for a module without activation or layer
+    norm (dropout ignored, as at inference)."""
+    A, c = None, None
+    for layer in module.linear:
+        if isinstance(layer, nn.Linear):
+            w, b = layer.weight.detach().double(), layer.bias.detach().double()
+            A, c = (w, b) if A is None else (w @ A, w @ c + b)
+        elif not isinstance(layer, nn.Dropout):
+            raise HnkitError(f"a {type(layer).__name__} layer is not linear: only hypernetworks without "
+                             "activation and layer norm can be folded into the weights")
+    return A, c
+
+
+def _require_linear(hn: Hypernetwork, what: str) -> None:
+    c = hn.config
+    if not c.is_linear:
+        why = "layer norm" if c.layer_norm else f"activation {c.activation!r}"
+        raise HnkitError(f"hypernetwork {hn.name!r} cannot be {what}: its {why} makes it non-linear; "
+                         "only networks with activation 'linear' and no layer norm can be. Attach it instead")
+
+
+def site_affine(pairs, which: int, blend: str, device, cache: dict | None = None):
+    """``(D, t)`` of one site's K (which=0) or V (which=1) input, ``x' = x + D x + t``, from its
+    ``[(strength, (k_module, v_module))]``; None when every strength is 0 (nothing to fold).
+    Kept as the change from the identity, so that no identity matrix is ever built. ``cache``
+    keeps each module's affine map: a width-keyed pair serves every layer."""
+    pairs = [(s, pair) for s, pair in pairs if s != 0]
+    if not pairs:
+        return None
+    cache = {} if cache is None else cache
+    D = t = None
+    for s, pair in pairs:
+        module = pair[which]
+        if module not in cache:
+            cache[module] = tuple(a.to(device) for a in affine_map(module))
+        A, c = cache[module]
+        if D is None:
+            D, t = s * A, s * c
+        elif blend == "chain":  # y -> y + sA y + sc, applied to y = x + D x + t
+            D, t = D + s * A + s * (A @ D), t + s * (A @ t) + s * c
+        else:
+            D, t = D + s * A, t + s * c
+    return D, t
+
+
+class Fusion:
+    """Hypernetworks folded into a model's weights. ``remove()`` (or leaving a ``with`` block)
+    restores the original Parameter objects."""
+
+    def __init__(self, model, entries, blend: str, layers):
+        self.model = model
+        self.hypernetworks = [hn for hn, _ in entries]
+        self.strengths = [_finite(s, "strength") for _, s in entries]
+        self.blend = blend
+        self.family, sites = find_sites(model)
+        for hn in self.hypernetworks:
+            _check_fits(hn, sites, self.family)
+        factors = layer_factors(layers, len(sites))
+        self._saved: list[tuple[nn.Module, str, nn.Parameter | None]] = []
+        self._affine_cache: dict = {}
+        try:
+            for site, f in zip(sites, factors):
+                pairs = [(s * f, hn.pair_for(site)) for hn, s in zip(self.hypernetworks, self.strengths)]
+                self._fold_site(site, [(s, p) for s, p in pairs if p is not None])
+        except BaseException:
+            self.remove()
+            raise
+        self.num_params = len(self._saved)
+        self._affine_cache = {}  # only needed while folding
+
+    def _swap(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
+        self._saved.append((module, name, getattr(module, name)))
+        setattr(module, name, nn.Parameter(value, requires_grad=False))
+
+    @torch.no_grad()
+    def _fold_site(self, site, pairs) -> None:
+        attn = _module_named(self.model, site.key)
+        for which in (0, 1):
+            affine = site_affine(pairs, which, self.blend, next(attn.parameters()).device, self._affine_cache)
+            if affine is None:
+                continue
+            D, t = affine
+            if self.family == "gpt2":
+                self._fold_conv1d(attn.c_attn, which, D, t)
+            elif self.family == "gpt_neox":
+                self._fold_neox(attn.query_key_value, which, D, t, self.model.config.num_attention_heads)
+            else:
+                proj = _separate_projection(attn, which, site.key)
+                self._fold_linear(proj, D, t)
+
+    def _fold_linear(self, proj: nn.Linear, D, t) -> None:
+        w = proj.weight.detach().double()
+        b = proj.bias.detach().double() if proj.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                                                   device=w.device)
+        dtype = proj.weight.dtype
+        self._swap(proj, "weight", torch.addmm(w, w, D).to(dtype))
+        self._swap(proj, "bias", torch.addmv(b, w, t).to(dtype))
+
+    def _fold_conv1d(self, conv, which: int, D, t) -> None:
+        # GPT-2's Conv1D: out = x @ W + b with W of shape (in, 3d), columns [Q | K | V].
+        d = conv.weight.shape[1] // 3
+        cols = slice((1 + which) * d, (2 + which) * d)
+        w, b = conv.weight.detach().double().clone(), conv.bias.detach().double().clone()
+        b[cols] += t @ w[:, cols]
+        w[:, cols] += D.T @ w[:, cols]
+        dtype = conv.weight.dtype
+        self._swap(conv, "weight", w.to(dtype))
+        self._swap(conv, "bias", b.to(dtype))
+
+    def _fold_neox(self, qkv: nn.Linear, which: int, D, t, heads: int) -> None:
+        # GPT-NeoX's query_key_value: rows laid out per head as [q_h | k_h | v_h].
+        w = qkv.weight.detach().double().clone()
+        b = qkv.bias.detach().double().clone() if qkv.bias is not None else torch.zeros(
+            w.shape[0], dtype=torch.float64, device=w.device)
+        wv, bv = w.view(heads, 3, -1, w.shape[1]), b.view(heads, 3, -1)
+        rows = wv[:, 1 + which]
+        bv[:, 1 + which] += rows @ t
+        wv[:, 1 + which] = rows + rows @ D
+        dtype = qkv.weight.dtype
+        self._swap(qkv, "weight", w.to(dtype))
+        self._swap(qkv, "bias", b.to(dtype))
+
+    # lifetime -------------------------------------------------------------------------------
+    @property
+    def fused(self) -> bool:
+        return _fused.get(self.model) is self
+
+    def remove(self) -> None:
+        for module, name, original in reversed(self._saved):
+            setattr(module, name, original)  # the same Parameter object, or None for an added bias
+        self._saved = []
+        if _fused.get(self.model) is self:
+            del _fused[self.model]
+
+    def __enter__(self) -> "Fusion":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{hn.name}@{s:g}" for hn, s in zip(self.hypernetworks, self.strengths))
+        return f"Fusion({self.family}, [{names}], blend={self.blend}, {self.num_params} tensors replaced)"
+
+
+def _module_named(model, key: str) -> nn.Module:
+    for name, module in model.named_modules():
+        if name == key or name.endswith("." + key):
+            return module
+    raise HnkitError(f"no module {key!r} in this model")
+
+
+def _separate_projection(attn, which: int, key: str) -> nn.Linear:
+    for names in (("k_proj", "v_proj"), ("to_k", "to_v")):
+        proj = getattr(attn, names[which], None)
+        if isinstance(proj, nn.Linear):
+            return proj
+    raise HnkitError(f"{key}: found no K/V projection (Linear) to fold a hypernetwork into")
+
+
+def fuse(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", layers=None) -> Fusion:
+    """Fold a linear hypernetwork (or a list of ``(hypernetwork, strength)`` pairs, combined by
+    ``blend``, with optional per-layer factors ``layers``) into the model's K/V projection weights.
+    Outputs equal the attached network's up to float rounding, at the base model's speed.
+    Inference only. Returns a :class:`Fusion`; ``unfuse(model)`` or ``remove()`` restores the model
+    bit-exactly. Non-linear networks are refused (attach them instead)."""
+    from .attach import BLENDS
+
+    entries = as_entries(hypernetwork, strength, verb="fuse")
+    if blend not in BLENDS:
+        raise HnkitError(f"unknown blend {blend!r}; use one of: {', '.join(BLENDS)}")
+    for hn, _ in entries:
+        _require_linear(hn, "fused")
+    if model in _attached:
+        raise HnkitError("this model has hypernetworks attached: remove() them before fusing "
+                         "(fused and attached together would apply a style twice)")
+    if model in _fused:
+        raise HnkitError("this model already has a hypernetwork fused into its weights: unfuse(model) first, "
+                         "or fuse a list of (hypernetwork, strength) pairs at once")
+    handle = Fusion(model, entries, blend, layers)
+    _fused[model] = handle
+    return handle
+
+
+def unfuse(model) -> None:
+    """Put back the model's original K/V weights (the same Parameter objects); remove added biases."""
+    handle = _fused.get(model)
+    if handle is None:
+        raise HnkitError("this model has no fused hypernetwork")
+    handle.remove()
+
+
+def is_fused(model) -> bool:
+    return model in _fused
