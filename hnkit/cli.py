@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .errors import HnkitError
@@ -26,6 +27,8 @@ def cmd_inspect(args) -> None:
         ("activate output", c.activate_output), ("weight init", c.weight_init),
         ("family", hn.family), ("base model", hn.base_model), ("description", hn.description or None),
     ] + [(k, v) for k, v in hn.extra.items()]
+    if hn.optimizer_state is not None:
+        rows.append(("optimizer state", f"{hn.optimizer_state['optimizer_name']} (from {args.file}.optim)"))
     for key, value in rows:
         table.add_row(key, "-" if value is None else str(value))
     Console().print(table)
@@ -34,18 +37,29 @@ def cmd_inspect(args) -> None:
 def cmd_convert(args) -> None:
     from pathlib import Path
 
-    from .checkpoint import load, save
+    from .checkpoint import A1111_SUFFIXES, load, save
 
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise HnkitError(f"{args.output}: output is the input file; choose another name")
-    out = save(load(args.input), args.output, format=args.format)
+    hn = load(args.input)
+    out = save(hn, args.output, format=args.format)
     print(f"wrote {out}")
+    if hn.optimizer_state is not None:
+        if (args.format or ("a1111" if out.suffix in A1111_SUFFIXES else "hnkit")) == "a1111":
+            print(f"wrote {out}.optim (optimizer state)")
+        else:
+            print(f"note: the optimizer state in {args.input}.optim is not carried into {out.name}")
 
 
-def cmd_train_text(args) -> None:
-    from .train_text import run
-
-    run(args)
+# Commands that live in a module of their own, with add_arguments(parser) and run(args).
+COMMANDS = {
+    "train-text": ("train_text", "train a hypernetwork on a text corpus (a style) for a causal LM"),
+    "train-image": ("train_image", "train a hypernetwork for a Stable Diffusion UNet on captioned images"),
+    "generate-text": ("generate_text", "continue a prompt with a causal LM steered by styles"),
+    "generate-image": ("generate_image", "generate images with a Stable Diffusion pipeline and hypernetworks"),
+    "eval-text": ("eval_text", "perplexity on a style and a neutral corpus across strengths, with a plot"),
+    "merge": ("merge", "merge weighted hypernetworks into one file (their sum blend, exactly)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hnkit", description="NovelAI-style hypernetworks for LMs and SD.")
     parser.add_argument("--version", action="version", version=f"hnkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from .train_text import add_arguments
-
-    p = sub.add_parser("train-text", help="train a hypernetwork on a text corpus (a style) for a causal LM")
-    add_arguments(p)
-    p.set_defaults(func=cmd_train_text)
+    for name, (module_name, text) in COMMANDS.items():
+        module = importlib.import_module(f".{module_name}", __package__)
+        p = sub.add_parser(name, help=text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     p = sub.add_parser("inspect", help="print a hypernetwork file's config, widths and metadata")
     p.add_argument("file")
     p.set_defaults(func=cmd_inspect)
@@ -73,17 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
 def quiet_libraries() -> None:
     """hnkit draws its own progress; the libraries' download/loading bars and notices are noise here."""
     import datasets
+    import diffusers
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command.startswith("train"):
+        if args.command.startswith(("train", "generate", "eval")):
             quiet_libraries()
         args.func(args)
     except HnkitError as exc:

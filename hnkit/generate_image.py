@@ -1,0 +1,245 @@
+"""``hnkit generate-image``: images from a Stable Diffusion pipeline with hypernetworks attached.
+
+    hnkit generate-image --model ./sd15 --hypernetwork ink.pt:0.8 --prompt "a harbour at dusk" \\
+        --seed 1 --num-images 2 --grid 0,0.5,1 --output out/
+
+Each ``--hypernetwork FILE[:STRENGTH]`` is attached to ``pipe.unet`` (several are chained, as the web
+UI does). With ``--grid`` every image is made once per grid value, which multiplies all strengths,
+and a grid PNG shows them side by side: one row per prompt and seed, one column per value.
+
+Everything the user gave is checked before the first image: a bad strength, a missing or damaged
+file, a hypernetwork whose widths fit no layer of the UNet are one-line errors and nothing is
+written. Existing PNGs are never overwritten: a taken name gets a ``-2``, ``-3``, ... suffix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import HnkitError, first_line
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="a diffusers pipeline folder (SD 1.x, 2.x or SDXL) or a hub id")
+    p.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a hypernetwork file (.pt or .safetensors), optionally with a strength (default 1); "
+                        "repeat to chain several")
+    p.add_argument("--prompt", action="append", required=True, help="the prompt; repeat for several")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt, seeds seed, seed+1, ...")
+    p.add_argument("--grid", default=None, metavar="STRENGTHS",
+                   help="comma-separated factors for all strengths, e.g. 0,0.5,1: one image per factor "
+                        "and a grid PNG (rows: prompt and seed, columns: factor)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--output", required=True, help="folder for the PNGs (created if missing)")
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+def parse_strength(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise HnkitError(f"{what}: bad strength {text!r}, expected a number such as 0.7") from None
+    if not math.isfinite(value):
+        raise HnkitError(f"{what}: bad strength {text!r}, expected a finite number")
+    return value
+
+
+def parse_hypernetwork_spec(spec: str) -> tuple[Path, float]:
+    """``FILE[:STRENGTH]`` -> (path, strength), with the rules of every hnkit command
+    (:func:`hnkit.steer.parse_style_arg`)."""
+    from .steer import parse_style_arg
+
+    file, strength = parse_style_arg(spec)
+    return Path(file), strength
+
+
+def parse_grid(text: str) -> list[float]:
+    values = [v.strip() for v in text.split(",")]
+    if not values or any(v == "" for v in values):
+        raise HnkitError(f"--grid {text!r}: expected comma-separated numbers such as 0,0.5,1")
+    return [parse_strength(v, f"--grid {text!r}") for v in values]
+
+
+def _check_numbers(args) -> None:
+    if args.steps < 1:
+        raise HnkitError(f"--steps {args.steps}: must be at least 1")
+    if args.num_images < 1:
+        raise HnkitError(f"--num-images {args.num_images}: must be at least 1")
+    if not math.isfinite(args.guidance):
+        raise HnkitError(f"--guidance {args.guidance}: must be a finite number")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise HnkitError(f"--{name} {value}: must be a positive multiple of 8")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise HnkitError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HnkitError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _pipeline_class(model: str):
+    """StableDiffusionXLPipeline or StableDiffusionPipeline, read from a local folder's
+    model_index.json; DiffusionPipeline (which reads it itself) for a hub id."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    folder = Path(model)
+    if not folder.exists():
+        # "org/name" may be a hub id; anything else that does not exist is a missing folder.
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith("."):
+            return DiffusionPipeline
+        raise HnkitError(f"{model}: no such model folder")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise HnkitError(f"{model}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8"))["_class_name"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HnkitError(f"{index}: unreadable model_index.json ({first_line(exc)})") from None
+    return StableDiffusionXLPipeline if "XL" in str(class_name) else StableDiffusionPipeline
+
+
+def load_pipeline(model: str, device: torch.device):
+    cls = _pipeline_class(model)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        pipe = cls.from_pretrained(model, torch_dtype=dtype)
+    except Exception as exc:  # missing parts, wrong files, no network for a hub id: all the user's input
+        raise HnkitError(f"{model}: cannot load a Stable Diffusion pipeline ({first_line(exc)})") from None
+    if getattr(pipe, "unet", None) is None:
+        raise HnkitError(f"{model}: a {type(pipe).__name__} has no UNet; use an SD 1.x, 2.x or SDXL pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_hypernetworks(specs: list[str]):
+    from .checkpoint import load
+
+    loaded = []
+    for spec in specs:
+        path, strength = parse_hypernetwork_spec(spec)
+        loaded.append((path, load(path), strength))
+    return loaded
+
+
+# -- output ----------------------------------------------------------------------------------------
+def _slug(text: str, limit: int = 40) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit].strip("-")
+    return slug or "image"
+
+
+def _free_name(folder: Path, stem: str, taken: set) -> Path:
+    """``stem.png``, or ``stem-2.png``, ``stem-3.png``, ... when the name is taken on disk or in this run."""
+    candidate, n = folder / f"{stem}.png", 1
+    while candidate.exists() or candidate in taken:
+        n += 1
+        candidate = folder / f"{stem}-{n}.png"
+    taken.add(candidate)
+    return candidate
+
+
+def _write_png(image, path: Path, info: dict) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    from .checkpoint import atomic_write
+
+    meta = PngInfo()
+    meta.add_text("hnkit", json.dumps(info))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=meta)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def make_grid(rows: list[list]):
+    """One PIL image from rows of equally sized images."""
+    from PIL import Image
+
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image, (c * w, r * h))
+    return grid
+
+
+# -- the command -----------------------------------------------------------------------------------
+def run(args) -> None:
+    from .attach import attach
+
+    _check_numbers(args)
+    grid = parse_grid(args.grid) if args.grid is not None else None
+    specs = [parse_hypernetwork_spec(s) for s in args.hypernetwork]  # strengths checked before any loading
+    if grid is not None and not specs:
+        raise HnkitError("--grid varies hypernetwork strengths: give at least one --hypernetwork")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise HnkitError(f"{output}: exists and is not a folder")
+    device = _device(args.device)
+    _pipeline_class(args.model)  # a missing model folder is reported before the hypernetworks are read
+    networks = load_hypernetworks(args.hypernetwork)
+    pipe = load_pipeline(args.model, device)
+    for path, hn, _ in networks:  # which file does not fit, named before anything is generated
+        try:
+            attach(pipe.unet, hn).remove()
+        except HnkitError as exc:
+            raise HnkitError(f"{path}: {exc}") from None
+
+    handle = attach(pipe.unet, [(hn, s) for _, hn, s in networks]) if networks else None
+    factors = grid if grid is not None else [1.0]
+    output.mkdir(parents=True, exist_ok=True)
+    taken: set = set()
+    rows = []
+    try:
+        for p_index, prompt in enumerate(args.prompt):
+            for seed in range(args.seed, args.seed + args.num_images):
+                row = []
+                for factor in factors:
+                    for i, (_, _, strength) in enumerate(networks):
+                        handle.set_strength(strength * factor, index=i)
+                    image = _generate(pipe, args, prompt, seed, device)
+                    stem = f"{p_index:02d}-{_slug(prompt)}-seed{seed}" + (f"-x{factor:g}" if grid else "")
+                    path = _free_name(output, stem, taken)
+                    info = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed,
+                            "steps": args.steps, "guidance": args.guidance, "model": args.model,
+                            "hypernetworks": [[str(p), s * factor] for p, _, s in networks]}
+                    _write_png(image, path, info)
+                    print(f"wrote {path}")
+                    row.append(image)
+                rows.append(row)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if grid is not None:
+        path = _free_name(output, "grid", taken)
+        _write_png(make_grid(rows), path, {"columns": grid, "prompts": args.prompt,
+                                           "seeds": list(range(args.seed, args.seed + args.num_images))})
+        print(f"wrote {path} (rows: prompt x seed, columns: strength factor {', '.join(f'{g:g}' for g in grid)})")
+
+
+def _generate(pipe, args, prompt: str, seed: int, device: torch.device):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return pipe(
+        prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, width=args.width, height=args.height, generator=generator,
+    ).images[0]
