@@ -38,7 +38,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -46,12 +45,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
 from hnkit.cli import quiet_libraries  # noqa: E402
 from hnkit.image import EncodedImages, ImageTask, SDModel  # noqa: E402
 from hnkit.targets import unet as unet_target  # noqa: E402
 from hnkit.trainer import make_optimizer  # noqa: E402
+from bench_text import Variant, measure  # noqa: E402  (the same timing loop as the text bench)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -127,35 +128,6 @@ def n_trainable(params) -> int:
 
 # -----------------------------------------------------------------------------------------------
 # timing
-
-
-class Variant:
-    """Something to time: ``run()`` inside ``context()`` (e.g. a hypernetwork attached)."""
-
-    def __init__(self, name, run, context=contextlib.nullcontext):
-        self.name, self.run, self.context = name, run, context
-        self.times: list[float] = []
-        self.last = float("nan")
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-
-def measure(variants, warmup: int, steps: int, sync, console) -> None:
-    for r in range(warmup + steps):
-        k = r % len(variants)  # rotate the order, so that no variant always follows the same one
-        for v in variants[k:] + variants[:k]:
-            with v.context():
-                sync()
-                t0 = time.perf_counter()
-                v.run()
-                sync()
-                v.last = time.perf_counter() - t0
-            if r >= warmup:
-                v.times.append(v.last)
-        label = "warm-up" if r < warmup else f"round {r - warmup + 1}/{steps}"
-        console.log(f"{label}: " + ", ".join(f"{v.name} {v.last:.3f}s" for v in variants))
 
 
 def ratio(v, base) -> float:
@@ -292,7 +264,7 @@ def main(argv=None) -> int:
     params.add_row(f"LoRA r={rank} on to_k, to_v", f"{n_trainable(lora_params):,}")
     console.print(params)
 
-    measure(variants, args.warmup, args.steps, sync, console)
+    measure(variants, args.warmup, args.steps, sync, console, "train")
 
     table = Table("figure", "hnkit", "baseline", "ratio", "target", "met",
                   title=f"hnkit on the SD UNet vs same-run baselines (median of {args.steps} rounds; batch {b}, "
