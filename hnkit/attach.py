@@ -75,22 +75,14 @@ class _SiteTransform:
         return _sum_of_residuals(x, active)
 
 
-def _steps(module):
-    steps = getattr(module, "_steps", None)  # the module's children as a tuple, when it keeps one
-    return steps if steps is not None else tuple(module.linear)
-
-
 def _sum_of_residuals(x: torch.Tensor, active) -> torch.Tensor:
     """``x + s_1 * mlp_1(x) + s_2 * mlp_2(x) + ...``, added left to right in the modules' dtype
     (fp32) and cast back at the end, as HypernetworkModule.forward does for one module."""
-    dtype = _steps(active[0][0])[0].weight.dtype
+    dtype = active[0][0].dtype
     h = x if x.dtype == dtype else x.to(dtype)
     out = h
     for module, s in active:
-        steps = _steps(module)
-        y = h if steps[0].weight.dtype == dtype else h.to(steps[0].weight.dtype)
-        for layer in steps:
-            y = layer.forward(y)
+        y = module.residual(h if module.dtype == dtype else h.to(module.dtype))
         out = torch.add(out, y if y.dtype == dtype else y.to(dtype), alpha=s)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 

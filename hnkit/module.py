@@ -133,16 +133,22 @@ class HypernetworkModule(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._steps[0].weight.dtype
+
+    def residual(self, h: torch.Tensor) -> torch.Tensor:
+        """``mlp(h)`` for ``h`` already in the module's dtype (the sum blend adds several of these)."""
+        for layer in self._steps:  # forward(): no nn.Module.__call__ per child
+            h = layer.forward(h)
+        return h
+
     def forward(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         # Weights stay in their own dtype (fp32); cast at the edges so a half-precision base works.
         # This runs at every attention layer for every token, so it avoids per-call overhead:
         # no cast when the dtype matches, the children's forward() called directly (no
         # nn.Module.__call__ each), and the strength fused into the residual add.
-        steps = self._steps
-        dtype = steps[0].weight.dtype
+        dtype = self._steps[0].weight.dtype
         h = x if x.dtype == dtype else x.to(dtype)
-        y = h
-        for layer in steps:
-            y = layer.forward(y)
-        out = torch.add(h, y, alpha=strength)
+        out = torch.add(h, self.residual(h), alpha=strength)
         return out if out.dtype == x.dtype else out.to(x.dtype)
