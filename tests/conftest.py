@@ -106,3 +106,13 @@ def tiny_lm(tmp_path_factory):
 def _private_cache(tmp_path_factory, monkeypatch):
     """Tokenized-data caches go to a temporary folder, never the user's."""
     monkeypatch.setenv("HNKIT_CACHE", str(tmp_path_factory.getbasetemp() / "hnkit_cache"))
+
+
+def with_option(args: list, flag: str, value) -> list:
+    """``args`` with ``flag`` set to ``value``: replaced where present, appended otherwise."""
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = str(value)
+    else:
+        args += [flag, str(value)]
+    return args

@@ -26,6 +26,7 @@ from hnkit.image import (
     render_prompt,
 )
 from hnkit.testing import build_tiny_sd
+from conftest import with_option
 
 RES = 32  # the tiny VAE halves once: 16 x 16 latents
 
@@ -279,12 +280,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_sd, images, tmp_path, capsys):
         (["--template", "nonesuch"], "nonesuch: no such template file"),
     ]
     for i, (override, message) in enumerate(cases):
-        args = train_args(tiny_sd["sd1"], images, tmp_path / f"out{i}", "--max-steps", 1)
-        flag, value = override
-        if flag in args:
-            args[args.index(flag) + 1] = str(value)
-        else:
-            args += [flag, str(value)]
+        args = with_option(train_args(tiny_sd["sd1"], images, tmp_path / f"out{i}", "--max-steps", 1), *override)
         assert main(args) == 2, message
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if not line.startswith("hnkit: warning:")]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import hnkit
 from hnkit.cli import main
 from hnkit.trainer import TrainConfig, lr_at, parse_step_string
+from conftest import with_option
 
 BASE = ["--batch-size", "4", "--block-size", "32", "--lr", "3e-3", "--log-every", "1"]
 
@@ -192,12 +193,7 @@ def test_bad_input_gives_one_clear_line_and_exit_2(tiny_lm, tmp_path, capsys):
         (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
     ]
     for i, (override, message) in enumerate(cases):
-        args = train_args(tiny_lm, tmp_path / f"out{i}", "--max-steps", 1)
-        flag, value = override
-        if flag in args:
-            args[args.index(flag) + 1] = str(value)
-        else:
-            args += [flag, str(value)]
+        args = with_option(train_args(tiny_lm, tmp_path / f"out{i}", "--max-steps", 1), *override)
         assert main(args) == 2, message
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
