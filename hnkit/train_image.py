@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> Path:
     from accelerate import PartialState
 
     from . import Hypernetwork, load, save
-    from .image import ImageTask, encode_images, load_sd, read_image_folder, read_templates
+    from .image import ImageTask, encode_images, load_sd
+    from .image_data import read_image_folder, read_templates
     from .trainer import Trainer
 
     o = resolve_options(args)

@@ -67,7 +67,8 @@ def write_dataset(folder: Path) -> Path:
 
 def measure(model: Path, data: Path, hn, resolution: int, draws: int) -> tuple[float, float]:
     """Loss with the bare UNet and with ``hn`` attached, same fixed noise and timesteps."""
-    from hnkit.image import ImageTask, encode_images, fixed_loss, load_sd, read_image_folder
+    from hnkit.image import ImageTask, encode_images, fixed_loss, load_sd
+    from hnkit.image_data import read_image_folder
 
     sd = load_sd(str(model))
     records = read_image_folder(data)
