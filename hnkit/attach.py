@@ -22,6 +22,7 @@ import torch
 
 from .errors import HnkitError
 from .hypernetwork import Hypernetwork
+from .packed import PackedPair
 from .targets import find_sites
 
 BLENDS = ("chain", "sum")
@@ -44,7 +45,13 @@ class _SiteTransform:
     """What one attention site does to its K/V input. Pure: it reads the strengths, its layer
     factors and the schedule factor and nothing else, so gradient checkpointing can run it again in
     backward. Returns ``x`` itself when every effective strength is 0, and the site then runs the
-    model's own code."""
+    model's own code.
+
+    Inference fast path: with one network at the site, its modules in eval mode, no gradient being
+    recorded and a supported module form (:mod:`hnkit.packed`), the first call computes K's and V's
+    inputs together and keeps the other one for the next call, which gets it when it passes the
+    very same tensor (the model computes K and V from one hidden state). Same values up to float
+    rounding; training and anything that records gradients take the modules' own forward."""
 
     def __init__(self, pairs, live: _Live, blend: str = "chain", factors=None):
         self.pairs = pairs  # [(index into strengths, (k_module, v_module))]
@@ -52,10 +59,27 @@ class _SiteTransform:
         self.strengths = live.strengths  # shared with the Attachment, changed in place
         self.blend = blend
         self.factors = list(factors) if factors is not None else [1.0] * len(pairs)  # layer factor per pair
+        self.packed = PackedPair.of(*pairs[0][1]) if len(pairs) == 1 else None
+        self._pending = None  # (x, which, result) computed ahead by the fast path
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
         scale = self.live.scale
         strengths = self.strengths
+        no_grad = not torch.is_grad_enabled()
+        if self._pending is not None:
+            pending_x, pending_which, result = self._pending
+            self._pending = None
+            if pending_x is x and pending_which == which and no_grad:
+                return result
+        if self.packed is not None and no_grad:
+            (i, (k, v)), = self.pairs
+            s = strengths[i] * self.factors[0] * scale
+            if s == 0:
+                return x
+            if not (k.training or v.training):
+                kx, vx = self.packed(x, s)
+                self._pending = (x, 1 - which, vx if which == 0 else kx)
+                return kx if which == 0 else vx
         if self.blend == "chain":
             for (i, pair), f in zip(self.pairs, self.factors):
                 s = strengths[i] * f * scale  # exact when f and scale are 1: chain stays as it was

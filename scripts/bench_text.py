@@ -297,6 +297,8 @@ def main(argv=None) -> int:
 
     # Generation: batch 1, greedy, KV cache on, a fixed number of new tokens.
     model.eval()
+    hn_site.eval()  # as hnkit.load returns a network: eval mode takes the packed inference path
+    hn_shared.eval()
     torch.manual_seed(1)
     prompt = torch.randint(3, vocab, (1, 16), device=device)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
@@ -314,7 +316,7 @@ def main(argv=None) -> int:
     # A linear network (no activation) can be folded into the K/V weights: hnkit.fuse.
     torch.manual_seed(2)
     hn_linear = hnkit.Hypernetwork.for_model(model, hnkit.HypernetworkConfig(layer_structure=[1, 2, 1]),
-                                             name="linear").to(device)
+                                             name="linear").to(device).eval()
     gen_linear = Variant("generate, linear attached", generate, context=lambda: hnkit.attach(model, hn_linear))
     gen_fused = Variant("generate, linear fused", generate, context=lambda: hnkit.fuse(model, hn_linear))
     gen_variants = [gen_base, gen_site, gen_shared, gen_linear, gen_fused]

@@ -222,3 +222,119 @@ def test_attaching_twice_is_refused(load_tiny):
         with pytest.raises(HnkitError, match="already has hypernetworks attached"):
             hnkit.attach(model, hn)
     hnkit.attach(model, hn).remove()  # fine again once removed
+
+
+
+# --- the packed inference path (hnkit/packed.py) ------------------------------------------------
+
+def count_packed_calls(monkeypatch) -> list:
+    from hnkit.packed import PackedPair
+
+    calls = []
+    original = PackedPair.__call__
+
+    def counting(self, x, strength):
+        calls.append(tuple(x.shape))
+        return original(self, x, strength)
+
+    monkeypatch.setattr(PackedPair, "__call__", counting)
+    return calls
+
+
+def modules_forward(model, ids):
+    """Logits with the hypernetwork modules' own forward: recording gradients turns the packed path off."""
+    with torch.enable_grad():
+        return model(ids).logits.detach()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("activation", ["relu", "linear"])
+@pytest.mark.parametrize("per_site", [False, True], ids=["shared", "per_site"])
+def test_packed_inference_path_matches_the_modules(family, activation, per_site, load_tiny, ids, monkeypatch):
+    model = load_tiny(family)
+    # Dropout in the structure: identity in eval mode, so the packed path still applies.
+    config = HypernetworkConfig(layer_structure=[1, 0.5, 1], activation=activation, per_site=per_site,
+                                dropout_structure=[0, 0.1, 0], weight_init="XavierNormal")
+    hn = Hypernetwork.for_model(model, config).eval()
+    with torch.no_grad():  # biases start at zero: give them values, the packed path moves them
+        for p in hn.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.05)
+    base = logits(model, ids)
+    calls = count_packed_calls(monkeypatch)
+    with hnkit.attach(model, hn, strength=0.7) as handle:
+        reference = modules_forward(model, ids)
+        assert not calls
+        packed = logits(model, ids)
+        assert len(calls) == handle.num_sites  # K and V of a site in one call, once per forward
+        torch.testing.assert_close(packed, reference, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(packed, base, atol=1e-3)  # the network does act
+        hn.train()  # training mode: the modules' own forward even without gradients
+        del calls[:]
+        logits(model, ids)
+        assert not calls
+
+
+def test_packed_path_sees_weight_changes_and_strengths(load_tiny, ids):
+    model = load_tiny("llama")
+    hn = Hypernetwork.for_model(model, STRONG).eval()
+    with hnkit.attach(model, hn, strength=0.5) as handle:
+        logits(model, ids)  # builds the packed weights
+        with torch.no_grad():  # an optimizer step would do this
+            for p in hn.parameters():
+                p.mul_(1.5)
+        torch.testing.assert_close(logits(model, ids), modules_forward(model, ids), rtol=1e-5, atol=1e-5)
+        hn.load_state_dict({k: torch.randn_like(v) * 0.05 for k, v in hn.state_dict().items()})
+        torch.testing.assert_close(logits(model, ids), modules_forward(model, ids), rtol=1e-5, atol=1e-5)
+        handle.strength = -0.8
+        torch.testing.assert_close(logits(model, ids), modules_forward(model, ids), rtol=1e-5, atol=1e-5)
+        hn.to(torch.float64)  # a move replaces the weights' storage
+        torch.testing.assert_close(logits(model, ids), modules_forward(model, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [
+    HypernetworkConfig(layer_structure=[1, 2, 1], activation="tanh"),
+    HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", layer_norm=True),
+    HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", activate_output=True),
+    HypernetworkConfig(layer_structure=[1, 2, 2, 1], activation="relu"),
+], ids=["tanh", "layer_norm", "activate_output", "deeper"])
+def test_other_module_forms_keep_the_modules_own_forward(config, load_tiny, ids, monkeypatch):
+    model = load_tiny("llama")
+    hn = Hypernetwork.for_model(model, config).eval()
+    calls = count_packed_calls(monkeypatch)
+    with hnkit.attach(model, hn, strength=0.7):
+        assert torch.equal(logits(model, ids), modules_forward(model, ids))  # the same code, bit for bit
+    assert not calls
+
+
+def test_two_networks_keep_the_modules_own_forward(load_tiny, ids, monkeypatch):
+    model = load_tiny("llama")
+    a, b = (Hypernetwork.for_model(model, STRONG).eval() for _ in range(2))
+    calls = count_packed_calls(monkeypatch)
+    with hnkit.attach(model, [(a, 0.5), (b, 0.5)]):
+        assert torch.equal(logits(model, ids), modules_forward(model, ids))
+    assert not calls
+
+
+def test_packed_path_pairs_k_and_v_by_the_tensor_they_get():
+    """The result kept for V is handed out only for the very tensor K got, whichever comes first."""
+    from hnkit.attach import _Live, _SiteTransform
+    from hnkit.module import HypernetworkModule
+
+    torch.manual_seed(0)
+    k_module, v_module = (HypernetworkModule(16, [1, 2, 1], "relu", weight_init="XavierNormal").eval()
+                          for _ in range(2))
+    transform = _SiteTransform([(0, (k_module, v_module))], _Live([0.5]))
+    assert transform.packed is not None
+    x, other = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    close = dict(rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        expect_k, expect_v = k_module(x, 0.5), v_module(x, 0.5)
+        torch.testing.assert_close(transform(x, 1), expect_v, **close)  # V first, then K
+        torch.testing.assert_close(transform(x, 0), expect_k, **close)
+        transform(x, 0)
+        torch.testing.assert_close(transform(other, 1), v_module(other, 0.5), **close)  # another tensor
+        transform(x, 0)
+        torch.testing.assert_close(transform(x, 0), expect_k, **close)  # K twice
+    kx = transform(x, 0)  # with gradients: the modules' own forward, nothing kept
+    assert kx.grad_fn is not None and transform._pending is None
