@@ -76,7 +76,7 @@ class _SiteTransform:
             s = strengths[i] * self.factors[0] * scale
             if s == 0:
                 return x
-            if not (k.training or v.training):
+            if not (k.training or v.training or k.collapses(x)):  # many rows of a linear one: collapsed
                 kx, vx = self.packed(x, s)
                 self._pending = (x, 1 - which, vx if which == 0 else kx)
                 return kx if which == 0 else vx

@@ -26,15 +26,8 @@ from .targets import find_sites
 def affine_map(module: HypernetworkModule) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, c)`` in float64 with ``mlp(x) = A x + c`` for a module without activation or layer
     norm (dropout ignored, as at inference)."""
-    A, c = None, None
-    for layer in module.linear:
-        if isinstance(layer, nn.Linear):
-            w, b = layer.weight.detach().double(), layer.bias.detach().double()
-            A, c = (w, b) if A is None else (w @ A, w @ c + b)
-        elif not isinstance(layer, nn.Dropout):
-            raise HnkitError(f"a {type(layer).__name__} layer is not linear: only hypernetworks without "
-                             "activation and layer norm can be folded into the weights")
-    return A, c
+    with torch.no_grad():
+        return module.collapsed(torch.float64)
 
 
 def _require_linear(hn: Hypernetwork, what: str) -> None:

@@ -112,3 +112,48 @@ def test_forward_follows_the_registered_children_through_copies_and_moves():
     assert torch.equal(d(x), c(x))
     d.double()
     assert d(x).dtype == torch.float32 and torch.allclose(d(x), c(x), atol=1e-6)
+
+
+def layer_by_layer(module, x, strength):
+    y = x
+    for layer in module.linear:
+        y = layer(y)
+    return x + strength * y
+
+
+@pytest.mark.parametrize("structure", [[1, 2, 1], [1, 2, 1.5, 1]])
+def test_a_linear_chain_collapses_for_many_rows_with_the_same_values_and_gradients(structure):
+    torch.manual_seed(0)
+    m = HypernetworkModule(12, structure, None, dropout_structure=[0] + [0.2] * (len(structure) - 2) + [0],
+                           weight_init="XavierNormal")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # biases too
+    few, many = torch.randn(1, m._collapse_rows - 1, 12), torch.randn(1, m._collapse_rows, 12)
+    m.eval()  # dropout is the identity: the chain is an affine map
+    assert not m.collapses(few) and m.collapses(many)
+    m.train()
+    assert not m.collapses(many)  # active dropout: layer by layer, so each row draws its own mask
+    m.eval()
+    grads = []
+    for run in (lambda x: m(x, 0.7), lambda x: layer_by_layer(m, x, 0.7)):
+        x = many.clone().requires_grad_(True)
+        out = run(x)
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), x.grad, [p.grad.clone() for p in m.parameters()]))
+        m.zero_grad()
+    (out_a, dx_a, dp_a), (out_b, dx_b, dp_b) = grads
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_a, dx_b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(dp_a, dp_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_only_chains_of_linear_layers_collapse():
+    many = torch.randn(1000, 8)
+    assert not HypernetworkModule(8, [1, 2, 1], "relu").collapses(many)
+    assert not HypernetworkModule(8, [1, 2, 1], None, layer_norm=True).collapses(many)
+    assert not HypernetworkModule(8, [1, 0.5, 1], None).collapses(many)  # a bottleneck: no work to save
+    assert HypernetworkModule(8, [1, 2, 1], None).collapses(many)
+    with pytest.raises(HnkitError, match="ReLU layer is not linear"):
+        HypernetworkModule(8, [1, 2, 1], "relu").collapsed()
