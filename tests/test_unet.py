@@ -384,7 +384,9 @@ def test_memo_follows_strengths_and_weights_between_calls(load_unet, monkeypatch
         with torch.no_grad():
             for p in hn.parameters():
                 p.div_(1.5)
-        assert torch.allclose(call(), at_09, atol=1e-6)
+        # mul then div by 1.5 restores the weights up to rounding, not bit for bit
+        torch.testing.assert_close(call(), at_09, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(stepped, at_09, atol=1e-3)
 
 
 @pytest.mark.parametrize("dropout", [False, True])
