@@ -40,15 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_arguments(parser, OPTIONS)
 
 
-def resolve_options(args: argparse.Namespace) -> dict:
-    """defaults <- recipe YAML <- command line."""
-    return shared.resolve_options(args, OPTIONS)
-
-
-def read_recipe(path: str) -> dict:
-    return shared.read_recipe(path, OPTIONS)
-
-
 def check_resolution(resolution: int) -> None:
     """SD's VAEs scale by 8; the UNet itself takes any latent size (diffusers pads its upsampling)."""
     if resolution < 8 or resolution % 8:
@@ -74,7 +65,7 @@ def run(args: argparse.Namespace) -> Path:
     from .image_data import read_image_folder, read_templates
     from .trainer import Trainer
 
-    o = resolve_options(args)
+    o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
     output = shared.check_output(o)
     check_resolution(o["resolution"])
     records = read_image_folder(o["data"], o["caption_field"])

@@ -30,15 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_arguments(parser, OPTIONS)
 
 
-def resolve_options(args: argparse.Namespace) -> dict:
-    """defaults <- recipe YAML <- command line."""
-    return shared.resolve_options(args, OPTIONS)
-
-
-def read_recipe(path: str) -> dict:
-    return shared.read_recipe(path, OPTIONS)
-
-
 def run(args: argparse.Namespace) -> Path:
     import torch
 
@@ -46,7 +37,7 @@ def run(args: argparse.Namespace) -> Path:
     from .text import TextTask, context_length, default_prompts, load_causal_lm, split_blocks, tokenized_blocks
     from .trainer import Trainer
 
-    o = resolve_options(args)
+    o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
     output = shared.check_output(o)
     if not Path(o["data"]).exists():
         raise HnkitError(f"{o['data']}: no such file or folder")

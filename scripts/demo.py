@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import hnkit  # noqa: E402
 from hnkit.cli import main as hnkit_main  # noqa: E402
 from hnkit.text import TextTask, load_causal_lm, perplexity, split_blocks, tokenized_blocks  # noqa: E402
-from hnkit.train_text import read_recipe  # noqa: E402
+from hnkit.options import read_recipe  # noqa: E402
+from hnkit.train_text import OPTIONS  # noqa: E402
 from prepare_pydoc_corpus import prepare_pydoc_corpus  # noqa: E402
 from prepare_smollm2 import prepare_smollm2  # noqa: E402
 
@@ -34,7 +35,7 @@ def main() -> None:
     console = Console()
     t0 = time.time()
     model_dir, corpus = prepare_smollm2(), prepare_pydoc_corpus()
-    recipe = read_recipe(str(RECIPE))
+    recipe = read_recipe(str(RECIPE), OPTIONS)
     output = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     console.rule("training")
     console.print(f"model {model_dir}\ncorpus {corpus} (Python reference manual, PSF license)\noutput {output}")

@@ -234,14 +234,15 @@ def test_every_recipe_is_valid_and_shows_its_command():
     from pathlib import Path
 
     from hnkit import train_image, train_text
+    from hnkit.options import read_recipe
 
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
     assert {"sd15_style.yaml", "sd21_style.yaml", "sdxl_style.yaml"} <= {p.name for p in recipes}
     for path in recipes:
         header = "".join(line for line in path.read_text().splitlines() if line.startswith("#"))
         command = "train-image" if "hnkit train-image" in header else "train-text"
-        read_recipe = (train_image if command == "train-image" else train_text).read_recipe
-        options = read_recipe(str(path))  # unknown keys or bad YAML raise
+        table = (train_image if command == "train-image" else train_text).OPTIONS
+        options = read_recipe(str(path), table)  # unknown keys or bad YAML raise
         assert options["model"] and options["data"]
         assert f"hnkit {command} --config recipes/{path.name}" in header
 
