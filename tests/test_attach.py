@@ -10,7 +10,7 @@ from hnkit import HnkitError, Hypernetwork, HypernetworkConfig
 from hnkit.models import enable_gradient_checkpointing
 from hnkit.targets import find_sites
 
-from conftest import FAMILIES, VOCAB
+from conftest import FAMILIES
 
 # A hypernetwork strong enough to change the model visibly.
 STRONG = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", weight_init="XavierNormal")
