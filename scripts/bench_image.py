@@ -52,10 +52,7 @@ from hnkit.cli import quiet_libraries  # noqa: E402
 from hnkit.image import EncodedImages, ImageTask, SDModel  # noqa: E402
 from hnkit.targets import unet as unet_target  # noqa: E402
 from hnkit.trainer import make_optimizer  # noqa: E402
-from bench_text import Variant, measure  # noqa: E402  (the same timing loop as the text bench)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from bench_text import DTYPES, Variant, measure, setup  # noqa: E402  (the same timing loop as the text bench)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -161,14 +158,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_libraries()
     console = Console(width=None if sys.stdout.isatty() else 130)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device, sync, autocast = setup(args)
     dtype = DTYPES[args.dtype]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     from diffusers import DDPMScheduler
 

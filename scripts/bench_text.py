@@ -215,19 +215,25 @@ def profile_step(variant, console, device):
 # -----------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 130)
+def setup(args):
+    """The run's device (with --threads applied on the CPU), a sync for timing, and its autocast:
+    bf16/fp16 under torch.autocast, fp32 without."""
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    amp_dtype = DTYPES[args.dtype]
-    use_amp = amp_dtype != torch.float32
+    dtype = DTYPES[args.dtype]
 
     def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
+    return device, sync, autocast
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 130)
+    device, sync, autocast = setup(args)
     torch.manual_seed(0)
     model = load_model(args, device)
     d, dk, dv, n_layers = kv_widths(model)
