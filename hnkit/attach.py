@@ -47,11 +47,11 @@ class _SiteTransform:
     backward. Returns ``x`` itself when every effective strength is 0, and the site then runs the
     model's own code.
 
-    Inference fast path: with one network at the site, its modules in eval mode, no gradient being
-    recorded and a supported module form (:mod:`hnkit.packed`), the first call computes K's and V's
-    inputs together and keeps the other one for the next call, which gets it when it passes the
-    very same tensor (the model computes K and V from one hidden state). Same values up to float
-    rounding; training and anything that records gradients take the modules' own forward."""
+    Fast path: with one network at the site, a supported module form and no active dropout
+    (:mod:`hnkit.packed`), the first call computes K's and V's inputs together and keeps the other
+    one for the next call, which gets it when it passes the very same tensor (the model computes K
+    and V from one hidden state) with gradients recorded as before. Same values up to float
+    rounding, in inference and in training alike."""
 
     def __init__(self, pairs, live: _Live, blend: str = "chain", factors=None):
         self.pairs = pairs  # [(index into strengths, (k_module, v_module))]
@@ -60,25 +60,25 @@ class _SiteTransform:
         self.blend = blend
         self.factors = list(factors) if factors is not None else [1.0] * len(pairs)  # layer factor per pair
         self.packed = PackedPair.of(*pairs[0][1]) if len(pairs) == 1 else None
-        self._pending = None  # (x, which, result) computed ahead by the fast path
+        self._pending = None  # (x, which, grad mode, result) computed ahead by the fast path
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
         scale = self.live.scale
         strengths = self.strengths
-        no_grad = not torch.is_grad_enabled()
         if self._pending is not None:
-            pending_x, pending_which, result = self._pending
+            pending_x, pending_which, grad, result = self._pending
             self._pending = None
-            if pending_x is x and pending_which == which and no_grad:
+            if pending_x is x and pending_which == which and grad == torch.is_grad_enabled():
                 return result
-        if self.packed is not None and no_grad:
+        packed = self.packed
+        if packed is not None and packed.usable():
             (i, (k, v)), = self.pairs
             s = strengths[i] * self.factors[0] * scale
             if s == 0:
                 return x
-            if not (k.training or v.training or k.collapses(x)):  # many rows of a linear one: collapsed
-                kx, vx = self.packed(x, s)
-                self._pending = (x, 1 - which, vx if which == 0 else kx)
+            if not k.collapses(x):  # many rows of a linear module: collapsed (HypernetworkModule.residual)
+                kx, vx = packed(x, s)
+                self._pending = (x, 1 - which, torch.is_grad_enabled(), vx if which == 0 else kx)
                 return kx if which == 0 else vx
         if self.blend == "chain":
             for (i, pair), f in zip(self.pairs, self.factors):

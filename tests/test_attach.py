@@ -225,7 +225,7 @@ def test_attaching_twice_is_refused(load_tiny):
 
 
 
-# --- the packed inference path (hnkit/packed.py) ------------------------------------------------
+# --- the packed path (hnkit/packed.py) -----------------------------------------------------------
 
 def count_packed_calls(monkeypatch) -> list:
     from hnkit.packed import PackedPair
@@ -241,10 +241,23 @@ def count_packed_calls(monkeypatch) -> list:
     return calls
 
 
-def modules_forward(model, ids):
-    """Logits with the hypernetwork modules' own forward: recording gradients turns the packed path off."""
-    with torch.enable_grad():
-        return model(ids).logits.detach()
+def unpacked_run(model, hn, strength, run, monkeypatch):
+    """``run()`` with ``hn`` attached (or a list of pairs, strength None) and the packed path
+    switched off: the modules' own forward."""
+    from hnkit.packed import PackedPair
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PackedPair, "of", classmethod(lambda cls, k, v: None))
+        with hnkit.attach(model, hn, **({} if strength is None else {"strength": strength})):
+            return run()
+
+
+def with_biases(hn):
+    with torch.no_grad():  # biases start at zero: give them values, the packed path moves them
+        for p in hn.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.05)
+    return hn
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -255,41 +268,74 @@ def test_packed_inference_path_matches_the_modules(family, activation, per_site,
     # Dropout in the structure: identity in eval mode, so the packed path still applies.
     config = HypernetworkConfig(layer_structure=[1, 0.5, 1], activation=activation, per_site=per_site,
                                 dropout_structure=[0, 0.1, 0], weight_init="XavierNormal")
-    hn = Hypernetwork.for_model(model, config).eval()
-    with torch.no_grad():  # biases start at zero: give them values, the packed path moves them
-        for p in hn.parameters():
-            if p.dim() == 1:
-                p.normal_(0, 0.05)
+    hn = with_biases(Hypernetwork.for_model(model, config).eval())
     base = logits(model, ids)
+    reference = unpacked_run(model, hn, 0.7, lambda: logits(model, ids), monkeypatch)
     calls = count_packed_calls(monkeypatch)
     with hnkit.attach(model, hn, strength=0.7) as handle:
-        reference = modules_forward(model, ids)
-        assert not calls
         packed = logits(model, ids)
         assert len(calls) == handle.num_sites  # K and V of a site in one call, once per forward
         torch.testing.assert_close(packed, reference, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(packed, base, atol=1e-3)  # the network does act
-        hn.train()  # training mode: the modules' own forward even without gradients
+        hn.train()  # training mode with dropout: the modules' own forward, each draws its own mask
         del calls[:]
         logits(model, ids)
         assert not calls
 
 
-def test_packed_path_sees_weight_changes_and_strengths(load_tiny, ids):
+def grads_of(model, hn, ids):
+    """Loss, logits, and the gradients of every hypernetwork parameter and of the input embeddings."""
+    hn.zero_grad(set_to_none=True)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, labels=ids)
+    out.loss.backward()
+    return [out.logits.detach(), embeds.grad] + [p.grad.clone() for p in hn.parameters()]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("activation", ["relu", "linear"])
+def test_packed_training_path_matches_the_modules(family, activation, load_tiny, ids, monkeypatch):
+    """With gradients, the packed path gives the modules' outputs and every gradient (the padding
+    and the constant column get none to give back)."""
+    model = load_tiny(family)
+    config = HypernetworkConfig(layer_structure=[1, 0.5, 1], activation=activation, per_site=True,
+                                weight_init="XavierNormal")
+    hn = with_biases(Hypernetwork.for_model(model, config).train())  # no dropout: packed in training too
+    reference = unpacked_run(model, hn, 0.7, lambda: grads_of(model, hn, ids), monkeypatch)
+    calls = count_packed_calls(monkeypatch)
+    with hnkit.attach(model, hn, strength=0.7) as handle:
+        packed = grads_of(model, hn, ids)
+    assert len(calls) == handle.num_sites
+    assert all(g.abs().sum() > 0 for g in packed[1:])
+    for got, want in zip(packed, reference):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_path_sees_weight_changes_and_strengths(load_tiny, ids, monkeypatch):
     model = load_tiny("llama")
     hn = Hypernetwork.for_model(model, STRONG).eval()
+
+    def packed_and_reference(strength):
+        with hnkit.attach(model, hn, strength=strength):
+            got = logits(model, ids)
+        return got, unpacked_run(model, hn, strength, lambda: logits(model, ids), monkeypatch)
+
     with hnkit.attach(model, hn, strength=0.5) as handle:
-        logits(model, ids)  # builds the packed weights
+        logits(model, ids)  # builds the packed weights, kept while attached
         with torch.no_grad():  # an optimizer step would do this
             for p in hn.parameters():
                 p.mul_(1.5)
-        torch.testing.assert_close(logits(model, ids), modules_forward(model, ids), rtol=1e-5, atol=1e-5)
-        hn.load_state_dict({k: torch.randn_like(v) * 0.05 for k, v in hn.state_dict().items()})
-        torch.testing.assert_close(logits(model, ids), modules_forward(model, ids), rtol=1e-5, atol=1e-5)
+        got = logits(model, ids)
         handle.strength = -0.8
-        torch.testing.assert_close(logits(model, ids), modules_forward(model, ids), rtol=1e-5, atol=1e-5)
-        hn.to(torch.float64)  # a move replaces the weights' storage
-        torch.testing.assert_close(logits(model, ids), modules_forward(model, ids), rtol=1e-5, atol=1e-5)
+        got_strength = logits(model, ids)
+    torch.testing.assert_close(got, unpacked_run(model, hn, 0.5, lambda: logits(model, ids), monkeypatch),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_strength, unpacked_run(model, hn, -0.8, lambda: logits(model, ids), monkeypatch),
+                               rtol=1e-5, atol=1e-5)
+    hn.load_state_dict({k: torch.randn_like(v) * 0.05 for k, v in hn.state_dict().items()})
+    torch.testing.assert_close(*packed_and_reference(0.5), rtol=1e-5, atol=1e-5)
+    hn.to(torch.float64)  # a move replaces the weights' storage
+    torch.testing.assert_close(*packed_and_reference(0.5), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("config", [
@@ -301,18 +347,20 @@ def test_packed_path_sees_weight_changes_and_strengths(load_tiny, ids):
 def test_other_module_forms_keep_the_modules_own_forward(config, load_tiny, ids, monkeypatch):
     model = load_tiny("llama")
     hn = Hypernetwork.for_model(model, config).eval()
+    reference = unpacked_run(model, hn, 0.7, lambda: logits(model, ids), monkeypatch)
     calls = count_packed_calls(monkeypatch)
     with hnkit.attach(model, hn, strength=0.7):
-        assert torch.equal(logits(model, ids), modules_forward(model, ids))  # the same code, bit for bit
+        assert torch.equal(logits(model, ids), reference)  # the same code, bit for bit
     assert not calls
 
 
 def test_two_networks_keep_the_modules_own_forward(load_tiny, ids, monkeypatch):
     model = load_tiny("llama")
     a, b = (Hypernetwork.for_model(model, STRONG).eval() for _ in range(2))
+    reference = unpacked_run(model, [(a, 0.5), (b, 0.5)], None, lambda: logits(model, ids), monkeypatch)
     calls = count_packed_calls(monkeypatch)
     with hnkit.attach(model, [(a, 0.5), (b, 0.5)]):
-        assert torch.equal(logits(model, ids), modules_forward(model, ids))
+        assert torch.equal(logits(model, ids), reference)
     assert not calls
 
 
@@ -336,5 +384,12 @@ def test_packed_path_pairs_k_and_v_by_the_tensor_they_get():
         torch.testing.assert_close(transform(other, 1), v_module(other, 0.5), **close)  # another tensor
         transform(x, 0)
         torch.testing.assert_close(transform(x, 0), expect_k, **close)  # K twice
-    kx = transform(x, 0)  # with gradients: the modules' own forward, nothing kept
-    assert kx.grad_fn is not None and transform._pending is None
+    kx = transform(x, 0)  # with gradients: packed too, and V gets the kept result
+    vx = transform(x, 1)
+    assert kx.grad_fn is not None and vx.grad_fn is not None and transform._pending is None
+    torch.testing.assert_close(vx.detach(), expect_v, **close)
+    transform(x, 0)
+    with torch.no_grad():
+        vx = transform(x, 1)  # kept with gradients, asked for without: computed anew
+    assert vx.grad_fn is None
+    torch.testing.assert_close(vx, expect_v, **close)

@@ -145,8 +145,12 @@ def test_gradient_checkpointing_gives_the_same_weights(tiny_sd, images, tmp_path
     assert run(*train_args(tiny_sd["sd1"], images, plain, *opts)) == 0
     assert run(*train_args(tiny_sd["sd1"], images, ckpt, *opts, "--gradient-checkpointing")) == 0
     a, b = load_file(plain / "hypernetwork.safetensors"), load_file(ckpt / "hypernetwork.safetensors")
+    # The gradients agree to float rounding (test_unet checks them); AdamW's first steps divide a
+    # gradient by its own size, so an entry whose gradient is ~1e-9 moves by lr * g / (|g| + eps)
+    # and rounding there shows up to ~1e-5 of lr 1e-3. A tenth of one step still tells a broken
+    # checkpointing (no gradient: the weight stays; a wrong one: it moves elsewhere) apart.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
 
 
 def test_v_prediction_target(tiny_sd, images):

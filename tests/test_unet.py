@@ -319,15 +319,24 @@ def test_hand_written_web_ui_files_load_and_match(load_unet, tmp_path):
 # -- the text context: K and V modules once per UNet call ------------------------------------------
 @pytest.fixture
 def count_module_calls(monkeypatch):
-    """Counts HypernetworkModule forwards per input width (the attach transforms call forward())."""
+    """Counts HypernetworkModule runs per input width: forward() calls (the attach transforms call
+    forward()) and the K and V modules a packed call (hnkit.packed) runs together."""
+    from hnkit.packed import PackedPair
+
     calls = {}
     original = HypernetworkModule.forward
+    original_packed = PackedPair.__call__
 
     def counting(self, x, strength=1.0):
         calls[self.dim] = calls.get(self.dim, 0) + 1
         return original(self, x, strength)
 
+    def counting_packed(self, x, strength):
+        calls[x.shape[-1]] = calls.get(x.shape[-1], 0) + 2
+        return original_packed(self, x, strength)
+
     monkeypatch.setattr(HypernetworkModule, "forward", counting)
+    monkeypatch.setattr(PackedPair, "__call__", counting_packed)
     return calls
 
 
