@@ -176,6 +176,20 @@ def measure(variants, warmup: int, steps: int, sync, console, what: str) -> None
                                                      for v in variants))
 
 
+def per_round(v, base) -> list[float]:
+    """``v``'s time over ``base``'s time, round by round (the same round: the same load)."""
+    return [a / b for a, b in zip(v.times, base.times)]
+
+
+def middle_half(v, base) -> str:
+    """The 25th to 75th percentile of the per-round ratios, e.g. ``0.97-1.02``."""
+    ratios = sorted(per_round(v, base))
+    if len(ratios) < 2:
+        return ""
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return f"{q1:.3f}-{q3:.3f}"
+
+
 # -----------------------------------------------------------------------------------------------
 # diagnostics (--profile)
 
@@ -331,36 +345,39 @@ def main(argv=None) -> int:
     # Report. A ratio is the median over rounds of (hnkit time / baseline time) within one round, so
     # that a burst of load from another process skews one round, not the figure.
     def ratio(v, base):
-        return statistics.median(a / b for a, b in zip(v.times, base.times))
+        return statistics.median(per_round(v, base))
 
-    table = Table("figure", "hnkit", "baseline", "ratio", "target", "met",
+    table = Table("figure", "hnkit", "baseline", "ratio", "rounds, middle half", "target", "met",
                   title=f"hnkit vs same-run baselines (median of {args.steps} rounds; batch {args.batch_size} x "
                         f"{args.seq_len}; {device.type} {args.dtype}, {torch.get_num_threads()} threads)")
 
-    def row(figure, value, base, r, target, unit="s"):
+    def row(figure, value, base, r, target, unit="s", spread=""):
         ok = "[green]yes[/green]" if r <= target else "[red]no[/red]"
         fmt = "{:.3f} s" if unit == "s" else "{:.1f} tok/s"
-        table.add_row(figure, fmt.format(value), fmt.format(base), f"{r:.3f}", f"<= {target:g}", ok)
+        table.add_row(figure, fmt.format(value), fmt.format(base), f"{r:.3f}", spread, f"<= {target:g}", ok)
 
     if not args.only_generate:
         row(f"1a train step: per-site vs LoRA r={args.lora_rank}", site.median, lora_site.median,
-            ratio(site, lora_site), 1.0)
+            ratio(site, lora_site), 1.0, spread=middle_half(site, lora_site))
         row(f"1b train step: shared [1, 2, 1] vs LoRA r={lora_b_rank}", shared.median, lora_shared.median,
-            ratio(shared, lora_shared), 1.0)
-        row("2a train step: per-site vs no-grad forward", site.median, no_grad.median, ratio(site, no_grad), 2.3)
+            ratio(shared, lora_shared), 1.0, spread=middle_half(shared, lora_shared))
+        row("2a train step: per-site vs no-grad forward", site.median, no_grad.median, ratio(site, no_grad), 2.3,
+            spread=middle_half(site, no_grad))
         row("2b train step: shared [1, 2, 1] vs no-grad forward", shared.median, no_grad.median,
-            ratio(shared, no_grad), 2.3)
+            ratio(shared, no_grad), 2.3, spread=middle_half(shared, no_grad))
         row(f"(ref) train step: LoRA r={args.lora_rank} vs no-grad forward", lora_site.median, no_grad.median,
-            ratio(lora_site, no_grad), 2.3)
+            ratio(lora_site, no_grad), 2.3, spread=middle_half(lora_site, no_grad))
     for label, v, target in (("3a generate: per-site attached vs none", gen_site, 1.05),
                              ("3b generate: shared [1, 2, 1] attached vs none", gen_shared, 1.05),
                              ("3c generate: linear [1, 2, 1] attached vs none", gen_linear, 1.05),
                              ("3d generate: linear [1, 2, 1] fused vs none", gen_fused, 1.01)):
         row(label, args.new_tokens / v.median, args.new_tokens / gen_base.median, ratio(v, gen_base), target,
-            unit="tok/s")
+            unit="tok/s", spread=middle_half(v, gen_base))
     console.print(table)
     console.print(f"per-site = {site.name}, shared = {shared.name}. ratio = hnkit time / baseline time, "
-                  "the median of per-round ratios; for generate 1.05 means 5% fewer tokens per second.")
+                  "the median of per-round ratios (the middle half of them beside it: a spread wider than the "
+                  "distance to the target means the machine cannot tell; --threads 1 and more --steps narrow "
+                  "it); for generate 1.05 means 5% fewer tokens per second.")
     for v in gen_variants[1:]:
         extra = (v.median - gen_base.median) / args.new_tokens
         console.print(f"{v.name}: {extra * 1e3:+.2f} ms per token = {extra / n_layers * 1e6:+.0f} us per "
