@@ -130,6 +130,8 @@ class HypernetworkModule(nn.Module):
         self.__dict__["_steps"] = tuple(layers)
         self.__dict__["_collapse_rows"] = _collapse_rows(layers, dim)
         self.__dict__["_has_dropout"] = any(isinstance(m, nn.Dropout) for m in layers)
+        self.__dict__["_kept"] = None  # (validity key, M, c) from keep_collapsed()
+        self.__dict__["_linears"] = tuple(m for m in layers if isinstance(m, nn.Linear))
         self._init_weights(weight_init, activation, zero_init_last)
 
     @torch.no_grad()
@@ -161,7 +163,7 @@ class HypernetworkModule(nn.Module):
     def residual(self, h: torch.Tensor) -> torch.Tensor:
         """``mlp(h)`` for ``h`` already in the module's dtype (the sum blend adds several of these)."""
         if self.collapses(h):
-            m, c = self.collapsed()
+            m, c = self._kept_collapsed() or self.collapsed()
             return F.linear(h, m, c)
         for layer in self._steps:  # forward(): no nn.Module.__call__ per child
             h = layer.forward(h)
@@ -183,9 +185,40 @@ class HypernetworkModule(nn.Module):
 
     def collapses(self, x: torch.Tensor) -> bool:
         """Whether :meth:`residual` multiplies the weights together first for this input: a chain
-        of Linear layers, no active dropout, and enough rows for it to pay (see ``_collapse_rows``)."""
+        of Linear layers, no active dropout, and enough rows for it to pay (see ``_collapse_rows``),
+        or a product kept by :meth:`keep_collapsed` that is still valid."""
         rows = self._collapse_rows
-        return rows is not None and x.numel() >= rows * self.dim and not (self.training and self._has_dropout)
+        if rows is None or (self.training and self._has_dropout):
+            return False
+        return x.numel() >= rows * self.dim or self._kept_collapsed() is not None
+
+    def keep_collapsed(self) -> None:
+        """Compute ``collapsed()`` now and use it in every call until a parameter changes (an
+        optimizer step, ``load_state_dict``, ``.to()``), gradients are switched on or off, or
+        :meth:`forget_collapsed`. For a caller that knows the module will see many rows in total
+        before its weights change, spread over calls that each see too few for the product to pay:
+        the UNet's 1280-wide sites, 256 rows each, six per UNet call (hnkit.targets.unet)."""
+        self.__dict__["_kept"] = (self._kept_key(), *self.collapsed())
+
+    def forget_collapsed(self) -> None:
+        self.__dict__["_kept"] = None
+
+    def __getstate__(self):  # copies and pickles leave a kept product behind (it may carry a graph)
+        state = dict(super().__getstate__())
+        state["_kept"] = None
+        return state
+
+    def _kept_key(self):
+        # An in-place change bumps a parameter's version; .to() or new storage changes its address;
+        # load_state_dict(assign=True) puts in new Parameter objects.
+        return torch.is_grad_enabled(), [(id(p), p._version, p.data_ptr())
+                                         for layer in self._linears for p in (layer.weight, layer.bias)]
+
+    def _kept_collapsed(self):
+        kept = self._kept
+        if kept is None or kept[0] != self._kept_key():
+            return None
+        return kept[1], kept[2]
 
     def forward(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         # Weights stay in their own dtype (fp32); cast at the edges so a half-precision base works.

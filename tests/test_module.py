@@ -1,5 +1,7 @@
 """HypernetworkModule: the web UI's child order (it decides .pt key names), options and init."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -157,3 +159,45 @@ def test_only_chains_of_linear_layers_collapse():
     assert HypernetworkModule(8, [1, 2, 1], None).collapses(many)
     with pytest.raises(HnkitError, match="ReLU layer is not linear"):
         HypernetworkModule(8, [1, 2, 1], "relu").collapsed()
+
+
+def test_a_kept_product_serves_calls_with_few_rows_until_a_weight_changes(monkeypatch):
+    torch.manual_seed(0)
+    m = HypernetworkModule(12, [1, 2, 1], None, weight_init="XavierNormal")
+    few = torch.randn(2, 3, 12)
+    assert not m.collapses(few)
+    products = []
+    original = HypernetworkModule.collapsed
+    monkeypatch.setattr(HypernetworkModule, "collapsed",
+                        lambda self, dtype=None: products.append(1) or original(self, dtype))
+    m.keep_collapsed()
+    assert len(products) == 1 and m.collapses(few)
+    outs, grads = [], []
+    for _ in range(3):  # three sites of one call: one product, its gradient summed over all three
+        x = few.clone().requires_grad_(True)
+        outs.append(m(x, 0.7))
+        grads.append(x)
+    assert len(products) == 1
+    sum(o.pow(2).sum() for o in outs).backward()
+    kept_grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    for x, out in zip(grads, outs):
+        torch.testing.assert_close(out, layer_by_layer(m, x, 0.7), rtol=1e-5, atol=1e-6)
+    sum(layer_by_layer(m, x.detach(), 0.7).pow(2).sum() for x in grads).backward()
+    for a, b in zip(kept_grads, [p.grad for p in m.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    with torch.no_grad():
+        m.linear[0].weight.add_(0.1)  # what an optimizer step does: the kept product is stale
+    assert not m.collapses(few)
+    torch.testing.assert_close(m(few), layer_by_layer(m, few, 1.0), rtol=1e-5, atol=1e-6)
+    m.keep_collapsed()
+    with torch.no_grad():
+        assert not m.collapses(few)  # kept with gradients, asked for without
+    assert m.collapses(few)
+    copy_ = copy.deepcopy(m)  # a copy leaves the product (and its graph) behind
+    assert copy_._kept is None
+    m.train()
+    assert m.collapses(few)  # no dropout in this module: training mode changes nothing
+    m.forget_collapsed()
+    assert not m.collapses(few)

@@ -569,3 +569,39 @@ def test_inspect_a_unet_width_file(sd1_file, capsys):
     assert main(["inspect", str(sd1_file)]) == 0
     out = capsys.readouterr().out
     assert "32, 48, 64" in out and "relu" in out
+
+
+def test_linear_modules_multiply_their_weights_once_per_unet_call(load_unet, monkeypatch):
+    """A linear module whose sites see enough rows in one UNet call in total gets its product
+    W2 @ W1 once, at the root: the same outputs and gradients as a product per site, also when
+    checkpointing recomputes the blocks in backward."""
+    unet = load_unet("sd1")
+    hn = hypernetwork(unet, HypernetworkConfig([1, 2, 1], None, weight_init="XavierNormal")).train()
+    n_modules = 2 * len(hn.keys())  # K and V per width: each sees hundreds of rows here
+    products = []
+    original = HypernetworkModule.collapsed
+    monkeypatch.setattr(HypernetworkModule, "collapsed",
+                        lambda self, dtype=None: products.append(self) or original(self, dtype))
+
+    def run(checkpointing=False):
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        hn.zero_grad()
+        del products[:]
+        with hnkit.attach(unet, hn):
+            out = run_unet(unet, "sd1", grad=True)
+            out.square().mean().backward()
+        unet.disable_gradient_checkpointing()
+        return [out.detach()] + [p.grad.clone() for p in hn.parameters()], len(products)
+
+    kept, n_kept = run()
+    assert n_kept == n_modules  # once per module and call
+    checkpointed, n_checkpointed = run(checkpointing=True)
+    assert n_checkpointed == n_modules  # the recomputation finds the kept products
+    monkeypatch.setattr(HypernetworkModule, "keep_collapsed", HypernetworkModule.forget_collapsed)
+    per_site, n_per_site = run()
+    assert n_per_site > n_modules
+    for a, b, c in zip(kept, checkpointed, per_site):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in kept[1:])
