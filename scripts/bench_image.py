@@ -14,7 +14,9 @@ The hypernetwork is the web UI's classic one, hnkit train-image's default: a sha
 1. the cross-attention (attn2) modules run once per UNet call on the text context (hnkit's memo)
    vs once in every attn2 layer (the web UI's way): (a) training step, (b) no-grad forward.
 2. hnkit training step vs a PEFT LoRA training step on to_k/to_v with the same number of trainable
-   parameters (target <= 1.0).
+   parameters (target <= 1.0): (a) the classic network; (b) a per-site bottleneck [1, f, 1] relu
+   (one pair per attention layer, f chosen so that its size matches the same LoRA), which spends its
+   parameters where LoRA does, where the classic network puts 60 % of them at the 1280-wide sites.
 3. a training step from cached latents and text-encoder outputs vs one that runs the VAE encoder
    and the text encoder every step (what the cache saves).
 4. hnkit training step vs a no-grad forward of the UNet on the same batch (target <= 2.1).
@@ -133,21 +135,19 @@ def ratio(v, base) -> float:
 
 @contextlib.contextmanager
 def memo_off():
-    """Attachments made inside run every attn2 module in every layer, as the web UI does: the UNet's
-    context memo computes nothing, so each site falls back to computing its own transform."""
-    fill = unet_target.ContextMemo._fill
-    unet_target.ContextMemo._fill = lambda self, module, args, kwargs: self.entries.clear()
+    """While inside, every attn2 runs its modules itself, as the web UI does: the UNet's context memo
+    stores nothing, so each site computes its own transform (the products it keeps stay)."""
+    fill = unet_target.ContextMemo._fill_context
+    unet_target.ContextMemo._fill_context = lambda self, context: None
     try:
         yield
     finally:
-        unet_target.ContextMemo._fill = fill
+        unet_target.ContextMemo._fill_context = fill
 
 
 @contextlib.contextmanager
 def attached(unet, hn, memo: bool = True):
-    with memo_off() if not memo else contextlib.nullcontext():
-        handle = hnkit.attach(unet, hn)
-    with handle:
+    with memo_off() if not memo else contextlib.nullcontext(), hnkit.attach(unet, hn):
         yield
 
 
@@ -177,6 +177,11 @@ def main(argv=None) -> int:
     hn = hnkit.Hypernetwork.for_model(unet, hnkit.HypernetworkConfig([1, 2, 1]), name="classic").to(device)
     rank = lora_rank_for(unet, n_trainable(hn.parameters()))
     lora = lora_unet(unet, rank).to(device)
+    # A per-site bottleneck [1, f, 1] of the same size: 2 modules x 2 layers x f * d^2 per site.
+    squares = sum(m.in_features ** 2 for name, m in unet.named_modules() if name.endswith(".to_k"))
+    fraction = n_trainable(p for p in lora.parameters() if p.requires_grad) / (4 * squares)
+    hn_site = hnkit.Hypernetwork.for_model(unet, hnkit.HypernetworkConfig([1, fraction, 1], "relu", per_site=True),
+                                           name="per-site").to(device)
     width = unet.config.cross_attention_dim
     b, scale = args.batch_size, 2 ** (len(vae.config.block_out_channels) - 1)
     console.print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters, VAE "
@@ -199,6 +204,7 @@ def main(argv=None) -> int:
 
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
     hn_opt = make_optimizer(hn.parameters(), lr=1e-4, device=device)  # what hnkit's Trainer uses
+    site_opt = make_optimizer(hn_site.parameters(), lr=1e-4, device=device)
     lora_params = [p for p in lora.parameters() if p.requires_grad]
     lora_opt = make_optimizer(lora_params, lr=1e-4, device=device)
 
@@ -212,6 +218,9 @@ def main(argv=None) -> int:
 
     def hn_step():
         step(lambda: task.loss(cached), hn_opt)
+
+    def site_step():  # the task's loss runs whatever is attached to the UNet
+        step(lambda: task.loss(cached), site_opt)
 
     @torch.no_grad()
     def encode():
@@ -243,15 +252,20 @@ def main(argv=None) -> int:
     train = Variant("hnkit step", hn_step, lambda: attached(unet, hn))
     train_no_memo = Variant("hnkit step, attn2 per layer", hn_step, lambda: attached(unet, hn, memo=False))
     train_lora = Variant(f"LoRA r={rank} step", lora_step)
+    train_site = Variant("hnkit per-site step", site_step, lambda: attached(unet, hn_site))
     train_encoding = Variant("hnkit step + encoding", hn_step_encoding, lambda: attached(unet, hn))
     bare_forward = Variant("no-grad forward", forward)
     hn_forward = Variant("no-grad forward, hnkit", forward, lambda: attached(unet, hn))
     hn_forward_no_memo = Variant("no-grad forward, attn2 per layer", forward, lambda: attached(unet, hn, memo=False))
-    variants = [train, train_no_memo, train_lora, train_encoding, bare_forward, hn_forward, hn_forward_no_memo]
+    variants = [train, train_no_memo, train_lora, train_site, train_encoding, bare_forward, hn_forward,
+                hn_forward_no_memo]
 
     params = Table("setup", "trainable parameters", title="Trainable parameters")
     params.add_row("hnkit shared [1, 2, 1] linear, widths " + ", ".join(map(str, sorted(hn.keys()))),
                    f"{n_trainable(hn.parameters()):,}")
+    hidden = sorted({hn_site[k][0].linear[0].out_features for k in hn_site.keys()})
+    params.add_row(f"hnkit per-site [1, {fraction:.4f}, 1] relu (hidden {', '.join(map(str, hidden))})",
+                   f"{n_trainable(hn_site.parameters()):,}")
     params.add_row(f"LoRA r={rank} on to_k, to_v", f"{n_trainable(lora_params):,}")
     console.print(params)
 
@@ -271,7 +285,8 @@ def main(argv=None) -> int:
     row("1a attn2 once per call vs per layer: train step (speed-up)", train, train_no_memo, speedup=True)
     row("1b attn2 once per call vs per layer: no-grad forward (speed-up)", hn_forward, hn_forward_no_memo,
         speedup=True)
-    row(f"2  train step: hnkit vs LoRA r={rank} (same size)", train, train_lora, target=1.0)
+    row(f"2a train step: hnkit [1, 2, 1] vs LoRA r={rank} (same size)", train, train_lora, target=1.0)
+    row(f"2b train step: hnkit per-site vs LoRA r={rank} (same size)", train_site, train_lora, target=1.0)
     row("3  cached latents + text vs encoding every step (speed-up)", train, train_encoding, speedup=True)
     row("4  train step vs no-grad forward", train, bare_forward, target=2.1)
     row("(ref) LoRA train step vs no-grad forward", train_lora, bare_forward, target=2.1)
