@@ -605,3 +605,16 @@ def test_linear_modules_multiply_their_weights_once_per_unet_call(load_unet, mon
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
     assert all(g.abs().sum() > 0 for g in kept[1:])
+    monkeypatch.undo()
+    monkeypatch.setattr(HypernetworkModule, "collapsed",
+                        lambda self, dtype=None: products.append(self) or original(self, dtype))
+    del products[:]
+    with hnkit.attach(unet, hn):
+        for _ in range(3):  # without gradients (a denoising loop): the products of the first call serve
+            run_unet(unet, "sd1")
+        assert len(products) == n_modules
+        with torch.no_grad():
+            for p in hn.parameters():
+                p.mul_(1.1)  # a weight changes: the next call multiplies again
+        run_unet(unet, "sd1")
+        assert len(products) == 2 * n_modules

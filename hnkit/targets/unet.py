@@ -208,7 +208,10 @@ class ContextMemo:
         for m in dict.fromkeys(used):  # each module once
             threshold = m._collapse_rows
             if threshold is not None and rows.get(m, 0) >= threshold and not (m.training and m._has_dropout):
-                m.keep_collapsed()
+                # With gradients, a new product (and graph) per call; without, the kept one serves
+                # every call until a weight changes: the steps of a pipeline's denoising loop.
+                if torch.is_grad_enabled() or m._kept_collapsed() is None:
+                    m.keep_collapsed()
             else:
                 m.forget_collapsed()
 
