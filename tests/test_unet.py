@@ -618,3 +618,20 @@ def test_linear_modules_multiply_their_weights_once_per_unet_call(load_unet, mon
                 p.mul_(1.1)  # a weight changes: the next call multiplies again
         run_unet(unet, "sd1")
         assert len(products) == 2 * n_modules
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_fuse_folds_a_linear_network_into_the_unet(kind, load_unet):
+    """hnkit.fuse on the UNet: to_k/to_v weights of every attn1 and attn2 take the network in,
+    the output equals the attached one up to rounding, and unfuse gives the UNet back bit for bit."""
+    unet = load_unet(kind)
+    hn = hypernetwork(unet, HypernetworkConfig([1, 2, 1], None, weight_init="XavierNormal"))
+    base = run_unet(unet, kind)
+    with hnkit.attach(unet, hn, strength=0.8):
+        attached = run_unet(unet, kind)
+    with hnkit.fuse(unet, hn, strength=0.8) as fusion:
+        fused = run_unet(unet, kind)
+        assert fusion.num_params == 4 * len(find_sites(unet)[1])  # weight and bias of to_k and to_v
+    torch.testing.assert_close(fused, attached, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(fused, base, atol=1e-3)
+    assert torch.equal(run_unet(unet, kind), base)
