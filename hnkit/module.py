@@ -208,11 +208,17 @@ class HypernetworkModule(nn.Module):
         state["_kept"] = None
         return state
 
+    def weights_key(self) -> list:
+        """Changes whenever a weight of this module does, for anything derived from them and kept
+        (a kept product here, packed weights in hnkit.packed): an in-place change bumps a
+        parameter's version, ``.to()`` or new storage changes its address, and
+        ``load_state_dict(assign=True)`` puts in new Parameter objects. Writes through ``.data``
+        are not counted by PyTorch and are not seen."""
+        # _parameters, not layer.weight: nn.Module.__getattr__ would cost more than the rest (hot path).
+        return [(id(p), p._version, p.data_ptr()) for layer in self._linears for p in layer._parameters.values()]
+
     def _kept_key(self):
-        # An in-place change bumps a parameter's version; .to() or new storage changes its address;
-        # load_state_dict(assign=True) puts in new Parameter objects.
-        return torch.is_grad_enabled(), [(id(p), p._version, p.data_ptr())
-                                         for layer in self._linears for p in (layer.weight, layer.bias)]
+        return torch.is_grad_enabled(), self.weights_key()
 
     def _kept_collapsed(self):
         kept = self._kept

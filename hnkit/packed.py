@@ -14,7 +14,8 @@ computes K's and V's inputs together::
   times faster on such shapes than on odd ones (on a CPU a [512, 576] x [576, 11] product takes
   3.5x the time of a [576, 16] one), as nanoGPT pads its vocabulary;
 - without gradients, one batched ``baddbmm`` covers both second layers and the packed weights are
-  kept, rebuilt whenever a parameter changes (an optimizer step, ``load_state_dict``, ``.to()``);
+  kept, rebuilt whenever a parameter changes (an optimizer step, ``load_state_dict``, ``.to()``:
+  ``HypernetworkModule.weights_key``);
 - with gradients, the packed weights are built from the parameters in every call (a few small
   ``cat``s), so gradients reach every parameter, and each second layer is one ``addmm``.
 
@@ -46,8 +47,8 @@ class PackedPair:
     def __init__(self, k_module, v_module, k_layers, v_layers, relu: bool):
         self.modules = (k_module, v_module)
         self.relu = relu
-        (k1, k2), (v1, v2) = k_layers, v_layers
-        self.params = (k1.weight, k1.bias, k2.weight, k2.bias, v1.weight, v1.bias, v2.weight, v2.bias)
+        self.layers = (*k_layers, *v_layers)  # the Linear layers; their parameters are read per call
+        k1 = k_layers[0]
         hidden = k1.out_features + 1  # the hidden width and the constant column
         self.width = -(-hidden // ALIGN) * ALIGN
         self._has_dropout = any(m._has_dropout for m in self.modules)
@@ -68,7 +69,7 @@ class PackedPair:
 
     def _build(self):
         """``(W1.T, b1, W2_k, W2_v)`` from the parameters: differentiable when gradients are on."""
-        w1k, b1k, w2k, b2k, w1v, b1v, w2v, b2v = self.params
+        w1k, b1k, w2k, b2k, w1v, b1v, w2v, b2v = (p for layer in self.layers for p in layer._parameters.values())
         pad = self.width - w1k.shape[0]  # >= 1: the constant column and the zero padding
         zeros = w1k.new_zeros(pad, w1k.shape[1])
         const = b1k.new_zeros(pad)
@@ -81,12 +82,7 @@ class PackedPair:
         return w1t, b1, w2k, w2v
 
     def _kept(self):
-        # In-place changes bump a tensor's version counter; .to() or a new storage changes the
-        # address (all parameters of a module move together: one address per module is checked).
-        # Writes through ``.data`` are not counted by PyTorch, and are not seen here either.
-        params = self.params
-        key = [p._version for p in params]
-        key += (params[0].data_ptr(), params[4].data_ptr())
+        key = [m.weights_key() for m in self.modules]  # see HypernetworkModule.weights_key
         if key != self._key:
             with torch.no_grad():
                 w1t, b1, w2k, w2v = self._build()
@@ -98,22 +94,21 @@ class PackedPair:
     def __call__(self, x: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x + strength * mlp_k(x), x + strength * mlp_v(x))``, computed in the modules' dtype
         and returned in ``x``'s."""
-        dtype = self.params[0].dtype
-        h = x if x.dtype == dtype else x.to(dtype)
+        grad = torch.is_grad_enabled()
+        if grad:
+            w1t, b1, w2k, w2v = self._build()
+        else:
+            w1t, b1, w2 = self._kept()
+        h = x if x.dtype == w1t.dtype else x.to(w1t.dtype)
         flat = h.reshape(-1, h.shape[-1])
         width = self.width
-        if torch.is_grad_enabled():
-            w1t, b1, w2k, w2v = self._build()
-            a = torch.addmm(b1, flat, w1t)
-            if self.relu:
-                a = a.relu()
+        a = torch.addmm(b1, flat, w1t)
+        if self.relu:
+            a = a.relu_()  # in place is fine for autograd too: addmm keeps its inputs, not its output
+        if grad:
             k = torch.addmm(flat, a[:, :width], w2k, alpha=strength).view(h.shape)
             v = torch.addmm(flat, a[:, width:], w2v, alpha=strength).view(h.shape)
         else:
-            w1t, b1, w2 = self._kept()
-            a = torch.addmm(b1, flat, w1t)
-            if self.relu:
-                a = a.relu_()
             out = torch.baddbmm(flat, a.view(-1, 2, width).transpose(0, 1), w2, alpha=strength)
             k, v = out.view(2, *h.shape).unbind(0)
         if k.dtype != x.dtype:

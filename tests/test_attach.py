@@ -334,6 +334,12 @@ def test_packed_path_sees_weight_changes_and_strengths(load_tiny, ids, monkeypat
                                rtol=1e-5, atol=1e-5)
     hn.load_state_dict({k: torch.randn_like(v) * 0.05 for k, v in hn.state_dict().items()})
     torch.testing.assert_close(*packed_and_reference(0.5), rtol=1e-5, atol=1e-5)
+    with hnkit.attach(model, hn, strength=0.5):
+        logits(model, ids)  # packed weights kept from the Parameters above
+        hn.load_state_dict({k: torch.randn_like(v) * 0.05 for k, v in hn.state_dict().items()}, assign=True)
+        got = logits(model, ids)  # new Parameter objects: read again
+    torch.testing.assert_close(got, unpacked_run(model, hn, 0.5, lambda: logits(model, ids), monkeypatch),
+                               rtol=1e-5, atol=1e-5)
     hn.to(torch.float64)  # a move replaces the weights' storage
     torch.testing.assert_close(*packed_and_reference(0.5), rtol=1e-5, atol=1e-5)
 
