@@ -183,14 +183,20 @@ class HypernetworkModule(nn.Module):
                                  "activation and layer norm are an affine map")
         return m, c
 
+    def pays_to_collapse(self, rows: int) -> bool:
+        """Whether multiplying the weights together first pays for ``rows`` input rows: a chain of
+        Linear layers, no active dropout, and at least the rows of ``_collapse_rows``."""
+        threshold = self._collapse_rows
+        return threshold is not None and rows >= threshold and not (self.training and self._has_dropout)
+
     def collapses(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`residual` multiplies the weights together first for this input: a chain
-        of Linear layers, no active dropout, and enough rows for it to pay (see ``_collapse_rows``),
-        or a product kept by :meth:`keep_collapsed` that is still valid."""
-        rows = self._collapse_rows
-        if rows is None or (self.training and self._has_dropout):
-            return False
-        return x.numel() >= rows * self.dim or self._kept_collapsed() is not None
+        """Whether :meth:`residual` multiplies the weights together first for this input: it pays
+        for this many rows, or a product kept by :meth:`keep_collapsed` is still valid (and no
+        dropout is active)."""
+        if self.pays_to_collapse(x.numel() // self.dim):
+            return True
+        return (self._kept is not None and not (self.training and self._has_dropout)
+                and self._kept_collapsed() is not None)
 
     def keep_collapsed(self) -> None:
         """Compute ``collapsed()`` now and use it in every call until a parameter changes (an

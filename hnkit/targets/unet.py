@@ -190,7 +190,8 @@ class ContextMemo:
         return None
 
     def _keep_products(self, sample, context) -> None:
-        rows: dict = {}
+        transforms = [transform for transform, _ in self._levels] + list(self._registered)
+        rows = {m: 0 for transform in transforms for m in _modules(transform)}
         if isinstance(sample, torch.Tensor) and sample.dim() == 4:
             batch, _, height, width = sample.shape
             for transform, level in self._levels:
@@ -198,22 +199,18 @@ class ContextMemo:
                 for _ in range(level):
                     h, w = (h + 1) // 2, (w + 1) // 2
                 for m in _modules(transform):
-                    rows[m] = rows.get(m, 0) + batch * h * w
+                    rows[m] += batch * h * w
         if isinstance(context, torch.Tensor):
             for transform in self._registered:  # memoized: the context's rows once per call
                 for m in _modules(transform):
-                    rows[m] = rows.get(m, 0) + context.shape[:-1].numel()
-        used = [m for transform, _ in self._levels for m in _modules(transform)]
-        used += [m for transform in self._registered for m in _modules(transform)]
-        for m in dict.fromkeys(used):  # each module once
-            threshold = m._collapse_rows
-            if threshold is not None and rows.get(m, 0) >= threshold and not (m.training and m._has_dropout):
-                # With gradients, a new product (and graph) per call; without, the kept one serves
-                # every call until a weight changes: the steps of a pipeline's denoising loop.
-                if torch.is_grad_enabled() or m._kept_collapsed() is None:
-                    m.keep_collapsed()
-            else:
+                    rows[m] += context.shape[:-1].numel()
+        for m, n in rows.items():
+            if not m.pays_to_collapse(n):
                 m.forget_collapsed()
+            # With gradients, a new product (and graph) per call; without, the kept one serves
+            # every call until a weight changes: the steps of a pipeline's denoising loop.
+            elif torch.is_grad_enabled() or m._kept_collapsed() is None:
+                m.keep_collapsed()
 
     def _fill_context(self, context: torch.Tensor) -> None:
         for transform, (width, _) in self._registered.items():
