@@ -183,11 +183,17 @@ class HypernetworkModule(nn.Module):
                                  "activation and layer norm are an affine map")
         return m, c
 
+    @property
+    def dropout_active(self) -> bool:
+        """Training mode with a Dropout layer (one exists only where the structure's p > 0): a
+        call then draws random numbers, and its result depends on more than its input."""
+        return self.training and self._has_dropout
+
     def pays_to_collapse(self, rows: int) -> bool:
         """Whether multiplying the weights together first pays for ``rows`` input rows: a chain of
         Linear layers, no active dropout, and at least the rows of ``_collapse_rows``."""
         threshold = self._collapse_rows
-        return threshold is not None and rows >= threshold and not (self.training and self._has_dropout)
+        return threshold is not None and rows >= threshold and not self.dropout_active
 
     def collapses(self, x: torch.Tensor) -> bool:
         """Whether :meth:`residual` multiplies the weights together first for this input: it pays
@@ -195,8 +201,7 @@ class HypernetworkModule(nn.Module):
         dropout is active)."""
         if self.pays_to_collapse(x.numel() // self.dim):
             return True
-        return (self._kept is not None and not (self.training and self._has_dropout)
-                and self._kept_collapsed() is not None)
+        return self._kept is not None and not self.dropout_active and self._kept_collapsed() is not None
 
     def keep_collapsed(self) -> None:
         """Compute ``collapsed()`` now and use it in every call until a parameter changes (an

@@ -51,7 +51,6 @@ class PackedPair:
         k1 = k_layers[0]
         hidden = k1.out_features + 1  # the hidden width and the constant column
         self.width = -(-hidden // ALIGN) * ALIGN
-        self._has_dropout = any(m._has_dropout for m in self.modules)
         self._key = None
 
     @classmethod
@@ -65,7 +64,7 @@ class PackedPair:
 
     def usable(self) -> bool:
         """False while a module is in training mode with dropout: that needs the modules' own forward."""
-        return not (self._has_dropout and any(m.training for m in self.modules))
+        return not any(m.dropout_active for m in self.modules)
 
     def _build(self):
         """``(W1.T, b1, W2_k, W2_v)`` from the parameters: differentiable when gradients are on."""

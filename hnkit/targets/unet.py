@@ -225,8 +225,4 @@ def _draws_random_numbers(transform) -> bool:
     pairs = getattr(transform, "pairs", None)
     if pairs is None:
         return True
-    for _, modules in pairs:
-        for module in modules:
-            if module.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules()):
-                return True
-    return False
+    return any(module.dropout_active for _, modules in pairs for module in modules)
