@@ -177,9 +177,10 @@ def main(argv=None) -> int:
     hn = hnkit.Hypernetwork.for_model(unet, hnkit.HypernetworkConfig([1, 2, 1]), name="classic").to(device)
     rank = lora_rank_for(unet, n_trainable(hn.parameters()))
     lora = lora_unet(unet, rank).to(device)
+    lora_params = [p for p in lora.parameters() if p.requires_grad]
     # A per-site bottleneck [1, f, 1] of the same size: 2 modules x 2 layers x f * d^2 per site.
     squares = sum(m.in_features ** 2 for name, m in unet.named_modules() if name.endswith(".to_k"))
-    fraction = n_trainable(p for p in lora.parameters() if p.requires_grad) / (4 * squares)
+    fraction = n_trainable(lora_params) / (4 * squares)
     hn_site = hnkit.Hypernetwork.for_model(unet, hnkit.HypernetworkConfig([1, fraction, 1], "relu", per_site=True),
                                            name="per-site").to(device)
     width = unet.config.cross_attention_dim
@@ -205,7 +206,6 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
     hn_opt = make_optimizer(hn.parameters(), lr=1e-4, device=device)  # what hnkit's Trainer uses
     site_opt = make_optimizer(hn_site.parameters(), lr=1e-4, device=device)
-    lora_params = [p for p in lora.parameters() if p.requires_grad]
     lora_opt = make_optimizer(lora_params, lr=1e-4, device=device)
 
     def step(loss_fn, optimizer):
