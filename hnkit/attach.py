@@ -13,6 +13,7 @@ Besides the strengths, an attachment has three knobs for steering generation:
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import warnings
@@ -22,7 +23,7 @@ import torch
 
 from .errors import HnkitError
 from .hypernetwork import Hypernetwork
-from .packed import PackedPair
+from .packed import FoldedKV, PackedPair
 from .targets import find_sites
 
 BLENDS = ("chain", "sum")
@@ -34,11 +35,14 @@ _fused: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDi
 
 class _Live:
     """The values a transform reads at call time, shared by all transforms of one attachment and
-    changed in place: the strengths, and the schedule's factor for the current forward pass."""
+    changed in place: the strengths, the schedule's factor for the current forward pass, and whether
+    the weights kept for calls without gradients were checked at the start of that pass."""
 
     def __init__(self, strengths: list[float]):
         self.strengths = strengths
         self.scale = 1.0
+        self.checked = False  # in a forward pass whose kept weights are known to be current
+        self.checked_sequence = False  # the last pass without gradients checked them
 
 
 class _SiteTransform:
@@ -72,12 +76,12 @@ class _SiteTransform:
                 return result
         packed = self.packed
         if packed is not None and packed.usable():
-            (i, (k, v)), = self.pairs
-            s = strengths[i] * self.factors[0] * scale
+            k = self.pairs[0][1][0]
+            s = self.strength_now()
             if s == 0:
                 return x
             if not k.collapses(x):  # many rows of a linear module: collapsed (HypernetworkModule.residual)
-                kx, vx = packed(x, s)
+                kx, vx = packed(x, s, self.live.checked)
                 self._pending = (x, 1 - which, torch.is_grad_enabled(), vx if which == 0 else kx)
                 return kx if which == 0 else vx
         if self.blend == "chain":
@@ -97,6 +101,13 @@ class _SiteTransform:
             module, s = active[0]
             return module.forward(x, s)
         return _sum_of_residuals(x, active)
+
+
+    def strength_now(self) -> float:
+        """The effective strength of a site with one network: its strength, layer factor and the
+        schedule's factor."""
+        (i, _), = self.pairs
+        return self.strengths[i] * self.factors[0] * self.live.scale
 
 
 def _sum_of_residuals(x: torch.Tensor, active) -> torch.Tensor:
@@ -158,6 +169,7 @@ class Attachment:
             p.requires_grad_(False)
         self._removers = []
         transforms = {}  # sites with the same modules and the same effective strengths share one transform
+        installs = []
         for site, factor in zip(sites, self.layer_factors):
             pairs = [(i, hn.pair_for(site)) for i, hn in enumerate(self.hypernetworks)]
             pairs = [(i, p) for i, p in pairs if p is not None]
@@ -165,8 +177,26 @@ class Attachment:
                 key = tuple((i, id(k), id(v)) for i, (k, v) in pairs) + (factor,)
                 transform = transforms.setdefault(
                     key, _SiteTransform(pairs, self._live, blend, [factor] * len(pairs)))
+                installs.append((site, transform))
+        uses = collections.Counter(id(k) for _, t in installs for _, (k, _) in t.pairs)  # sites per module
+        self._kept_owners = []  # what keeps weights for calls without gradients: checked once per pass
+        for site, transform in installs:
+            # Narrow K/V projections and a packed network of this site alone (per-site: the folded
+            # weights are as many as its own): the projections may add to their outputs
+            # (hnkit.packed.FoldedKV).
+            packed = transform.packed
+            if packed is not None and uses[id(packed.modules[0])] == 1 and site.install_projections:
+                folded = FoldedKV(transform, packed, *site.kv)
+                self._removers.append(site.install_projections(folded))
+                self._kept_owners.append(folded)
+            else:
                 self._removers.append(site.install(transform))
-        self.num_sites = len(self._removers)
+            if packed is not None and packed not in self._kept_owners:
+                self._kept_owners.append(packed)
+        if self._kept_owners:
+            self._removers += [model.register_forward_pre_hook(self._open_pass, with_kwargs=True, prepend=True).remove,
+                               model.register_forward_hook(self._close_pass, always_call=True).remove]
+        self.num_sites = len(installs)
         self.token_index: int | None = None  # of the last forward pass, when there is a schedule
         self._prompt_length: int | None = None  # set for the duration of a generate() call
         self._sequence_start: int | None = None  # forwards outside generate(): the last prompt's length
@@ -203,6 +233,30 @@ class Attachment:
     def schedule_factor(self) -> float:
         """The schedule's factor in the last forward pass (1.0 without a schedule)."""
         return self._live.scale
+
+    # weights kept between calls ---------------------------------------------------------------
+    def _open_pass(self, module, args, kwargs) -> None:
+        """Before a forward pass of the whole model: check every kept weight against its parameters
+        here, once, instead of at every layer, where the check costs more than the products (the
+        parameters' objects are cold in the cache between the base model's weights). The check runs
+        at every pass that starts a sequence; passes that continue one from a KV cache (generation,
+        token by token) trust it, as their cache holds K and V computed with those weights anyway.
+        With gradients nothing is kept; calls outside a pass (a submodule on its own) check for
+        themselves."""
+        live = self._live
+        continuing = live.checked_sequence and _cached_length(
+            kwargs.get("past_key_values", kwargs.get("cache"))) > 0
+        live.checked = False
+        if torch.is_grad_enabled():
+            live.checked_sequence = False  # a backward and an optimizer step may follow
+            return
+        if not continuing:
+            for owner in self._kept_owners:
+                owner.refresh()
+        live.checked = live.checked_sequence = True
+
+    def _close_pass(self, module, args, output) -> None:
+        self._live.checked = False
 
     # the schedule ---------------------------------------------------------------------------
     def _install_schedule(self) -> None:

@@ -20,6 +20,14 @@ computes K's and V's inputs together::
   ``cat``s), so gradients reach every parameter, and each second layer is one ``addmm``.
 
 The values are the modules' own up to float rounding (the bias is summed inside the product).
+
+:class:`FoldedKV` goes one step further where the K and V projections are plain ``nn.Linear``
+layers narrower than their input (grouped-query attention, e.g. SmolLM2: 576 -> 192). A projection
+is linear, so ``W (x + s * W2 a) + b = (W x + b) + s * (W W2) a``: the model computes its own K and
+V of ``x`` and a forward hook adds ``a @ (W W2).T``, with ``W W2`` ``[k/v width, width]`` instead of
+``[d, width]`` (three times smaller for SmolLM2). With gradients that is one small product
+``W @ W2`` per call in exchange for a second layer, its two gradients and a full-width residual at
+every row; without gradients the product is kept like the packed weights.
 """
 
 from __future__ import annotations
@@ -80,7 +88,13 @@ class PackedPair:
         w2v = torch.cat([w2v, b2v[:, None], cols], 1).t()
         return w1t, b1, w2k, w2v
 
-    def _kept(self):
+    def _kept(self, checked: bool = False):
+        """The packed weights for calls without gradients. ``checked``: the caller knows they were
+        checked against the parameters since the parameters could last change (see
+        ``Attachment._open_pass``): no key to compute, which at every layer and token costs more than
+        the products themselves."""
+        if checked and self._key is not None:
+            return self.w1t, self.b1, self.w2
         key = [m.weights_key() for m in self.modules]  # see HypernetworkModule.weights_key
         if key != self._key:
             with torch.no_grad():
@@ -90,20 +104,28 @@ class PackedPair:
             self._key = key
         return self.w1t, self.b1, self.w2
 
-    def __call__(self, x: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden(self, flat: torch.Tensor, w1t: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+        """Both first layers and the activation: ``[rows, 2 * width]`` for ``flat`` ``[rows, d]``."""
+        a = torch.addmm(b1, flat, w1t)
+        return a.relu_() if self.relu else a  # in place is fine for autograd: addmm keeps its inputs only
+
+    def refresh(self) -> None:
+        """Check kept weights against the parameters now (rebuilding them if these changed)."""
+        if self._key is not None:
+            self._kept()
+
+    def __call__(self, x: torch.Tensor, strength: float, checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x + strength * mlp_k(x), x + strength * mlp_v(x))``, computed in the modules' dtype
-        and returned in ``x``'s."""
+        and returned in ``x``'s. ``checked``: see :meth:`_kept`."""
         grad = torch.is_grad_enabled()
         if grad:
             w1t, b1, w2k, w2v = self._build()
         else:
-            w1t, b1, w2 = self._kept()
+            w1t, b1, w2 = self._kept(checked)
         h = x if x.dtype == w1t.dtype else x.to(w1t.dtype)
         flat = h.reshape(-1, h.shape[-1])
         width = self.width
-        a = torch.addmm(b1, flat, w1t)
-        if self.relu:
-            a = a.relu_()  # in place is fine for autograd too: addmm keeps its inputs, not its output
+        a = self.hidden(flat, w1t, b1)
         if grad:
             k = torch.addmm(flat, a[:, :width], w2k, alpha=strength).view(h.shape)
             v = torch.addmm(flat, a[:, width:], w2v, alpha=strength).view(h.shape)
@@ -113,3 +135,78 @@ class PackedPair:
         if k.dtype != x.dtype:
             k, v = k.to(x.dtype), v.to(x.dtype)
         return k, v
+
+
+class FoldedKV:
+    """What one attention site's K and V projections compute while attached, for a site whose
+    projections are plain Linear layers narrower than their input (``site.install_projections``):
+    ``__call__(x, linear, which)`` for K (``which`` 0) and V (1).
+
+    From :meth:`fold_rows` rows on (the break-even of the product below, with gradients), and with no
+    dropout active, it returns ``linear(x) + s * a @ B`` with ``B = W2 @ W.T`` (see the module
+    docstring); below that, ``linear(transform(x, which))``: the input side, as with a pre-hook
+    (``transform`` is the site's :class:`hnkit.attach._SiteTransform`, which also gives the strength).
+    Generation (one row per call) takes the input side, where fewer, smaller kernels win."""
+
+    def __init__(self, transform, packed: PackedPair, k_proj: nn.Linear, v_proj: nn.Linear):
+        self.transform = transform
+        self.packed = packed
+        self.projections = (k_proj, v_proj)
+        self.rows = max(self.fold_rows(p.in_features, p.out_features) for p in self.projections)
+        self._key = None
+        self._pending = None  # (x, which, grad mode, a, B): V's part, computed with K's
+
+    @staticmethod
+    def fold_rows(d: int, d_out: int) -> int:
+        """Rows from which folding pays with gradients: the product ``W2 @ W.T`` and its gradient
+        cost ``2 * width * d * d_out`` multiply-adds per call; the second layer shrinks from ``d`` to
+        ``d_out`` columns in its forward and two gradients, ``3 * width * (d - d_out)`` per row."""
+        return -(-2 * d * d_out // (3 * (d - d_out)))
+
+    def refresh(self) -> None:
+        """See :meth:`PackedPair.refresh`."""
+        if self._key is not None:
+            self._weights()
+
+    def _weights(self, checked: bool = False):
+        """``(W1.T, b1, B_k, B_v)`` with ``B = W2 @ W.T`` ``[width, k/v width]``; kept without
+        gradients (``checked``: see :meth:`PackedPair._kept`)."""
+        grad = torch.is_grad_enabled()
+        if not grad:
+            if checked and self._key is not None:
+                return self._kept
+            key = [m.weights_key() for m in self.packed.modules]
+            key += [(id(p.weight), p.weight._version, p.weight.data_ptr()) for p in self.projections]
+            if key == self._key:
+                return self._kept
+        w1t, b1, w2k, w2v = self.packed._build()
+        folded = [torch.mm(w2, (p.weight if p.weight.dtype == w2.dtype else p.weight.to(w2.dtype)).t())
+                  for w2, p in zip((w2k, w2v), self.projections)]  # [width, d] @ [d, k/v width]
+        weights = (w1t, b1, *folded)
+        if not grad:
+            self._key, self._kept = key, weights
+        return weights
+
+    def __call__(self, x: torch.Tensor, linear: nn.Linear, which: int) -> torch.Tensor:
+        if x.numel() < self.rows * x.shape[-1] or not self.packed.usable():
+            return linear(self.transform(x, which))
+        out = linear(x)
+        s = self.transform.strength_now()
+        if s == 0:
+            return out
+        grad = torch.is_grad_enabled()
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is x and pending[1] == which and pending[2] == grad:
+            a, b = pending[3], pending[4]
+        else:
+            w1t, b1, bk, bv = self._weights(self.transform.live.checked)
+            h = x if x.dtype == w1t.dtype else x.to(w1t.dtype)
+            a = self.packed.hidden(h.reshape(-1, h.shape[-1]), w1t, b1)
+            b = bk if which == 0 else bv
+            self._pending = (x, 1 - which, grad, a, bv if which == 0 else bk)
+        width = self.packed.width
+        half = a[:, :width] if which == 0 else a[:, width:]
+        flat = out.reshape(-1, out.shape[-1])
+        if flat.dtype == b.dtype:
+            return torch.addmm(flat, half, b, alpha=s).view(out.shape)
+        return torch.addmm(flat.to(b.dtype), half, b, alpha=s).to(out.dtype).view(out.shape)

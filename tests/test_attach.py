@@ -231,13 +231,13 @@ def count_packed_calls(monkeypatch) -> list:
     from hnkit.packed import PackedPair
 
     calls = []
-    original = PackedPair.__call__
+    original = PackedPair.hidden  # both packed forms (input side, FoldedKV) go through it
 
-    def counting(self, x, strength):
-        calls.append(tuple(x.shape))
-        return original(self, x, strength)
+    def counting(self, flat, w1t, b1):
+        calls.append(tuple(flat.shape))
+        return original(self, flat, w1t, b1)
 
-    monkeypatch.setattr(PackedPair, "__call__", counting)
+    monkeypatch.setattr(PackedPair, "hidden", counting)
     return calls
 
 

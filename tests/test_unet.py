@@ -331,9 +331,9 @@ def count_module_calls(monkeypatch):
         calls[self.dim] = calls.get(self.dim, 0) + 1
         return original(self, x, strength)
 
-    def counting_packed(self, x, strength):
+    def counting_packed(self, x, strength, checked=False):
         calls[x.shape[-1]] = calls.get(x.shape[-1], 0) + 2
-        return original_packed(self, x, strength)
+        return original_packed(self, x, strength, checked)
 
     monkeypatch.setattr(HypernetworkModule, "forward", counting)
     monkeypatch.setattr(PackedPair, "__call__", counting_packed)

@@ -6,6 +6,10 @@ both, and returns a function that undoes it. ``transform`` returns ``x`` itself 
 when it has nothing to do, and the layer then runs its original code: bit-identical outputs.
 
 - Separate K and V projections get a forward pre-hook each (a small object, no patching).
+- Where K and V are plain ``nn.Linear`` layers narrower than their input (grouped-query attention),
+  the site also offers ``install_projections(fn)``: it swaps them, while attached, for
+  :class:`KVProjection` stand-ins, so that a call may add to the projection's output instead
+  (:class:`hnkit.packed.FoldedKV`).
 - A fused QKV projection is swapped, while attached, for :class:`FusedQKV`, which holds the very
   same Parameter objects under the same names (``model.state_dict()`` is unchanged) and computes
   Q, K and V from three inputs with slices of the one weight.
@@ -29,6 +33,10 @@ class Site:
     key: str  # stable name of the attention layer, e.g. "layers.3.self_attn"
     width: int  # last dimension of the tensor that feeds K and V
     install: Callable[[Transform], Callable[[], None]]
+    # Where K and V are separate plain Linear layers narrower than their input: the two layers, and
+    # install_projections(fn), which swaps them for KVProjection stand-ins computing fn(x, linear, which).
+    kv: tuple[nn.Linear, nn.Linear] | None = None
+    install_projections: Callable | None = None
 
 
 def matching_modules(model: nn.Module, pattern: str):
@@ -58,7 +66,29 @@ class _InputHook:
         return None if y is x else (args, {**kwargs, "input": y})
 
 
-def separate_kv_site(key: str, k_proj: nn.Module, v_proj: nn.Module, width: int) -> Site:
+class KVProjection(nn.Module):
+    """Stand-in for a separate K or V projection (a plain ``nn.Linear``) while attached, for sites that
+    sometimes add to the projection's output instead of changing its input (:class:`hnkit.packed.FoldedKV`).
+    It holds the very same Parameter objects under the same names (``model.state_dict()`` is
+    unchanged), and ``forward(x)`` is ``fn(x, linear, which)``. A stand-in, not a forward hook: a
+    module with a forward hook costs PyTorch more per call than one with a pre-hook, enough to show in
+    ``generate()``."""
+
+    def __init__(self, linear: nn.Linear, fn, which: int):
+        super().__init__()
+        self.weight = linear.weight  # the same Parameter objects, under the same names
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.__dict__["linear"] = linear  # not a submodule: state_dict keys stay as they were
+        self.__dict__["fn"] = fn
+        self.__dict__["which"] = which
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.linear, self.which)
+
+
+def separate_kv_site(key: str, k_proj: nn.Module, v_proj: nn.Module, width: int,
+                     parent: nn.Module | None = None, names: tuple[str, str] = ("k_proj", "v_proj")) -> Site:
     def install(transform: Transform):
         handles = [
             k_proj.register_forward_pre_hook(_InputHook(transform, 0), with_kwargs=True),
@@ -66,14 +96,23 @@ def separate_kv_site(key: str, k_proj: nn.Module, v_proj: nn.Module, width: int)
         ]
         return lambda: [h.remove() for h in handles]
 
-    return Site(key, width, install)
+    def install_projections(fn):
+        for which, (name, linear) in enumerate(zip(names, (k_proj, v_proj))):
+            setattr(parent, name, KVProjection(linear, fn, which))
+        return lambda: [setattr(parent, name, linear) for name, linear in zip(names, (k_proj, v_proj))]
+
+    narrow = parent is not None and all(
+        type(p) is nn.Linear and p.out_features < p.in_features and getattr(parent, n) is p
+        for n, p in zip(names, (k_proj, v_proj)))
+    return Site(key, width, install, kv=(k_proj, v_proj) if narrow else None,
+                install_projections=install_projections if narrow else None)
 
 
 def separate_kv_sites(model: nn.Module, pattern: str, k: str = "k_proj", v: str = "v_proj") -> list[Site]:
     sites = []
     for key, attn in matching_modules(model, pattern):
         k_proj, v_proj = getattr(attn, k), getattr(attn, v)
-        sites.append(separate_kv_site(key, k_proj, v_proj, k_proj.in_features))
+        sites.append(separate_kv_site(key, k_proj, v_proj, k_proj.in_features, attn, (k, v)))
     return sites
 
 

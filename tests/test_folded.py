@@ -1,0 +1,213 @@
+"""FoldedKV: per-site networks on narrow (grouped-query) K/V projections add to the projection's
+output from FoldedKV.fold_rows rows on, and feed its input below that. Either way the values are the
+modules' own, and so are the gradients."""
+
+import pytest
+import torch
+
+import hnkit
+from hnkit import Hypernetwork, HypernetworkConfig
+from hnkit.models import enable_gradient_checkpointing
+from hnkit.packed import FoldedKV, PackedPair
+from hnkit.targets.base import KVProjection
+
+from conftest import VOCAB
+
+GQA = ["llama", "mistral", "qwen2"]  # tiny configs: hidden 32, K/V 16 wide
+ROWS = FoldedKV.fold_rows(32, 16)  # 22
+
+
+def per_site(model, activation="relu"):
+    config = HypernetworkConfig(layer_structure=[1, 0.5, 1], activation=activation, per_site=True,
+                                weight_init="XavierNormal")
+    hn = Hypernetwork.for_model(model, config)
+    with torch.no_grad():  # biases start at zero: give them values, the fold carries them too
+        for p in hn.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.05)
+    return hn
+
+
+def tokens(rows_per_sequence: int, sequences: int = 2):
+    return torch.randint(3, VOCAB, (sequences, rows_per_sequence), generator=torch.Generator().manual_seed(0))
+
+
+def count_folds(monkeypatch) -> list:
+    """One entry per forward of a site that took the output side (K computes for V too)."""
+    calls = []
+    original = FoldedKV._weights
+
+    def counting(self, checked=False):
+        calls.append(torch.is_grad_enabled())
+        return original(self, checked)
+
+    def refresh(self):  # the check at the start of a pass is not a fold
+        if self._key is not None:
+            original(self)
+
+    monkeypatch.setattr(FoldedKV, "_weights", counting)
+    monkeypatch.setattr(FoldedKV, "refresh", refresh)
+    return calls
+
+
+def modules_own(model, hn, run, monkeypatch):
+    """``run()`` attached with the packed forms switched off: the modules' own forward, input side."""
+    with monkeypatch.context() as patch:
+        patch.setattr(PackedPair, "of", classmethod(lambda cls, k, v: None))
+        with hnkit.attach(model, hn, strength=0.7):
+            return run()
+
+
+def logits_and_grads(model, hn, ids):
+    hn.zero_grad(set_to_none=True)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, labels=ids, use_cache=False)
+    out.loss.backward()
+    return [out.logits.detach(), embeds.grad] + [p.grad.clone() for p in hn.parameters()]
+
+
+def test_fold_rows_is_the_break_even():
+    assert FoldedKV.fold_rows(576, 192) == 192  # SmolLM2: 2 * 576 * 192 / (3 * 384)
+    assert ROWS == 22
+
+
+def test_stand_ins_only_while_attached_with_the_same_parameters(load_tiny):
+    model = load_tiny("llama")
+    attn = model.model.layers[0].self_attn
+    k_proj, weight = attn.k_proj, attn.k_proj.weight
+    keys = list(model.state_dict())
+    with hnkit.attach(model, per_site(model)):
+        assert isinstance(attn.k_proj, KVProjection) and isinstance(attn.v_proj, KVProjection)
+        assert attn.k_proj.weight is weight and list(model.state_dict()) == keys
+        assert not weight.requires_grad  # frozen while attached, as everywhere
+    assert attn.k_proj is k_proj and weight.requires_grad
+    # A network shared by every layer keeps the pre-hooks: its folded weights would be one per layer.
+    shared = Hypernetwork.for_model(model, HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="relu"))
+    with hnkit.attach(model, shared):
+        assert attn.k_proj is k_proj and attn.k_proj._forward_pre_hooks
+
+
+@pytest.mark.parametrize("family", GQA)
+@pytest.mark.parametrize("activation", ["relu", "linear"])
+def test_output_side_matches_the_modules_with_gradients(family, activation, load_tiny, monkeypatch):
+    model = load_tiny(family).train()
+    hn = per_site(model, activation).train()
+    ids = tokens(ROWS)  # 2 * 22 rows: folded
+    reference = modules_own(model, hn, lambda: logits_and_grads(model, hn, ids), monkeypatch)
+    folds = count_folds(monkeypatch)
+    with hnkit.attach(model, hn, strength=0.7) as handle:
+        got = logits_and_grads(model, hn, ids)
+    assert folds == [True] * handle.num_sites  # one per site (V takes what K computed)
+    assert all(g.abs().sum() > 0 for g in got[1:])
+    for a, b in zip(got, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", GQA)
+def test_output_side_matches_the_modules_without_gradients(family, load_tiny, monkeypatch):
+    model = load_tiny(family)
+    hn = per_site(model).eval()
+    ids = tokens(ROWS)
+    with torch.no_grad():
+        base = model(ids).logits
+        reference = modules_own(model, hn, lambda: model(ids).logits, monkeypatch)
+        folds = count_folds(monkeypatch)
+        with hnkit.attach(model, hn, strength=0.7):
+            got = model(ids).logits
+            few = model(ids[:1, : ROWS // 2]).logits  # fewer rows: the input side
+    assert len(folds) == 2  # the two sites, in the first call only
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(few, reference[:1, : ROWS // 2], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)
+
+
+def test_gradient_checkpointing_runs_the_fold_again(load_tiny):
+    grads = []
+    for checkpointing in (False, True):
+        model = load_tiny("llama").train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        torch.manual_seed(0)
+        hn = per_site(model).train()
+        with hnkit.attach(model, hn):
+            model(tokens(ROWS), labels=tokens(ROWS), use_cache=False).loss.backward()
+        grads.append([p.grad for p in hn.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_dropout_in_training_takes_the_modules_own_forward(load_tiny, monkeypatch):
+    model = load_tiny("llama").train()
+    config = HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="relu", per_site=True,
+                                dropout_structure=[0, 0.5, 0])
+    hn = Hypernetwork.for_model(model, config).train()
+    folds = count_folds(monkeypatch)
+    with hnkit.attach(model, hn):
+        torch.manual_seed(1)
+        a = model(tokens(ROWS), use_cache=False).logits
+        torch.manual_seed(1)
+        b = model(tokens(ROWS), use_cache=False).logits
+        torch.manual_seed(2)
+        c = model(tokens(ROWS), use_cache=False).logits
+    assert not folds
+    assert torch.equal(a, b) and not torch.equal(a, c)  # the masks are drawn, from torch's generator
+
+
+def test_kept_weights_follow_the_parameters(load_tiny, monkeypatch):
+    """Without gradients the folded weights are kept, and checked at the start of every pass that
+    starts a sequence: an optimizer-like change to the network or to the base's K weight shows in
+    the next pass, and a submodule called on its own checks for itself."""
+    model, twin = load_tiny("llama"), load_tiny("llama")  # the twin gives the modules' own values
+    hn = per_site(model).eval()
+    ids = tokens(ROWS)
+    close = dict(rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), hnkit.attach(model, hn, strength=0.7):
+        before = model(ids).logits  # keeps folded weights
+        for p in hn.parameters():
+            p.mul_(1.5)
+        got = model(ids).logits
+        torch.testing.assert_close(got, modules_own(twin, hn, lambda: twin(ids).logits, monkeypatch), **close)
+        assert not torch.allclose(got, before, atol=1e-4)
+        for m in (model, twin):  # through the stand-in: the base's own Parameter
+            m.model.layers[1].self_attn.k_proj.weight.mul_(0.5)
+        got = model(ids).logits
+        torch.testing.assert_close(got, modules_own(twin, hn, lambda: twin(ids).logits, monkeypatch), **close)
+        for p in hn.parameters():
+            p.mul_(0.8)
+        hidden = model.model(ids).last_hidden_state  # the inner model alone: no pass of the outer one
+        torch.testing.assert_close(
+            hidden, modules_own(twin, hn, lambda: twin.model(ids).last_hidden_state, monkeypatch), **close)
+
+
+def test_generation_takes_both_sides(load_tiny, monkeypatch):
+    """A prompt of many rows folds, each new token (one row) feeds the input: the same tokens and
+    scores as the modules' own forward, with and without the KV cache."""
+    model = load_tiny("llama")
+    hn = per_site(model).eval()
+    prompt = tokens(ROWS + 2, sequences=1)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    reference = modules_own(model, hn, lambda: model.generate(prompt, **kw), monkeypatch)
+    folds = count_folds(monkeypatch)
+    with hnkit.attach(model, hn, strength=0.7):
+        cached = model.generate(prompt, use_cache=True, **kw)
+        assert len(folds) == 2  # the prompt pass, at each of the two sites
+        uncached = model.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, reference.sequences)
+    assert torch.equal(uncached.sequences, reference.sequences)
+    for a, b, c in zip(cached.scores, uncached.scores, reference.scores):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
+
+
+def test_half_precision_base(load_tiny, monkeypatch):
+    """A bfloat16 base with the fp32 network: the fold runs in fp32 and adds in the base's dtype."""
+    model = load_tiny("llama").to(torch.bfloat16)
+    hn = per_site(model).eval()
+    ids = tokens(ROWS)
+    with torch.no_grad():
+        reference = modules_own(model, hn, lambda: model(ids).logits, monkeypatch)
+        folds = count_folds(monkeypatch)
+        with hnkit.attach(model, hn, strength=0.7):
+            got = model(ids).logits
+    assert folds and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), reference.float(), rtol=0.05, atol=0.05)
