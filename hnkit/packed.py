@@ -60,6 +60,7 @@ class PackedPair:
         hidden = k1.out_features + 1  # the hidden width and the constant column
         self.width = -(-hidden // ALIGN) * ALIGN
         self._key = None
+        self._pads = None
 
     @classmethod
     def of(cls, k_module, v_module) -> "PackedPair | None":
@@ -77,16 +78,22 @@ class PackedPair:
     def _build(self):
         """``(W1.T, b1, W2_k, W2_v)`` from the parameters: differentiable when gradients are on."""
         w1k, b1k, w2k, b2k, w1v, b1v, w2v, b2v = (p for layer in self.layers for p in layer._parameters.values())
-        pad = self.width - w1k.shape[0]  # >= 1: the constant column and the zero padding
-        zeros = w1k.new_zeros(pad, w1k.shape[1])
-        const = b1k.new_zeros(pad)
-        const[0] = 1
+        zeros, const, cols = self._padding(w1k)
         w1t = torch.cat([w1k, zeros, w1v, zeros]).t()  # [d, 2 * width]
         b1 = torch.cat([b1k, const, b1v, const])
-        cols = w2k.new_zeros(w2k.shape[0], pad - 1)
         w2k = torch.cat([w2k, b2k[:, None], cols], 1).t()  # [width, d]
         w2v = torch.cat([w2v, b2v[:, None], cols], 1).t()
         return w1t, b1, w2k, w2v
+
+    def _padding(self, like: torch.Tensor):
+        """The constant parts of the packed weights (zero rows, the bias column's 1, zero columns),
+        made once per dtype and device: with gradients the weights are packed in every call."""
+        if self._pads is None or self._pads[0].dtype != like.dtype or self._pads[0].device != like.device:
+            pad = self.width - like.shape[0]  # >= 1: the constant column and the zero padding
+            const = like.new_zeros(pad)
+            const[0] = 1
+            self._pads = (like.new_zeros(pad, like.shape[1]), const, like.new_zeros(like.shape[1], pad - 1))
+        return self._pads
 
     def _kept(self, checked: bool = False):
         """The packed weights for calls without gradients. ``checked``: the caller knows they were
