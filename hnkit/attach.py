@@ -80,7 +80,8 @@ class _SiteTransform:
             s = self.strength_now()
             if s == 0:
                 return x
-            if not k.collapses(x):  # many rows of a linear module: collapsed (HypernetworkModule.residual)
+            # Many rows of a linear module: collapsed (HypernetworkModule.residual). A ReLU never is.
+            if packed.relu or not k.collapses(x):
                 kx, vx = packed(x, s, self.live.checked)
                 self._pending = (x, 1 - which, torch.is_grad_enabled(), vx if which == 0 else kx)
                 return kx if which == 0 else vx
