@@ -103,7 +103,6 @@ class _SiteTransform:
             return module.forward(x, s)
         return _sum_of_residuals(x, active)
 
-
     def strength_now(self) -> float:
         """The effective strength of a site with one network: its strength, layer factor and the
         schedule's factor."""

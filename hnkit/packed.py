@@ -23,11 +23,11 @@ The values are the modules' own up to float rounding (the bias is summed inside 
 
 :class:`FoldedKV` goes one step further where the K and V projections are plain ``nn.Linear``
 layers narrower than their input (grouped-query attention, e.g. SmolLM2: 576 -> 192). A projection
-is linear, so ``W (x + s * W2 a) + b = (W x + b) + s * (W W2) a``: the model computes its own K and
-V of ``x`` and a forward hook adds ``a @ (W W2).T``, with ``W W2`` ``[k/v width, width]`` instead of
-``[d, width]`` (three times smaller for SmolLM2). With gradients that is one small product
-``W @ W2`` per call in exchange for a second layer, its two gradients and a full-width residual at
-every row; without gradients the product is kept like the packed weights.
+is linear, so ``W (x + s * W2 a) + b = (W x + b) + s * (W W2) a``: the projection runs on ``x``
+itself and its stand-in (``hnkit.targets.base.KVProjection``) adds ``a @ (W W2).T``, with ``W W2``
+``[k/v width, width]`` instead of ``[d, width]`` (three times smaller for SmolLM2). With gradients
+that is one small product ``W @ W2`` per call in exchange for a second layer, its two gradients and
+a full-width residual at every row; without gradients the product is kept like the packed weights.
 """
 
 from __future__ import annotations

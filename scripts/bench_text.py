@@ -279,13 +279,13 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
 
     def hn_variant(name, hn):
-        optimizer = make_optimizer(hn.parameters(), lr=1e-4, device=device)  # what hnkit's Trainer uses
+        optimizer = make_optimizer(hn.parameters(), lr=1e-4)  # what hnkit's Trainer uses
         return Variant(name, lambda: train_step(model, optimizer, batch, autocast, scaler),
                        context=lambda: hnkit.attach(model, hn), params=n_trainable(hn.parameters()))
 
     def lora_variant(name, peft_model):
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, lr=1e-4, device=device)  # the same optimizer for LoRA
+        optimizer = make_optimizer(params, lr=1e-4)  # the same optimizer for LoRA
         return Variant(name, lambda: train_step(peft_model, optimizer, batch, autocast, scaler),
                        params=n_trainable(params))
 

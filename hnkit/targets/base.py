@@ -86,6 +86,9 @@ class KVProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x, self.linear, self.which)
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, hypernetwork attached"
+
 
 def separate_kv_site(key: str, k_proj: nn.Module, v_proj: nn.Module, width: int,
                      parent: nn.Module | None = None, names: tuple[str, str] = ("k_proj", "v_proj")) -> Site:
