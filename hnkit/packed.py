@@ -73,7 +73,8 @@ class PackedPair:
 
     def usable(self) -> bool:
         """False while a module is in training mode with dropout: that needs the modules' own forward."""
-        return not any(m.dropout_active for m in self.modules)
+        k, v = self.modules
+        return not (k.dropout_active or v.dropout_active)
 
     def _build(self):
         """``(W1.T, b1, W2_k, W2_v)`` from the parameters: differentiable when gradients are on."""

@@ -211,3 +211,22 @@ def test_half_precision_base(load_tiny, monkeypatch):
             got = model(ids).logits
     assert folds and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), reference.float(), rtol=0.05, atol=0.05)
+
+
+def test_a_new_generation_sees_changed_weights(load_tiny, monkeypatch):
+    """The kept weights are trusted while a cached sequence continues, and checked again when the
+    next one starts: generate, change the network as an optimizer step would, generate again."""
+    model, twin = load_tiny("llama"), load_tiny("llama")
+    hn = per_site(model).eval()
+    prompt = tokens(ROWS + 2, sequences=1)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    with hnkit.attach(model, hn, strength=0.7):
+        first = model.generate(prompt, **kw)
+        with torch.no_grad():
+            for p in hn.parameters():
+                p.mul_(1.5)
+        second = model.generate(prompt, **kw)
+    reference = modules_own(twin, hn, lambda: twin.generate(prompt, **kw), monkeypatch)
+    for a, b, c in zip(second.scores, reference.scores, first.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(a, c, atol=1e-4)
