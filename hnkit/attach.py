@@ -67,24 +67,24 @@ class _SiteTransform:
         self._pending = None  # (x, which, grad mode, result) computed ahead by the fast path
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        scale = self.live.scale
-        strengths = self.strengths
-        if self._pending is not None:
-            pending_x, pending_which, grad, result = self._pending
+        # The fast path runs at every layer for every generated token: few lookups, no extra calls.
+        pending = self._pending
+        if pending is not None:
             self._pending = None
-            if pending_x is x and pending_which == which and grad == torch.is_grad_enabled():
-                return result
+            if pending[0] is x and pending[1] == which and pending[2] == torch.is_grad_enabled():
+                return pending[3]
         packed = self.packed
         if packed is not None and packed.usable():
-            k = self.pairs[0][1][0]
             s = self.strength_now()
             if s == 0:
                 return x
             # Many rows of a linear module: collapsed (HypernetworkModule.residual). A ReLU never is.
-            if packed.relu or not k.collapses(x):
+            if packed.relu or not packed.modules[0].collapses(x):
                 kx, vx = packed(x, s, self.live.checked)
                 self._pending = (x, 1 - which, torch.is_grad_enabled(), vx if which == 0 else kx)
                 return kx if which == 0 else vx
+        scale = self.live.scale
+        strengths = self.strengths
         if self.blend == "chain":
             for (i, pair), f in zip(self.pairs, self.factors):
                 s = strengths[i] * f * scale  # exact when f and scale are 1: chain stays as it was

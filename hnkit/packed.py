@@ -61,6 +61,7 @@ class PackedPair:
         self.width = -(-hidden // ALIGN) * ALIGN
         self._key = None
         self._pads = None
+        self._may_drop = any(m._has_dropout for m in self.modules)
 
     @classmethod
     def of(cls, k_module, v_module) -> "PackedPair | None":
@@ -73,6 +74,8 @@ class PackedPair:
 
     def usable(self) -> bool:
         """False while a module is in training mode with dropout: that needs the modules' own forward."""
+        if not self._may_drop:  # no Dropout layer at all (the structure's p are 0): always usable
+            return True
         k, v = self.modules
         return not (k.dropout_active or v.dropout_active)
 
