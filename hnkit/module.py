@@ -89,6 +89,12 @@ def _collapse_rows(layers, dim: int) -> int | None:
     return once // (per_row - dim * dim) + 1
 
 
+def tensors_key(tensors) -> list:
+    """A signature of some tensors that changes whenever one of them does (see
+    :meth:`HypernetworkModule.weights_key`): object, in-place version, storage address."""
+    return [(id(t), t._version, t.data_ptr()) for t in tensors]
+
+
 class HypernetworkModule(nn.Module):
     """``y = x + strength * mlp(x)`` for inputs of width ``dim``."""
 
@@ -226,7 +232,7 @@ class HypernetworkModule(nn.Module):
         ``load_state_dict(assign=True)`` puts in new Parameter objects. Writes through ``.data``
         are not counted by PyTorch and are not seen."""
         # _parameters, not layer.weight: nn.Module.__getattr__ would cost more than the rest (hot path).
-        return [(id(p), p._version, p.data_ptr()) for layer in self._linears for p in layer._parameters.values()]
+        return tensors_key(p for layer in self._linears for p in layer._parameters.values())
 
     def _kept_key(self):
         return torch.is_grad_enabled(), self.weights_key()

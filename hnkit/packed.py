@@ -35,6 +35,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .module import tensors_key
+
 ALIGN = 16  # each half of the packed hidden width is a multiple of this
 
 
@@ -180,23 +182,26 @@ class FoldedKV:
             self._weights()
 
     def _weights(self, checked: bool = False):
-        """``(W1.T, b1, B_k, B_v)`` with ``B = W2 @ W.T`` ``[width, k/v width]``; kept without
-        gradients (``checked``: see :meth:`PackedPair._kept`)."""
-        grad = torch.is_grad_enabled()
-        if not grad:
-            if checked and self._key is not None:
-                return self._kept
-            key = [m.weights_key() for m in self.packed.modules]
-            key += [(id(p.weight), p.weight._version, p.weight.data_ptr()) for p in self.projections]
-            if key == self._key:
-                return self._kept
-        w1t, b1, w2k, w2v = self.packed._build()
-        folded = [torch.mm(w2, (p.weight if p.weight.dtype == w2.dtype else p.weight.to(w2.dtype)).t())
-                  for w2, p in zip((w2k, w2v), self.projections)]  # [width, d] @ [d, k/v width]
-        weights = (w1t, b1, *folded)
-        if not grad:
-            self._key, self._kept = key, weights
-        return weights
+        """``(W1.T, b1, B_k, B_v)`` with ``B = W2 @ W.T`` ``[width, k/v width]``. Without gradients
+        the first layers are the pair's kept ones and the products are kept as long as those and the
+        projections' weights are the same (``checked``: see :meth:`PackedPair._kept`)."""
+        if torch.is_grad_enabled():
+            w1t, b1, w2k, w2v = self.packed._build()
+            return (w1t, b1, *self._fold((w2k, w2v)))
+        if checked and self._key is not None:
+            return self._kept
+        w1t, b1, w2 = self.packed._kept()
+        key = (self.packed._key, tensors_key(p.weight for p in self.projections))
+        if self._key is None or key[0] is not self._key[0] or key[1] != self._key[1]:
+            with torch.no_grad():
+                self._kept = (w1t, b1, *self._fold(w2.unbind(0)))
+            self._key = key
+        return self._kept
+
+    def _fold(self, w2s):
+        """``W2 @ W.T`` for K and V: ``[width, d] @ [d, k/v width]``, in the network's dtype."""
+        return [torch.mm(w2, (p.weight if p.weight.dtype == w2.dtype else p.weight.to(w2.dtype)).t())
+                for w2, p in zip(w2s, self.projections)]
 
     def __call__(self, x: torch.Tensor, linear: nn.Linear, which: int) -> torch.Tensor:
         if x.numel() < self.rows * x.shape[-1] or not self.packed.usable():
