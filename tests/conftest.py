@@ -116,3 +116,34 @@ def with_option(args: list, flag: str, value) -> list:
     else:
         args += [flag, str(value)]
     return args
+
+
+# --- references for the fast paths (hnkit/packed.py) ---------------------------------------------
+
+def unpacked_run(model, hn, strength, run, monkeypatch):
+    """``run()`` with ``hn`` attached (or a list of pairs, strength None) and the packed forms
+    switched off: the modules' own forward, on the input side."""
+    import hnkit
+    from hnkit.packed import PackedPair
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PackedPair, "of", classmethod(lambda cls, k, v: None))
+        with hnkit.attach(model, hn, **({} if strength is None else {"strength": strength})):
+            return run()
+
+
+def with_biases(hn):
+    with torch.no_grad():  # biases start at zero: give them values, the packed forms move them
+        for p in hn.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.05)
+    return hn
+
+
+def grads_of(model, hn, ids):
+    """Loss, logits, and the gradients of every hypernetwork parameter and of the input embeddings."""
+    hn.zero_grad(set_to_none=True)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, labels=ids)
+    out.loss.backward()
+    return [out.logits.detach(), embeds.grad] + [p.grad.clone() for p in hn.parameters()]

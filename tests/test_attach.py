@@ -10,7 +10,7 @@ from hnkit import HnkitError, Hypernetwork, HypernetworkConfig
 from hnkit.models import enable_gradient_checkpointing
 from hnkit.targets import find_sites
 
-from conftest import FAMILIES
+from conftest import FAMILIES, grads_of, unpacked_run, with_biases
 
 # A hypernetwork strong enough to change the model visibly.
 STRONG = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", weight_init="XavierNormal")
@@ -241,25 +241,6 @@ def count_packed_calls(monkeypatch) -> list:
     return calls
 
 
-def unpacked_run(model, hn, strength, run, monkeypatch):
-    """``run()`` with ``hn`` attached (or a list of pairs, strength None) and the packed path
-    switched off: the modules' own forward."""
-    from hnkit.packed import PackedPair
-
-    with monkeypatch.context() as patch:
-        patch.setattr(PackedPair, "of", classmethod(lambda cls, k, v: None))
-        with hnkit.attach(model, hn, **({} if strength is None else {"strength": strength})):
-            return run()
-
-
-def with_biases(hn):
-    with torch.no_grad():  # biases start at zero: give them values, the packed path moves them
-        for p in hn.parameters():
-            if p.dim() == 1:
-                p.normal_(0, 0.05)
-    return hn
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("activation", ["relu", "linear"])
 @pytest.mark.parametrize("per_site", [False, True], ids=["shared", "per_site"])
@@ -281,15 +262,6 @@ def test_packed_inference_path_matches_the_modules(family, activation, per_site,
         del calls[:]
         logits(model, ids)
         assert not calls
-
-
-def grads_of(model, hn, ids):
-    """Loss, logits, and the gradients of every hypernetwork parameter and of the input embeddings."""
-    hn.zero_grad(set_to_none=True)
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=embeds, labels=ids)
-    out.loss.backward()
-    return [out.logits.detach(), embeds.grad] + [p.grad.clone() for p in hn.parameters()]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

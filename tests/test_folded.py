@@ -8,10 +8,10 @@ import torch
 import hnkit
 from hnkit import Hypernetwork, HypernetworkConfig
 from hnkit.models import enable_gradient_checkpointing
-from hnkit.packed import FoldedKV, PackedPair
+from hnkit.packed import FoldedKV
 from hnkit.targets.base import KVProjection
 
-from conftest import VOCAB
+from conftest import VOCAB, grads_of, unpacked_run, with_biases
 
 GQA = ["llama", "mistral", "qwen2"]  # tiny configs: hidden 32, K/V 16 wide
 ROWS = FoldedKV.fold_rows(32, 16)  # 22
@@ -20,12 +20,7 @@ ROWS = FoldedKV.fold_rows(32, 16)  # 22
 def per_site(model, activation="relu"):
     config = HypernetworkConfig(layer_structure=[1, 0.5, 1], activation=activation, per_site=True,
                                 weight_init="XavierNormal")
-    hn = Hypernetwork.for_model(model, config)
-    with torch.no_grad():  # biases start at zero: give them values, the fold carries them too
-        for p in hn.parameters():
-            if p.dim() == 1:
-                p.normal_(0, 0.05)
-    return hn
+    return with_biases(Hypernetwork.for_model(model, config))
 
 
 def tokens(rows_per_sequence: int, sequences: int = 2):
@@ -48,22 +43,6 @@ def count_folds(monkeypatch) -> list:
     monkeypatch.setattr(FoldedKV, "_weights", counting)
     monkeypatch.setattr(FoldedKV, "refresh", refresh)
     return calls
-
-
-def modules_own(model, hn, run, monkeypatch):
-    """``run()`` attached with the packed forms switched off: the modules' own forward, input side."""
-    with monkeypatch.context() as patch:
-        patch.setattr(PackedPair, "of", classmethod(lambda cls, k, v: None))
-        with hnkit.attach(model, hn, strength=0.7):
-            return run()
-
-
-def logits_and_grads(model, hn, ids):
-    hn.zero_grad(set_to_none=True)
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=embeds, labels=ids, use_cache=False)
-    out.loss.backward()
-    return [out.logits.detach(), embeds.grad] + [p.grad.clone() for p in hn.parameters()]
 
 
 def test_fold_rows_is_the_break_even():
@@ -93,10 +72,10 @@ def test_output_side_matches_the_modules_with_gradients(family, activation, load
     model = load_tiny(family).train()
     hn = per_site(model, activation).train()
     ids = tokens(ROWS)  # 2 * 22 rows: folded
-    reference = modules_own(model, hn, lambda: logits_and_grads(model, hn, ids), monkeypatch)
+    reference = unpacked_run(model, hn, 0.7, lambda: grads_of(model, hn, ids), monkeypatch)
     folds = count_folds(monkeypatch)
     with hnkit.attach(model, hn, strength=0.7) as handle:
-        got = logits_and_grads(model, hn, ids)
+        got = grads_of(model, hn, ids)
     assert folds == [True] * handle.num_sites  # one per site (V takes what K computed)
     assert all(g.abs().sum() > 0 for g in got[1:])
     for a, b in zip(got, reference):
@@ -110,7 +89,7 @@ def test_output_side_matches_the_modules_without_gradients(family, load_tiny, mo
     ids = tokens(ROWS)
     with torch.no_grad():
         base = model(ids).logits
-        reference = modules_own(model, hn, lambda: model(ids).logits, monkeypatch)
+        reference = unpacked_run(model, hn, 0.7, lambda: model(ids).logits, monkeypatch)
         folds = count_folds(monkeypatch)
         with hnkit.attach(model, hn, strength=0.7):
             got = model(ids).logits
@@ -166,17 +145,17 @@ def test_kept_weights_follow_the_parameters(load_tiny, monkeypatch):
         for p in hn.parameters():
             p.mul_(1.5)
         got = model(ids).logits
-        torch.testing.assert_close(got, modules_own(twin, hn, lambda: twin(ids).logits, monkeypatch), **close)
+        torch.testing.assert_close(got, unpacked_run(twin, hn, 0.7, lambda: twin(ids).logits, monkeypatch), **close)
         assert not torch.allclose(got, before, atol=1e-4)
         for m in (model, twin):  # through the stand-in: the base's own Parameter
             m.model.layers[1].self_attn.k_proj.weight.mul_(0.5)
         got = model(ids).logits
-        torch.testing.assert_close(got, modules_own(twin, hn, lambda: twin(ids).logits, monkeypatch), **close)
+        torch.testing.assert_close(got, unpacked_run(twin, hn, 0.7, lambda: twin(ids).logits, monkeypatch), **close)
         for p in hn.parameters():
             p.mul_(0.8)
         hidden = model.model(ids).last_hidden_state  # the inner model alone: no pass of the outer one
         torch.testing.assert_close(
-            hidden, modules_own(twin, hn, lambda: twin.model(ids).last_hidden_state, monkeypatch), **close)
+            hidden, unpacked_run(twin, hn, 0.7, lambda: twin.model(ids).last_hidden_state, monkeypatch), **close)
 
 
 def test_generation_takes_both_sides(load_tiny, monkeypatch):
@@ -186,7 +165,7 @@ def test_generation_takes_both_sides(load_tiny, monkeypatch):
     hn = per_site(model).eval()
     prompt = tokens(ROWS + 2, sequences=1)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
-    reference = modules_own(model, hn, lambda: model.generate(prompt, **kw), monkeypatch)
+    reference = unpacked_run(model, hn, 0.7, lambda: model.generate(prompt, **kw), monkeypatch)
     folds = count_folds(monkeypatch)
     with hnkit.attach(model, hn, strength=0.7):
         cached = model.generate(prompt, use_cache=True, **kw)
@@ -205,7 +184,7 @@ def test_half_precision_base(load_tiny, monkeypatch):
     hn = per_site(model).eval()
     ids = tokens(ROWS)
     with torch.no_grad():
-        reference = modules_own(model, hn, lambda: model(ids).logits, monkeypatch)
+        reference = unpacked_run(model, hn, 0.7, lambda: model(ids).logits, monkeypatch)
         folds = count_folds(monkeypatch)
         with hnkit.attach(model, hn, strength=0.7):
             got = model(ids).logits
@@ -226,7 +205,7 @@ def test_a_new_generation_sees_changed_weights(load_tiny, monkeypatch):
             for p in hn.parameters():
                 p.mul_(1.5)
         second = model.generate(prompt, **kw)
-    reference = modules_own(twin, hn, lambda: twin.generate(prompt, **kw), monkeypatch)
+    reference = unpacked_run(twin, hn, 0.7, lambda: twin.generate(prompt, **kw), monkeypatch)
     for a, b, c in zip(second.scores, reference.scores, first.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(a, c, atol=1e-4)
