@@ -27,7 +27,10 @@ is linear, so ``W (x + s * W2 a) + b = (W x + b) + s * (W W2) a``: the projectio
 itself and its stand-in (``hnkit.targets.base.KVProjection``) adds ``a @ (W W2).T``, with ``W W2``
 ``[k/v width, width]`` instead of ``[d, width]`` (three times smaller for SmolLM2). With gradients
 that is one small product ``W @ W2`` per call in exchange for a second layer, its two gradients and
-a full-width residual at every row; without gradients the product is kept like the packed weights.
+a full-width residual at every row; without gradients the product is kept like the packed weights,
+and the projections' weights are stacked with the first layers, so that K and V take two products
+(``[W_k; W_v; W1]`` on ``x``, then the block-diagonal ``B`` on the hidden units) where the base
+model alone takes two.
 """
 
 from __future__ import annotations
@@ -153,13 +156,14 @@ class PackedPair:
 class FoldedKV:
     """What one attention site's K and V projections compute while attached, for a site whose
     projections are plain Linear layers narrower than their input (``site.install_projections``):
-    ``__call__(x, linear, which)`` for K (``which`` 0) and V (1).
+    ``__call__(x, linear, which)`` for K (``which`` 0) and V (1). With no dropout active:
 
-    From :meth:`fold_rows` rows on (the break-even of the product below, with gradients), and with no
-    dropout active, it returns ``linear(x) + s * a @ B`` with ``B = W2 @ W.T`` (see the module
-    docstring); below that, ``linear(transform(x, which))``: the input side, as with a pre-hook
-    (``transform`` is the site's :class:`hnkit.attach._SiteTransform`, which also gives the strength).
-    Generation (one row per call) takes the input side, where fewer, smaller kernels win."""
+    - without gradients (generation, evaluation): :meth:`_joint`, two products for K and V together,
+      the first with the projections' weights and the network's first layers stacked;
+    - with gradients, from :meth:`fold_rows` rows on (the break-even of the product ``W2 @ W.T``):
+      ``linear(x) + s * a @ B`` with ``B = W2 @ W.T`` (see the module docstring);
+    - otherwise ``linear(transform(x, which))``: the input side, as with a pre-hook (``transform`` is
+      the site's :class:`hnkit.attach._SiteTransform`, which also gives the strength)."""
 
     def __init__(self, transform, packed: PackedPair, k_proj: nn.Linear, v_proj: nn.Linear):
         self.transform = transform
@@ -167,7 +171,9 @@ class FoldedKV:
         self.projections = (k_proj, v_proj)
         self.rows = max(self.fold_rows(p.in_features, p.out_features) for p in self.projections)
         self._key = None
-        self._pending = None  # (x, which, grad mode, a, B): V's part, computed with K's
+        self._joint_kept = None  # (folded weights it was built from, Wj.T, bj, B): see _joint_weights
+        self._pending = None  # (x, which, grad mode, a, B) or (..., result, None): V's part, computed with K's
+        self.same_widths = k_proj.out_features == v_proj.out_features  # _joint computes K and V in one tensor
 
     @staticmethod
     def fold_rows(d: int, d_out: int) -> int:
@@ -191,7 +197,7 @@ class FoldedKV:
         if checked and self._key is not None:
             return self._kept
         w1t, b1, w2 = self.packed._kept()
-        key = (self.packed._key, tensors_key(p.weight for p in self.projections))
+        key = (self.packed._key, tensors_key(t for p in self.projections for t in (p.weight, p.bias) if t is not None))
         if self._key is None or key[0] is not self._key[0] or key[1] != self._key[1]:
             with torch.no_grad():
                 self._kept = (w1t, b1, *self._fold(w2.unbind(0)))
@@ -203,23 +209,70 @@ class FoldedKV:
         return [torch.mm(w2, (p.weight if p.weight.dtype == w2.dtype else p.weight.to(w2.dtype)).t())
                 for w2, p in zip(w2s, self.projections)]
 
+    def _joint_weights(self, checked: bool):
+        """``(Wj.T, bj, B)`` for :meth:`_joint`: ``Wj = [W_k; W_v; W1]`` ``[2 k/v width + 2 width, d]``
+        with the projections' biases and ``b1``; ``B`` ``[2 width, 2 k/v width]`` has ``B_k`` and
+        ``B_v`` on its diagonal. Rebuilt whenever the folded weights are. It holds a copy of the
+        projections' weights (26 MB in fp32 for SmolLM2-135M), made on the first call without
+        gradients. None when the network and the projections differ in dtype (the fold then runs)."""
+        kept = self._weights(checked)
+        if self._joint_kept is None or self._joint_kept[0] is not kept:
+            w1t, b1, bk, bv = kept
+            k, v = self.projections
+            if not w1t.dtype == k.weight.dtype == v.weight.dtype:
+                return None
+            with torch.no_grad():
+                biases = [p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in (k, v)]
+                wj = torch.cat([k.weight, v.weight, w1t.t()]).t()
+                self._joint_kept = (kept, wj, torch.cat([*biases, b1]), torch.block_diag(bk, bv))
+        return self._joint_kept[1:]
+
+    def _joint(self, x: torch.Tensor, which: int, s: float, weights) -> torch.Tensor:
+        """K and V without gradients: one ``addmm`` gives both projections of ``x`` and both first
+        layers, one more adds ``s * a @ B`` to both (``B`` block-diagonal). At one row (a generated
+        token) the base model alone runs two products here; the input side would add six more small
+        kernels, and they cost more than their arithmetic at every layer and token."""
+        wj, bj, b = weights
+        y = torch.addmm(bj, x.reshape(-1, x.shape[-1]), wj)  # [rows, 2 * d_out + 2 * width]: k, v, hidden
+        n = b.shape[1]  # 2 * d_out
+        a = y[:, n:]
+        if self.packed.relu:
+            a.relu_()
+        k, v = torch.addmm(y[:, :n], a, b, alpha=s).view(*x.shape[:-1], 2, n // 2).unbind(-2)
+        self._pending = (x, 1 - which, False, v if which == 0 else k, None)
+        return k if which == 0 else v
+
+    def _folded(self, x: torch.Tensor, linear: nn.Linear, which: int, s: float, grad: bool) -> torch.Tensor:
+        """``linear(x) + s * a @ B``, computing ``a`` for K and V together (V's part is kept)."""
+        w1t, b1, bk, bv = self._weights(self.transform.live.checked)
+        h = x if x.dtype == w1t.dtype else x.to(w1t.dtype)
+        a = self.packed.hidden(h.reshape(-1, h.shape[-1]), w1t, b1)
+        self._pending = (x, 1 - which, grad, a, bv if which == 0 else bk)
+        return self._add(linear(x), a, bk if which == 0 else bv, which)
+
     def __call__(self, x: torch.Tensor, linear: nn.Linear, which: int) -> torch.Tensor:
-        if x.numel() < self.rows * x.shape[-1] or not self.packed.usable():
-            return linear(self.transform(x, which))
-        out = linear(x)
-        s = self.transform.strength_now()
-        if s == 0:
-            return out
         grad = torch.is_grad_enabled()
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] is x and pending[1] == which and pending[2] == grad:
-            a, b = pending[3], pending[4]
-        else:
-            w1t, b1, bk, bv = self._weights(self.transform.live.checked)
-            h = x if x.dtype == w1t.dtype else x.to(w1t.dtype)
-            a = self.packed.hidden(h.reshape(-1, h.shape[-1]), w1t, b1)
-            b = bk if which == 0 else bv
-            self._pending = (x, 1 - which, grad, a, bv if which == 0 else bk)
+            if pending[4] is None:  # computed whole by _joint
+                return pending[3]
+            return self._add(linear(x), pending[3], pending[4], which)
+        if not self.packed.usable():
+            return linear(self.transform(x, which))
+        s = self.transform.strength_now()
+        if s == 0:
+            return linear(x)
+        if not grad and self.same_widths and x.dtype == linear.weight.dtype:
+            weights = self._joint_weights(self.transform.live.checked)
+            if weights is not None:
+                return self._joint(x, which, s, weights)
+        if x.numel() < self.rows * x.shape[-1]:
+            return linear(self.transform(x, which))
+        return self._folded(x, linear, which, s, grad)
+
+    def _add(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, which: int) -> torch.Tensor:
+        """``out + s * a_half @ b``: the network's part added to the projection's output ``out``."""
+        s = self.transform.strength_now()
         width = self.packed.width
         half = a[:, :width] if which == 0 else a[:, width:]
         flat = out.reshape(-1, out.shape[-1])

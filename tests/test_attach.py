@@ -228,16 +228,23 @@ def test_attaching_twice_is_refused(load_tiny):
 # --- the packed path (hnkit/packed.py) -----------------------------------------------------------
 
 def count_packed_calls(monkeypatch) -> list:
-    from hnkit.packed import PackedPair
+    """The row counts of the packed calls: ``PackedPair.hidden`` (the input side and FoldedKV's fold)
+    and ``FoldedKV._joint`` (K and V of narrow projections without gradients)."""
+    from hnkit.packed import FoldedKV, PackedPair
 
     calls = []
-    original = PackedPair.hidden  # both packed forms (input side, FoldedKV) go through it
+    hidden, joint = PackedPair.hidden, FoldedKV._joint
 
-    def counting(self, flat, w1t, b1):
-        calls.append(tuple(flat.shape))
-        return original(self, flat, w1t, b1)
+    def counting_hidden(self, flat, w1t, b1):
+        calls.append(flat.shape[0])
+        return hidden(self, flat, w1t, b1)
 
-    monkeypatch.setattr(PackedPair, "hidden", counting)
+    def counting_joint(self, x, which, s, weights):
+        calls.append(x.numel() // x.shape[-1])
+        return joint(self, x, which, s, weights)
+
+    monkeypatch.setattr(PackedPair, "hidden", counting_hidden)
+    monkeypatch.setattr(FoldedKV, "_joint", counting_joint)
     return calls
 
 

@@ -1,6 +1,7 @@
-"""FoldedKV: per-site networks on narrow (grouped-query) K/V projections add to the projection's
-output from FoldedKV.fold_rows rows on, and feed its input below that. Either way the values are the
-modules' own, and so are the gradients."""
+"""FoldedKV: per-site networks on narrow (grouped-query) K/V projections. Without gradients K and V
+come from two joint products; with gradients the network adds to the projection's output from
+FoldedKV.fold_rows rows on and feeds its input below that. Every way the values are the modules'
+own, and so are the gradients."""
 
 import pytest
 import torch
@@ -27,22 +28,23 @@ def tokens(rows_per_sequence: int, sequences: int = 2):
     return torch.randint(3, VOCAB, (sequences, rows_per_sequence), generator=torch.Generator().manual_seed(0))
 
 
-def count_folds(monkeypatch) -> list:
-    """One entry per forward of a site that took the output side (K computes for V too)."""
+def count_calls(monkeypatch, method: str) -> list:
+    """One entry (its rows) per forward of a site that took ``FoldedKV.<method>``:
+    ``_folded`` (the output side with the fold) or ``_joint`` (K and V without gradients). Each
+    computes for K and V at once, so one call per site and pass."""
     calls = []
-    original = FoldedKV._weights
+    original = getattr(FoldedKV, method)
 
-    def counting(self, checked=False):
-        calls.append(torch.is_grad_enabled())
-        return original(self, checked)
+    def counting(self, x, *args):
+        calls.append(x.numel() // x.shape[-1])
+        return original(self, x, *args)
 
-    def refresh(self):  # the check at the start of a pass is not a fold
-        if self._key is not None:
-            original(self)
-
-    monkeypatch.setattr(FoldedKV, "_weights", counting)
-    monkeypatch.setattr(FoldedKV, "refresh", refresh)
+    monkeypatch.setattr(FoldedKV, method, counting)
     return calls
+
+
+def count_folds(monkeypatch) -> list:
+    return count_calls(monkeypatch, "_folded")
 
 
 def test_fold_rows_is_the_break_even():
@@ -76,28 +78,43 @@ def test_output_side_matches_the_modules_with_gradients(family, activation, load
     folds = count_folds(monkeypatch)
     with hnkit.attach(model, hn, strength=0.7) as handle:
         got = grads_of(model, hn, ids)
-    assert folds == [True] * handle.num_sites  # one per site (V takes what K computed)
+    assert folds == [2 * ROWS] * handle.num_sites  # one per site (V takes what K computed)
     assert all(g.abs().sum() > 0 for g in got[1:])
     for a, b in zip(got, reference):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", GQA)
-def test_output_side_matches_the_modules_without_gradients(family, load_tiny, monkeypatch):
+def test_joint_kernel_matches_the_modules_without_gradients(family, load_tiny, monkeypatch):
+    """Without gradients K and V come from the joint products at any number of rows."""
     model = load_tiny(family)
     hn = per_site(model).eval()
     ids = tokens(ROWS)
     with torch.no_grad():
         base = model(ids).logits
         reference = unpacked_run(model, hn, 0.7, lambda: model(ids).logits, monkeypatch)
-        folds = count_folds(monkeypatch)
+        folds, joints = count_folds(monkeypatch), count_calls(monkeypatch, "_joint")
         with hnkit.attach(model, hn, strength=0.7):
             got = model(ids).logits
-            few = model(ids[:1, : ROWS // 2]).logits  # fewer rows: the input side
-    assert len(folds) == 2  # the two sites, in the first call only
+            few = model(ids[:1, :1]).logits  # one row, as a generated token
+    assert not folds and joints == [2 * ROWS] * 2 + [1] * 2  # the two sites, in each call
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(few, reference[:1, : ROWS // 2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(few, reference[:1, :1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, base, atol=1e-3)
+
+
+def test_joint_kernel_follows_the_projections_bias(load_tiny, monkeypatch):
+    """Qwen2's K/V projections have biases, which the joint product carries: a change to one shows."""
+    model, twin = load_tiny("qwen2"), load_tiny("qwen2")
+    hn = per_site(model).eval()
+    ids = tokens(3)
+    with torch.no_grad(), hnkit.attach(model, hn, strength=0.7):
+        model(ids)
+        for m in (model, twin):
+            m.model.layers[0].self_attn.v_proj.bias.add_(0.5)
+        got = model(ids).logits
+        torch.testing.assert_close(got, unpacked_run(twin, hn, 0.7, lambda: twin(ids).logits, monkeypatch),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_checkpointing_runs_the_fold_again(load_tiny):
@@ -158,18 +175,18 @@ def test_kept_weights_follow_the_parameters(load_tiny, monkeypatch):
             hidden, unpacked_run(twin, hn, 0.7, lambda: twin.model(ids).last_hidden_state, monkeypatch), **close)
 
 
-def test_generation_takes_both_sides(load_tiny, monkeypatch):
-    """A prompt of many rows folds, each new token (one row) feeds the input: the same tokens and
-    scores as the modules' own forward, with and without the KV cache."""
+def test_generation_takes_the_joint_kernel(load_tiny, monkeypatch):
+    """The prompt and each new token (one row) take the joint products: the same tokens and scores
+    as the modules' own forward, with and without the KV cache."""
     model = load_tiny("llama")
     hn = per_site(model).eval()
     prompt = tokens(ROWS + 2, sequences=1)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
     reference = unpacked_run(model, hn, 0.7, lambda: model.generate(prompt, **kw), monkeypatch)
-    folds = count_folds(monkeypatch)
+    joints = count_calls(monkeypatch, "_joint")
     with hnkit.attach(model, hn, strength=0.7):
         cached = model.generate(prompt, use_cache=True, **kw)
-        assert len(folds) == 2  # the prompt pass, at each of the two sites
+        assert joints == [ROWS + 2] * 2 + [1] * 2 * 7  # the prompt, then 7 tokens, at each of the two sites
         uncached = model.generate(prompt, use_cache=False, **kw)
     assert torch.equal(cached.sequences, reference.sequences)
     assert torch.equal(uncached.sequences, reference.sequences)
