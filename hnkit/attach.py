@@ -188,11 +188,11 @@ class Attachment:
             if packed is not None and uses[id(packed.modules[0])] == 1 and site.install_projections:
                 folded = FoldedKV(transform, packed, *site.kv)
                 self._removers.append(site.install_projections(folded))
-                self._kept_owners.append(folded)
+                self._kept_owners.append(folded)  # it checks its pair as well
             else:
                 self._removers.append(site.install(transform))
-            if packed is not None and packed not in self._kept_owners:
-                self._kept_owners.append(packed)
+                if packed is not None and packed not in self._kept_owners:
+                    self._kept_owners.append(packed)
         if self._kept_owners:
             self._removers += [model.register_forward_pre_hook(self._open_pass, with_kwargs=True, prepend=True).remove,
                                model.register_forward_hook(self._close_pass, always_call=True).remove]

@@ -183,9 +183,12 @@ class FoldedKV:
         return -(-2 * d * d_out // (3 * (d - d_out)))
 
     def refresh(self) -> None:
-        """See :meth:`PackedPair.refresh`."""
+        """See :meth:`PackedPair.refresh`. Covers the pair too: the folded weights are checked after
+        the pair's, and where nothing is folded yet the pair may hold weights kept by the input side."""
         if self._key is not None:
             self._weights()
+        else:
+            self.packed.refresh()
 
     def _weights(self, checked: bool = False):
         """``(W1.T, b1, B_k, B_v)`` with ``B = W2 @ W.T`` ``[width, k/v width]``. Without gradients

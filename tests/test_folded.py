@@ -226,3 +226,21 @@ def test_a_new_generation_sees_changed_weights(load_tiny, monkeypatch):
     for a, b, c in zip(second.scores, reference.scores, first.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(a, c, atol=1e-4)
+
+
+def test_the_check_of_a_pass_reaches_the_pair_of_a_folded_site(load_tiny):
+    """A folded site's FoldedKV is the one owner of its kept weights that the start of a pass checks:
+    it checks its pair's too, also where only the input side has kept any (the pair is not checked
+    a second time on its own)."""
+    model = load_tiny("llama")
+    hn = per_site(model).eval()
+    with torch.no_grad(), hnkit.attach(model, hn) as handle:
+        assert len(handle._kept_owners) == handle.num_sites
+        assert all(isinstance(owner, FoldedKV) for owner in handle._kept_owners)
+        folded = handle._kept_owners[0]
+        folded.packed._kept()  # kept by the input side; nothing folded yet
+        assert folded._key is None
+        for p in hn.parameters():
+            p.mul_(1.5)
+        folded.refresh()
+        assert folded.packed._key == [m.weights_key() for m in folded.packed.modules]
