@@ -378,3 +378,26 @@ def test_packed_path_pairs_k_and_v_by_the_tensor_they_get():
         vx = transform(x, 1)  # kept with gradients, asked for without: computed anew
     assert vx.grad_fn is None
     torch.testing.assert_close(vx, expect_v, **close)
+
+
+@pytest.mark.parametrize("config", [
+    HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="relu", per_site=True),  # packed and folded
+    HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="linear"),  # collapsed
+], ids=["per_site", "linear"])
+def test_weights_kept_under_inference_mode_serve_later_passes(config, load_tiny, ids):
+    """Weights kept during torch.inference_mode() are inference tensors: a training step after it
+    and passes under no_grad or inference_mode again give the same values as a fresh attachment."""
+    model = load_tiny("llama")
+    hn = Hypernetwork.for_model(model, config)
+    with hnkit.attach(model, hn, strength=0.7):
+        with torch.inference_mode():
+            first = model(ids).logits
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, first)
+        model(ids, labels=ids).loss.backward()
+        torch.optim.SGD(hn.parameters(), lr=0.5).step()
+        with torch.inference_mode():
+            after = model(ids).logits
+    with torch.no_grad(), hnkit.attach(model, hn, strength=0.7):
+        fresh = model(ids).logits
+    assert torch.equal(after, fresh) and not torch.allclose(after, first)
