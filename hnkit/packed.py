@@ -193,7 +193,7 @@ class FoldedKV:
     def _weights(self, checked: bool = False):
         """``(W1.T, b1, B_k, B_v)`` with ``B = W2 @ W.T`` ``[width, k/v width]``. Without gradients
         the first layers are the pair's kept ones and the products are kept as long as those and the
-        projections' weights are the same (``checked``: see :meth:`PackedPair._kept`)."""
+        projections' weights and biases (which the joint products use) are the same (``checked``: see :meth:`PackedPair._kept`)."""
         if torch.is_grad_enabled():
             w1t, b1, w2k, w2v = self.packed._build()
             return (w1t, b1, *self._fold((w2k, w2v)))
@@ -251,7 +251,7 @@ class FoldedKV:
         h = x if x.dtype == w1t.dtype else x.to(w1t.dtype)
         a = self.packed.hidden(h.reshape(-1, h.shape[-1]), w1t, b1)
         self._pending = (x, 1 - which, grad, a, bv if which == 0 else bk)
-        return self._add(linear(x), a, bk if which == 0 else bv, which)
+        return self._add(linear(x), a, bk if which == 0 else bv, which, s)
 
     def __call__(self, x: torch.Tensor, linear: nn.Linear, which: int) -> torch.Tensor:
         grad = torch.is_grad_enabled()
@@ -259,7 +259,7 @@ class FoldedKV:
         if pending is not None and pending[0] is x and pending[1] == which and pending[2] == grad:
             if pending[4] is None:  # computed whole by _joint
                 return pending[3]
-            return self._add(linear(x), pending[3], pending[4], which)
+            return self._add(linear(x), pending[3], pending[4], which, self.transform.strength_now())
         if not self.packed.usable():
             return linear(self.transform(x, which))
         s = self.transform.strength_now()
@@ -273,9 +273,8 @@ class FoldedKV:
             return linear(self.transform(x, which))
         return self._folded(x, linear, which, s, grad)
 
-    def _add(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, which: int) -> torch.Tensor:
+    def _add(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, which: int, s: float) -> torch.Tensor:
         """``out + s * a_half @ b``: the network's part added to the projection's output ``out``."""
-        s = self.transform.strength_now()
         width = self.packed.width
         half = a[:, :width] if which == 0 else a[:, width:]
         flat = out.reshape(-1, out.shape[-1])
