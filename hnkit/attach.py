@@ -185,9 +185,9 @@ class Attachment:
             # weights are as many as its own): the projections may add to their outputs
             # (hnkit.packed.FoldedKV).
             packed = transform.packed
-            if packed is not None and uses[id(packed.modules[0])] == 1 and site.install_projections:
-                folded = FoldedKV(transform, packed, *site.kv)
-                self._removers.append(site.install_projections(folded))
+            if packed is not None and uses[id(packed.modules[0])] == 1 and site.projections is not None:
+                folded = FoldedKV(transform, packed, site.projections.k, site.projections.v)
+                self._removers.append(site.projections.install(folded))
                 self._kept_owners.append(folded)  # it checks its pair as well
             else:
                 self._removers.append(site.install(transform))

@@ -155,7 +155,7 @@ class PackedPair:
 
 class FoldedKV:
     """What one attention site's K and V projections compute while attached, for a site whose
-    projections are plain Linear layers narrower than their input (``site.install_projections``):
+    projections are plain Linear layers narrower than their input (``site.projections``):
     ``__call__(x, linear, which)`` for K (``which`` 0) and V (1). With no dropout active:
 
     - without gradients (generation, evaluation): :meth:`_joint`, two products for K and V together,

@@ -7,9 +7,9 @@ when it has nothing to do, and the layer then runs its original code: bit-identi
 
 - Separate K and V projections get a forward pre-hook each (a small object, no patching).
 - Where K and V are plain ``nn.Linear`` layers narrower than their input (grouped-query attention),
-  the site also offers ``install_projections(fn)``: it swaps them, while attached, for
-  :class:`KVProjection` stand-ins, so that a call may add to the projection's output instead
-  (:class:`hnkit.packed.FoldedKV`).
+  the site also has ``projections`` (:class:`Projections`): ``projections.install(fn)`` swaps them,
+  while attached, for :class:`KVProjection` stand-ins, so that a call may add to the projection's
+  output instead (:class:`hnkit.packed.FoldedKV`).
 - A fused QKV projection is swapped, while attached, for :class:`FusedQKV`, which holds the very
   same Parameter objects under the same names (``model.state_dict()`` is unchanged) and computes
   Q, K and V from three inputs with slices of the one weight.
@@ -33,10 +33,25 @@ class Site:
     key: str  # stable name of the attention layer, e.g. "layers.3.self_attn"
     width: int  # last dimension of the tensor that feeds K and V
     install: Callable[[Transform], Callable[[], None]]
-    # Where K and V are separate plain Linear layers narrower than their input: the two layers, and
-    # install_projections(fn), which swaps them for KVProjection stand-ins computing fn(x, linear, which).
-    kv: tuple[nn.Linear, nn.Linear] | None = None
-    install_projections: Callable | None = None
+    projections: Projections | None = None  # separate K and V Linear layers narrower than their input
+
+
+@dataclass
+class Projections:
+    """A site's K and V projections, plain ``nn.Linear`` layers that ``parent`` holds under ``names``.
+    ``install(fn)`` swaps them, while attached, for :class:`KVProjection` stand-ins computing
+    ``fn(x, linear, which)``, and returns a function that puts them back."""
+
+    k: nn.Linear
+    v: nn.Linear
+    parent: nn.Module
+    names: tuple[str, str]
+
+    def install(self, fn) -> Callable[[], None]:
+        linears = (self.k, self.v)
+        for which, (name, linear) in enumerate(zip(self.names, linears)):
+            setattr(self.parent, name, KVProjection(linear, fn, which))
+        return lambda: [setattr(self.parent, name, linear) for name, linear in zip(self.names, linears)]
 
 
 def matching_modules(model: nn.Module, pattern: str):
@@ -99,16 +114,10 @@ def separate_kv_site(key: str, k_proj: nn.Module, v_proj: nn.Module, width: int,
         ]
         return lambda: [h.remove() for h in handles]
 
-    def install_projections(fn):
-        for which, (name, linear) in enumerate(zip(names, (k_proj, v_proj))):
-            setattr(parent, name, KVProjection(linear, fn, which))
-        return lambda: [setattr(parent, name, linear) for name, linear in zip(names, (k_proj, v_proj))]
-
     narrow = parent is not None and all(
         type(p) is nn.Linear and p.out_features < p.in_features and getattr(parent, n) is p
         for n, p in zip(names, (k_proj, v_proj)))
-    return Site(key, width, install, kv=(k_proj, v_proj) if narrow else None,
-                install_projections=install_projections if narrow else None)
+    return Site(key, width, install, Projections(k_proj, v_proj, parent, names) if narrow else None)
 
 
 def separate_kv_sites(model: nn.Module, pattern: str, k: str = "k_proj", v: str = "v_proj") -> list[Site]:
