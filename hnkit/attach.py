@@ -23,6 +23,7 @@ import torch
 
 from .errors import HnkitError
 from .hypernetwork import Hypernetwork
+from .module import watch_optimizer_steps
 from .packed import FoldedKV, PackedPair
 from .targets import find_sites
 
@@ -78,8 +79,9 @@ class _SiteTransform:
             s = self.strength_now()
             if s == 0:
                 return x
-            # Many rows of a linear module: collapsed (HypernetworkModule.residual). A ReLU never is.
-            if packed.relu or not packed.modules[0].collapses(x):
+            # Many rows of a linear module with gradients: collapsed (HypernetworkModule.residual);
+            # without gradients the pair collapses itself (PackedPair.collapses). A ReLU never is.
+            if packed.relu or not torch.is_grad_enabled() or not packed.modules[0].collapses(x):
                 kx, vx = packed(x, s, self.live.checked)
                 self._pending = (x, 1 - which, torch.is_grad_enabled(), vx if which == 0 else kx)
                 return kx if which == 0 else vx
@@ -163,6 +165,7 @@ class Attachment:
         for hn in self.hypernetworks:
             if device is not None:
                 hn.to(device)
+        watch_optimizer_steps()  # weights kept for calls without gradients must see every step
         # The base is frozen while attached; remove() gives back the flags it had.
         self._unfrozen = [p for p in model.parameters() if p.requires_grad]
         for p in self._unfrozen:
@@ -179,6 +182,9 @@ class Attachment:
                     key, _SiteTransform(pairs, self._live, blend, [factor] * len(pairs)))
                 installs.append((site, transform))
         uses = collections.Counter(id(k) for _, t in installs for _, (k, _) in t.pairs)  # sites per module
+        for transform, n in collections.Counter(t for _, t in installs).items():
+            if transform.packed is not None:
+                transform.packed.sites = n  # for PackedPair.collapses
         self._kept_owners = []  # what keeps weights for calls without gradients: checked once per pass
         for site, transform in installs:
             # Narrow K/V projections and a packed network of this site alone (per-site: the folded

@@ -95,6 +95,29 @@ def tensors_key(tensors) -> list:
     return [(id(t), t._version, t.data_ptr()) for t in tensors]
 
 
+_step_hook = None
+
+
+def watch_optimizer_steps() -> None:
+    """Make every optimizer step count as an in-place change of the parameters it updates, so that
+    :meth:`HypernetworkModule.weights_key` sees it. PyTorch's fused optimizers (``AdamW(fused=True)``,
+    which hnkit's trainer uses) write the parameters without bumping their version counters, and
+    weights kept for calls without gradients would otherwise outlive a training step (a validation
+    pass would see the weights of the first one). Registered once, for the whole process, by
+    ``hnkit.attach``: after the step of a fused optimizer, or of one from outside ``torch.optim``,
+    the version of each of its parameters goes up by one, as PyTorch's own in-place ops do."""
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_count_step)
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    if optimizer.defaults.get("fused") or not type(optimizer).__module__.startswith("torch.optim"):
+        torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
+
+
 class HypernetworkModule(nn.Module):
     """``y = x + strength * mlp(x)`` for inputs of width ``dim``."""
 
@@ -229,8 +252,9 @@ class HypernetworkModule(nn.Module):
         """Changes whenever a weight of this module does, for anything derived from them and kept
         (a kept product here, packed weights in hnkit.packed): an in-place change bumps a
         parameter's version, ``.to()`` or new storage changes its address, and
-        ``load_state_dict(assign=True)`` puts in new Parameter objects. Writes through ``.data``
-        are not counted by PyTorch and are not seen."""
+        ``load_state_dict(assign=True)`` puts in new Parameter objects, and an optimizer's step
+        counts as an in-place change (:func:`watch_optimizer_steps`: fused optimizers do not bump
+        the versions themselves). Writes through ``.data`` are not counted by PyTorch and are not seen."""
         # _parameters, not layer.weight: nn.Module.__getattr__ would cost more than the rest (hot path).
         return tensors_key(p for layer in self._linears for p in layer._parameters.values())
 

@@ -21,6 +21,13 @@ computes K's and V's inputs together::
 
 The values are the modules' own up to float rounding (the bias is summed inside the product).
 
+A linear pair (no activation) whose layers widen the input (the web UI's ``[1, 2, 1]`` linear)
+is, multiplied out, one ``d x d`` map per module (``HypernetworkModule.collapsed``). Without
+gradients, once the rows of a forward pass over all the sites that share the pair reach the
+break-even of that product (``_collapse_rows``), the pair keeps ``[M_k; M_v]`` and K's and V's
+inputs take one ``[d, 2d]`` product: a quarter of the ``[1, 2, 1]``'s arithmetic, and a quarter of
+the weights read per generated token.
+
 :class:`FoldedKV` goes one step further where the K and V projections are plain ``nn.Linear``
 layers narrower than their input (grouped-query attention, e.g. SmolLM2: 576 -> 192). A projection
 is linear, so ``W (x + s * W2 a) + b = (W x + b) + s * (W W2) a``: the projection runs on ``x``
@@ -38,7 +45,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .module import tensors_key
+from .module import _collapse_rows, tensors_key
 
 ALIGN = 16  # each half of the packed hidden width is a multiple of this
 
@@ -67,6 +74,10 @@ class PackedPair:
         self._key = None
         self._pads = None
         self._may_drop = any(m._has_dropout for m in self.modules)
+        # A linear pair: the rows from which multiplying each module out pays (None: never).
+        self._collapse_rows = None if relu else _collapse_rows(k_module._steps, k_module.dim)
+        self._ckey = None  # the modules' weights the kept collapsed product was made from
+        self.sites = 1  # attention sites that call this pair in one forward pass (set by attach)
 
     @classmethod
     def of(cls, k_module, v_module) -> "PackedPair | None":
@@ -126,14 +137,42 @@ class PackedPair:
         return a.relu_() if self.relu else a  # in place is fine for autograd: addmm keeps its inputs only
 
     def refresh(self) -> None:
-        """Check kept weights against the parameters now (rebuilding them if these changed)."""
+        """Check kept weights against the parameters now: rebuild the packed ones if these changed,
+        drop a collapsed product (the next call that pays makes it again)."""
         if self._key is not None:
             self._kept()
+        if self._ckey is not None and [m.weights_key() for m in self.modules] != self._ckey:
+            # Dropped, not rebuilt: the next call that pays makes it again, after the UNet's root
+            # hook has had its modules keep their own products for the call (see _collapsed).
+            self._ckey = self.mt = self.c = None
+
+    def collapses(self, rows: int) -> bool:
+        """Whether a call without gradients of ``rows`` rows takes the collapsed product: a linear
+        pair for which it pays, once a pass over all its sites brings enough rows, and from then on
+        (generated tokens, one row each) as long as the pair lives."""
+        return self._collapse_rows is not None and (
+            self._ckey is not None or rows * self.sites >= self._collapse_rows)
+
+    def _collapsed(self, checked: bool = False):
+        """``([M_k; M_v].T, [c_k; c_v])`` with ``mlp(x) = x @ M.T + c`` per module, kept like the
+        packed weights (``checked``: see :meth:`_kept`)."""
+        if checked and self._ckey is not None:
+            return self.mt, self.c
+        key = [m.weights_key() for m in self.modules]
+        if key != self._ckey:
+            with torch.no_grad():
+                # a product the module keeps already (the UNet's, for its call) serves here too
+                (mk, ck), (mv, cv) = (m._kept_collapsed() or m.collapsed() for m in self.modules)
+                self.mt, self.c = torch.cat([mk, mv]).t(), torch.cat([ck, cv])
+            self._ckey = key
+        return self.mt, self.c
 
     def __call__(self, x: torch.Tensor, strength: float, checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x + strength * mlp_k(x), x + strength * mlp_v(x))``, computed in the modules' dtype
         and returned in ``x``'s. ``checked``: see :meth:`_kept`."""
         grad = torch.is_grad_enabled()
+        if not grad and self.collapses(x.numel() // x.shape[-1]):
+            return self._collapsed_call(x, strength, checked)
         if grad:
             w1t, b1, w2k, w2v = self._build()
         else:
@@ -148,6 +187,20 @@ class PackedPair:
         else:
             out = torch.baddbmm(flat, a.view(-1, 2, width).transpose(0, 1), w2, alpha=strength)
             k, v = out.view(2, *h.shape).unbind(0)
+        if k.dtype != x.dtype:
+            k, v = k.to(x.dtype), v.to(x.dtype)
+        return k, v
+
+    def _collapsed_call(self, x: torch.Tensor, strength: float, checked: bool):
+        """``__call__`` through the kept collapsed product: ``y = x @ [M_k; M_v].T + c``, then
+        ``x + s * y_k`` and ``x + s * y_v``."""
+        mt, c = self._collapsed(checked)
+        h = x if x.dtype == mt.dtype else x.to(mt.dtype)
+        flat = h.reshape(-1, h.shape[-1])
+        d = flat.shape[1]
+        y = torch.addmm(c, flat, mt)
+        k = torch.add(flat, y[:, :d], alpha=strength).view(h.shape)
+        v = torch.add(flat, y[:, d:], alpha=strength).view(h.shape)
         if k.dtype != x.dtype:
             k, v = k.to(x.dtype), v.to(x.dtype)
         return k, v

@@ -380,10 +380,14 @@ def test_packed_path_pairs_k_and_v_by_the_tensor_they_get():
     torch.testing.assert_close(vx, expect_v, **close)
 
 
-@pytest.mark.parametrize("config", [
+KEPT_FORMS = [
     HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="relu", per_site=True),  # packed and folded
-    HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="linear"),  # collapsed
-], ids=["per_site", "linear"])
+    HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="relu"),  # packed, shared by the layers
+    HypernetworkConfig(layer_structure=[1, 2, 1], activation="linear"),  # collapsed (PackedPair.collapses)
+]
+
+
+@pytest.mark.parametrize("config", KEPT_FORMS, ids=["per_site", "shared", "collapsed"])
 def test_weights_kept_under_inference_mode_serve_later_passes(config, load_tiny, ids):
     """Weights kept during torch.inference_mode() are inference tensors: a training step after it
     and passes under no_grad or inference_mode again give the same values as a fresh attachment."""
@@ -401,3 +405,62 @@ def test_weights_kept_under_inference_mode_serve_later_passes(config, load_tiny,
     with torch.no_grad(), hnkit.attach(model, hn, strength=0.7):
         fresh = model(ids).logits
     assert torch.equal(after, fresh) and not torch.allclose(after, first)
+
+
+@pytest.mark.parametrize("config", KEPT_FORMS, ids=["per_site", "shared", "collapsed"])
+def test_kept_weights_follow_the_steps_of_a_fused_optimizer(config, load_tiny, ids):
+    """A fused AdamW (the trainer's) writes the parameters without bumping their versions; passes
+    without gradients between its steps (validation, samples) must still see the new weights."""
+    model = load_tiny("llama")
+    hn = with_biases(Hypernetwork.for_model(model, config))
+    optimizer = torch.optim.AdamW(hn.parameters(), lr=1e-2, fused=True)
+    with hnkit.attach(model, hn, strength=0.7):
+        first = logits(model, ids)  # keeps weights
+        for _ in range(2):
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        after = logits(model, ids)
+    with hnkit.attach(model, hn, strength=0.7):
+        fresh = logits(model, ids)
+    assert torch.equal(after, fresh) and not torch.allclose(after, first)
+
+
+def test_a_linear_pair_shared_by_the_layers_collapses_without_gradients(load_tiny, ids, monkeypatch):
+    """The web UI's [1, 2, 1] linear, shared by every layer: once a pass brings enough rows over all
+    its sites, K's and V's inputs come from the kept [M_k; M_v] product, in the prompt pass and
+    for each generated token, with the modules' values; a per-site network with few rows does not."""
+    from hnkit.packed import PackedPair
+
+    model = load_tiny("llama")
+    hn = with_biases(Hypernetwork.for_model(model, HypernetworkConfig(layer_structure=[1, 2, 1])).eval())
+    rows = []
+    call = PackedPair._collapsed_call
+    monkeypatch.setattr(PackedPair, "_collapsed_call",
+                        lambda self, x, s, checked: rows.append(x.numel() // x.shape[-1]) or call(self, x, s, checked))
+    reference = unpacked_run(model, hn, 0.7, lambda: logits(model, ids), monkeypatch)
+    with hnkit.attach(model, hn, strength=0.7) as handle:
+        got = logits(model, ids)
+        assert rows == [ids.numel()] * handle.num_sites  # one call per site, K and V together
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+        del rows[:]
+        with torch.no_grad():
+            out = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+        assert rows == [4] * handle.num_sites + [1] * 4 * handle.num_sites  # the prompt, then one row a token
+        del rows[:]
+        logits(model, ids).sum().item()
+        model(ids, labels=ids).loss.backward()  # with gradients: the modules' own chain, not the kept product
+        assert len(rows) == handle.num_sites
+    want = unpacked_run(model, hn, 0.7, lambda: model.generate(
+        ids[:1, :4], max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True),
+        monkeypatch)
+    assert torch.equal(out.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(want.scores), rtol=1e-4, atol=1e-4)
+
+    per_site = Hypernetwork.for_model(model, HypernetworkConfig(layer_structure=[1, 2, 1], per_site=True)).eval()
+    del rows[:]
+    with hnkit.attach(model, per_site):
+        with torch.no_grad():
+            model(ids[:1, :4])  # 4 rows at one site each: below the product's break-even
+    assert not rows
