@@ -267,3 +267,13 @@ def test_jsonl_and_saved_datasets_input_with_tensorboard(tiny_lm, tmp_path):
     args = train_args(tiny_lm, tmp_path / "bad", "--max-steps", 1)
     args[args.index("--data") + 1] = str(jsonl)
     assert main(args) == 2  # no "text" field: one clear error
+
+
+def test_validation_during_training_sees_every_step(tiny_lm, tmp_path):
+    """A packed network keeps weights for passes without gradients; the trainer's fused AdamW must
+    not leave validation with the weights of its first pass."""
+    out = tmp_path / "run"
+    assert main(train_args(tiny_lm, out, "--max-steps", 20, "--eval-every", 10, "--lr", "1e-2",
+                           "--per-site", "--activation", "relu")) == 0
+    val = [r["val_loss"] for r in rows(out) if "val_loss" in r]
+    assert len(val) == 3 and val[2] < val[1] < val[0]
