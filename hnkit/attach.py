@@ -69,10 +69,11 @@ class _SiteTransform:
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
         # The fast path runs at every layer for every generated token: few lookups, no extra calls.
+        grad = torch.is_grad_enabled()
         pending = self._pending
         if pending is not None:
             self._pending = None
-            if pending[0] is x and pending[1] == which and pending[2] == torch.is_grad_enabled():
+            if pending[0] is x and pending[1] == which and pending[2] == grad:
                 return pending[3]
         packed = self.packed
         if packed is not None and packed.usable():
@@ -81,9 +82,9 @@ class _SiteTransform:
                 return x
             # Many rows of a linear module with gradients: collapsed (HypernetworkModule.residual);
             # without gradients the pair collapses itself (PackedPair.collapses). A ReLU never is.
-            if packed.relu or not torch.is_grad_enabled() or not packed.modules[0].collapses(x):
+            if packed.relu or not grad or not packed.modules[0].collapses(x):
                 kx, vx = packed(x, s, self.live.checked)
-                self._pending = (x, 1 - which, torch.is_grad_enabled(), vx if which == 0 else kx)
+                self._pending = (x, 1 - which, grad, vx if which == 0 else kx)
                 return kx if which == 0 else vx
         scale = self.live.scale
         strengths = self.strengths

@@ -122,7 +122,7 @@ class PackedPair:
         the products themselves."""
         if checked and self._key is not None:
             return self.w1t, self.b1, self.w2
-        key = [m.weights_key() for m in self.modules]  # see HypernetworkModule.weights_key
+        key = self._modules_key()
         if key != self._key:
             with torch.no_grad():
                 w1t, b1, w2k, w2v = self._build()
@@ -130,6 +130,10 @@ class PackedPair:
                 self.w2 = torch.stack([w2k, w2v])  # [2, width, d], for one baddbmm
             self._key = key
         return self.w1t, self.b1, self.w2
+
+    def _modules_key(self) -> list:
+        """Changes whenever a weight of K's or V's module does (HypernetworkModule.weights_key)."""
+        return [m.weights_key() for m in self.modules]
 
     def hidden(self, flat: torch.Tensor, w1t: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
         """Both first layers and the activation: ``[rows, 2 * width]`` for ``flat`` ``[rows, d]``."""
@@ -141,7 +145,7 @@ class PackedPair:
         drop a collapsed product (the next call that pays makes it again)."""
         if self._key is not None:
             self._kept()
-        if self._ckey is not None and [m.weights_key() for m in self.modules] != self._ckey:
+        if self._ckey is not None and self._modules_key() != self._ckey:
             # Dropped, not rebuilt: the next call that pays makes it again, after the UNet's root
             # hook has had its modules keep their own products for the call (see _collapsed).
             self._ckey = self.mt = self.c = None
@@ -158,7 +162,7 @@ class PackedPair:
         packed weights (``checked``: see :meth:`_kept`)."""
         if checked and self._ckey is not None:
             return self.mt, self.c
-        key = [m.weights_key() for m in self.modules]
+        key = self._modules_key()
         if key != self._ckey:
             with torch.no_grad():
                 # a product the module keeps already (the UNet's, for its call) serves here too
