@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attach import _attached, _check_fits, _finite, _fused, as_entries, layer_factors
+from .attach import _attached, _fused, as_entries, check_blend, check_fits, finite, layer_factors
 from .errors import HnkitError
 from .hypernetwork import Hypernetwork
 from .module import HypernetworkModule
@@ -27,10 +27,10 @@ def affine_map(module: HypernetworkModule) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, c)`` in float64 with ``mlp(x) = A x + c`` for a module without activation or layer
     norm (dropout ignored, as at inference)."""
     with torch.no_grad():
-        return module.collapsed(torch.float64)
+        return module.affine(torch.float64)
 
 
-def _require_linear(hn: Hypernetwork, what: str) -> None:
+def require_linear(hn: Hypernetwork, what: str) -> None:
     c = hn.config
     if not c.is_linear:
         why = "layer norm" if c.layer_norm else f"activation {c.activation!r}"
@@ -51,7 +51,7 @@ def site_affine(pairs, which: int, blend: str, device, cache: dict | None = None
     for s, pair in pairs:
         module = pair[which]
         if module not in cache:
-            cache[module] = tuple(a.to(device) for a in affine_map(module))
+            cache[module] = tuple(a.to(device) for a in affine_map(module)) if device else affine_map(module)
         A, c = cache[module]
         if D is None:
             D, t = s * A, s * c
@@ -69,75 +69,32 @@ class Fusion:
     def __init__(self, model, entries, blend: str, layers):
         self.model = model
         self.hypernetworks = [hn for hn, _ in entries]
-        self.strengths = [_finite(s, "strength") for _, s in entries]
+        self.strengths = [finite(s, "strength") for _, s in entries]
         self.blend = blend
         self.family, sites = find_sites(model)
         for hn in self.hypernetworks:
-            _check_fits(hn, sites, self.family)
+            check_fits(hn, sites, self.family)
         factors = layer_factors(layers, len(sites))
         self._saved: list[tuple[nn.Module, str, nn.Parameter | None]] = []
-        self._affine_cache: dict = {}
+        affine_maps: dict = {}  # a width-keyed pair serves every layer: its maps are computed once
         try:
             for site, f in zip(sites, factors):
                 pairs = [(s * f, hn.pair_for(site)) for hn, s in zip(self.hypernetworks, self.strengths)]
-                self._fold_site(site, [(s, p) for s, p in pairs if p is not None])
+                self._fold_site(site, [(s, p) for s, p in pairs if p is not None], affine_maps)
         except BaseException:
             self.remove()
             raise
         self.num_params = len(self._saved)
-        self._affine_cache = {}  # only needed while folding
-
-    def _swap(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
-        self._saved.append((module, name, getattr(module, name)))
-        setattr(module, name, nn.Parameter(value, requires_grad=False))
 
     @torch.no_grad()
-    def _fold_site(self, site, pairs) -> None:
-        attn = _module_named(self.model, site.key)
+    def _fold_site(self, site, pairs, affine_maps: dict) -> None:
         for which in (0, 1):
-            affine = site_affine(pairs, which, self.blend, next(attn.parameters()).device, self._affine_cache)
+            affine = site_affine(pairs, which, self.blend, None, affine_maps)
             if affine is None:
                 continue
-            D, t = affine
-            if self.family == "gpt2":
-                self._fold_conv1d(attn.c_attn, which, D, t)
-            elif self.family == "gpt_neox":
-                self._fold_neox(attn.query_key_value, which, D, t, self.model.config.num_attention_heads)
-            else:
-                proj = _separate_projection(attn, which, site.key)
-                self._fold_linear(proj, D, t)
-
-    def _fold_linear(self, proj: nn.Linear, D, t) -> None:
-        w = proj.weight.detach().double()
-        b = proj.bias.detach().double() if proj.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
-                                                                                   device=w.device)
-        dtype = proj.weight.dtype
-        self._swap(proj, "weight", torch.addmm(w, w, D).to(dtype))
-        self._swap(proj, "bias", torch.addmv(b, w, t).to(dtype))
-
-    def _fold_conv1d(self, conv, which: int, D, t) -> None:
-        # GPT-2's Conv1D: out = x @ W + b with W of shape (in, 3d), columns [Q | K | V].
-        d = conv.weight.shape[1] // 3
-        cols = slice((1 + which) * d, (2 + which) * d)
-        w, b = conv.weight.detach().double().clone(), conv.bias.detach().double().clone()
-        b[cols] += t @ w[:, cols]
-        w[:, cols] += D.T @ w[:, cols]
-        dtype = conv.weight.dtype
-        self._swap(conv, "weight", w.to(dtype))
-        self._swap(conv, "bias", b.to(dtype))
-
-    def _fold_neox(self, qkv: nn.Linear, which: int, D, t, heads: int) -> None:
-        # GPT-NeoX's query_key_value: rows laid out per head as [q_h | k_h | v_h].
-        w = qkv.weight.detach().double().clone()
-        b = qkv.bias.detach().double().clone() if qkv.bias is not None else torch.zeros(
-            w.shape[0], dtype=torch.float64, device=w.device)
-        wv, bv = w.view(heads, 3, -1, w.shape[1]), b.view(heads, 3, -1)
-        rows = wv[:, 1 + which]
-        bv[:, 1 + which] += rows @ t
-        wv[:, 1 + which] = rows + rows @ D
-        dtype = qkv.weight.dtype
-        self._swap(qkv, "weight", w.to(dtype))
-        self._swap(qkv, "bias", b.to(dtype))
+            for module, name, value in site.fold(which, *affine):
+                self._saved.append((module, name, getattr(module, name)))
+                setattr(module, name, nn.Parameter(value, requires_grad=False))
 
     # lifetime -------------------------------------------------------------------------------
     @property
@@ -162,34 +119,16 @@ class Fusion:
         return f"Fusion({self.family}, [{names}], blend={self.blend}, {self.num_params} tensors replaced)"
 
 
-def _module_named(model, key: str) -> nn.Module:
-    for name, module in model.named_modules():
-        if name == key or name.endswith("." + key):
-            return module
-    raise HnkitError(f"no module {key!r} in this model")
-
-
-def _separate_projection(attn, which: int, key: str) -> nn.Linear:
-    for names in (("k_proj", "v_proj"), ("to_k", "to_v")):
-        proj = getattr(attn, names[which], None)
-        if isinstance(proj, nn.Linear):
-            return proj
-    raise HnkitError(f"{key}: found no K/V projection (Linear) to fold a hypernetwork into")
-
-
 def fuse(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", layers=None) -> Fusion:
     """Fold a linear hypernetwork (or a list of ``(hypernetwork, strength)`` pairs, combined by
     ``blend``, with optional per-layer factors ``layers``) into the model's K/V projection weights.
     Outputs equal the attached network's up to float rounding, at the base model's speed.
     Inference only. Returns a :class:`Fusion`; ``unfuse(model)`` or ``remove()`` restores the model
     bit-exactly. Non-linear networks are refused (attach them instead)."""
-    from .attach import BLENDS
-
     entries = as_entries(hypernetwork, strength, verb="fuse")
-    if blend not in BLENDS:
-        raise HnkitError(f"unknown blend {blend!r}; use one of: {', '.join(BLENDS)}")
+    check_blend(blend)
     for hn, _ in entries:
-        _require_linear(hn, "fused")
+        require_linear(hn, "fused")
     if model in _attached:
         raise HnkitError("this model has hypernetworks attached: remove() them before fusing "
                          "(fused and attached together would apply a style twice)")
@@ -208,6 +147,4 @@ def unfuse(model) -> None:
         raise HnkitError("this model has no fused hypernetwork")
     handle.remove()
 
-
-def is_fused(model) -> bool:
-    return model in _fused
+_require_linear = require_linear  # TEMP until the layout branch lands

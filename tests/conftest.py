@@ -118,22 +118,27 @@ def with_option(args: list, flag: str, value) -> list:
     return args
 
 
-# --- references for the fast paths (hnkit/packed.py) ---------------------------------------------
+# --- the reference for the fast kernel (hnkit.kernels.Collapsed) -----------------------------------
 
-def unpacked_run(model, hn, strength, run, monkeypatch):
-    """``run()`` with ``hn`` attached (or a list of pairs, strength None) and the packed forms
-    switched off: the modules' own forward, on the input side."""
+def plain_run(model, hn, strength, run, monkeypatch):
+    """``run()`` with ``hn`` attached (or a list of pairs, strength None) and every site on the plain
+    kernels (Chain, Sum): the modules' own forward."""
+    import sys
+
     import hnkit
-    from hnkit.packed import PackedPair
+    from hnkit import kernels
+
+    def plain(entries, strengths, blend):
+        return (kernels.Sum if blend == "sum" and len(entries) > 1 else kernels.Chain)(entries, strengths)
 
     with monkeypatch.context() as patch:
-        patch.setattr(PackedPair, "of", classmethod(lambda cls, k, v: None))
+        patch.setattr(sys.modules["hnkit.attach"], "make_kernel", plain)
         with hnkit.attach(model, hn, **({} if strength is None else {"strength": strength})):
             return run()
 
 
 def with_biases(hn):
-    with torch.no_grad():  # biases start at zero: give them values, the packed forms move them
+    with torch.no_grad():  # biases start at zero: give them values, so that every path must carry them
         for p in hn.parameters():
             if p.dim() == 1:
                 p.normal_(0, 0.05)

@@ -10,7 +10,7 @@ from hnkit import HnkitError, Hypernetwork, HypernetworkConfig
 from hnkit.models import enable_gradient_checkpointing
 from hnkit.targets import find_sites
 
-from conftest import FAMILIES, grads_of, unpacked_run, with_biases
+from conftest import FAMILIES, grads_of, plain_run, with_biases
 
 # A hypernetwork strong enough to change the model visibly.
 STRONG = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", weight_init="XavierNormal")
@@ -71,9 +71,13 @@ def test_generate_same_tokens_with_and_without_kv_cache(family, load_tiny, ids):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradient_checkpointing_gives_the_same_gradients(family, load_tiny, ids):
+@pytest.mark.parametrize("config", [
     # Dropout inside the hypernetwork: its hook runs again in backward and must see the same mask.
-    config = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", dropout_structure=[0, 0.3, 0])
+    HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", dropout_structure=[0, 0.3, 0]),
+    # The Collapsed kernel: its per-pass products are made at the root, read again in the recompute.
+    HypernetworkConfig(layer_structure=[1, 2, 1], activation="linear", weight_init="XavierNormal"),
+], ids=["dropout", "collapsed"])
+def test_gradient_checkpointing_gives_the_same_gradients(family, config, load_tiny, ids):
     torch.manual_seed(0)
     hn = Hypernetwork.for_model(load_tiny(family), config).train()
     grads = []
@@ -225,241 +229,228 @@ def test_attaching_twice_is_refused(load_tiny):
 
 
 
-# --- the packed path (hnkit/packed.py) -----------------------------------------------------------
+# --- kernels (hnkit/kernels.py) and per-pass values (hnkit/passes.py) ------------------------------
 
-def count_packed_calls(monkeypatch) -> list:
-    """The row counts of the packed calls: ``PackedPair.hidden`` (the input side and FoldedKV's fold)
-    and ``FoldedKV._joint`` (K and V of narrow projections without gradients)."""
-    from hnkit.packed import FoldedKV, PackedPair
+def count_products(monkeypatch) -> list:
+    """One entry per ``HypernetworkModule.affine`` call: the Collapsed kernel's per-pass products."""
+    from hnkit.module import HypernetworkModule
 
     calls = []
-    hidden, joint = PackedPair.hidden, FoldedKV._joint
-
-    def counting_hidden(self, flat, w1t, b1):
-        calls.append(flat.shape[0])
-        return hidden(self, flat, w1t, b1)
-
-    def counting_joint(self, x, which, s, weights):
-        calls.append(x.numel() // x.shape[-1])
-        return joint(self, x, which, s, weights)
-
-    monkeypatch.setattr(PackedPair, "hidden", counting_hidden)
-    monkeypatch.setattr(FoldedKV, "_joint", counting_joint)
+    affine = HypernetworkModule.affine
+    monkeypatch.setattr(HypernetworkModule, "affine", lambda self, dtype=None: calls.append(self) or affine(self, dtype))
     return calls
 
 
+LINEAR = HypernetworkConfig(layer_structure=[1, 2, 1], activation="linear", weight_init="XavierNormal")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("activation", ["relu", "linear"])
 @pytest.mark.parametrize("per_site", [False, True], ids=["shared", "per_site"])
-def test_packed_inference_path_matches_the_modules(family, activation, per_site, load_tiny, ids, monkeypatch):
+def test_collapsed_kernel_matches_the_modules(family, per_site, load_tiny, ids, monkeypatch):
+    """A linear [1, 2, 1] takes the Collapsed kernel: in a pass with enough rows, one product per
+    module and pass, with the modules' values and gradients."""
+    from hnkit.kernels import Collapsed
+
     model = load_tiny(family)
-    # Dropout in the structure: identity in eval mode, so the packed path still applies.
-    config = HypernetworkConfig(layer_structure=[1, 0.5, 1], activation=activation, per_site=per_site,
-                                dropout_structure=[0, 0.1, 0], weight_init="XavierNormal")
+    config = HypernetworkConfig(layer_structure=[1, 2, 1], activation="linear", per_site=per_site,
+                                weight_init="XavierNormal")
     hn = with_biases(Hypernetwork.for_model(model, config).eval())
     base = logits(model, ids)
-    reference = unpacked_run(model, hn, 0.7, lambda: logits(model, ids), monkeypatch)
-    calls = count_packed_calls(monkeypatch)
+    reference = plain_run(model, hn, 0.7, lambda: logits(model, ids), monkeypatch)
+    reference_grads = plain_run(model, hn, 0.7, lambda: grads_of(model, hn, ids), monkeypatch)
+    products = count_products(monkeypatch)
     with hnkit.attach(model, hn, strength=0.7) as handle:
-        packed = logits(model, ids)
-        assert len(calls) == handle.num_sites  # K and V of a site in one call, once per forward
-        torch.testing.assert_close(packed, reference, rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(packed, base, atol=1e-3)  # the network does act
-        hn.train()  # training mode with dropout: the modules' own forward, each draws its own mask
-        del calls[:]
-        logits(model, ids)
-        assert not calls
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("activation", ["relu", "linear"])
-def test_packed_training_path_matches_the_modules(family, activation, load_tiny, ids, monkeypatch):
-    """With gradients, the packed path gives the modules' outputs and every gradient (the padding
-    and the constant column get none to give back)."""
-    model = load_tiny(family)
-    config = HypernetworkConfig(layer_structure=[1, 0.5, 1], activation=activation, per_site=True,
-                                weight_init="XavierNormal")
-    hn = with_biases(Hypernetwork.for_model(model, config).train())  # no dropout: packed in training too
-    reference = unpacked_run(model, hn, 0.7, lambda: grads_of(model, hn, ids), monkeypatch)
-    calls = count_packed_calls(monkeypatch)
-    with hnkit.attach(model, hn, strength=0.7) as handle:
-        packed = grads_of(model, hn, ids)
-    assert len(calls) == handle.num_sites
-    assert all(g.abs().sum() > 0 for g in packed[1:])
-    for got, want in zip(packed, reference):
+        assert all(isinstance(k, Collapsed) for k in handle.kernels)
+        got = logits(model, ids)
+        assert len(products) == 2 * len(handle.kernels)  # K's and V's module, once per pass
+        assert all(k.products is None for k in handle.kernels)  # dropped at the end of a pass without a graph
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, base, atol=1e-3)  # the network does act
+        del products[:]
+        got_grads = grads_of(model, hn, ids)
+        assert len(products) == 2 * len(handle.kernels)
+        assert all(k.products is None for k in handle.kernels)  # dropped once their gradient was computed
+    assert all(g.abs().sum() > 0 for g in got_grads[1:])
+    for got, want in zip(got_grads, reference_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_packed_path_sees_weight_changes_and_strengths(load_tiny, ids, monkeypatch):
+def test_collapsed_kernel_takes_the_modules_below_its_break_even(load_tiny, ids, monkeypatch):
+    """Generating token by token (one row per site and pass) runs the modules; the prompt pass,
+    with enough rows over all the sites that share the pair, takes the product. Same tokens and
+    scores as the plain kernels."""
     model = load_tiny("llama")
-    hn = Hypernetwork.for_model(model, STRONG).eval()
-
-    def packed_and_reference(strength):
-        with hnkit.attach(model, hn, strength=strength):
-            got = logits(model, ids)
-        return got, unpacked_run(model, hn, strength, lambda: logits(model, ids), monkeypatch)
-
-    with hnkit.attach(model, hn, strength=0.5) as handle:
-        logits(model, ids)  # builds the packed weights, kept while attached
-        with torch.no_grad():  # an optimizer step would do this
-            for p in hn.parameters():
-                p.mul_(1.5)
-        got = logits(model, ids)
-        handle.strength = -0.8
-        got_strength = logits(model, ids)
-    torch.testing.assert_close(got, unpacked_run(model, hn, 0.5, lambda: logits(model, ids), monkeypatch),
-                               rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_strength, unpacked_run(model, hn, -0.8, lambda: logits(model, ids), monkeypatch),
-                               rtol=1e-5, atol=1e-5)
-    hn.load_state_dict({k: torch.randn_like(v) * 0.05 for k, v in hn.state_dict().items()})
-    torch.testing.assert_close(*packed_and_reference(0.5), rtol=1e-5, atol=1e-5)
-    with hnkit.attach(model, hn, strength=0.5):
-        logits(model, ids)  # packed weights kept from the Parameters above
-        hn.load_state_dict({k: torch.randn_like(v) * 0.05 for k, v in hn.state_dict().items()}, assign=True)
-        got = logits(model, ids)  # new Parameter objects: read again
-    torch.testing.assert_close(got, unpacked_run(model, hn, 0.5, lambda: logits(model, ids), monkeypatch),
-                               rtol=1e-5, atol=1e-5)
-    hn.to(torch.float64)  # a move replaces the weights' storage
-    torch.testing.assert_close(*packed_and_reference(0.5), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("config", [
-    HypernetworkConfig(layer_structure=[1, 2, 1], activation="tanh"),
-    HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", layer_norm=True),
-    HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", activate_output=True),
-    HypernetworkConfig(layer_structure=[1, 2, 2, 1], activation="relu"),
-], ids=["tanh", "layer_norm", "activate_output", "deeper"])
-def test_other_module_forms_keep_the_modules_own_forward(config, load_tiny, ids, monkeypatch):
-    model = load_tiny("llama")
-    hn = Hypernetwork.for_model(model, config).eval()
-    reference = unpacked_run(model, hn, 0.7, lambda: logits(model, ids), monkeypatch)
-    calls = count_packed_calls(monkeypatch)
-    with hnkit.attach(model, hn, strength=0.7):
-        assert torch.equal(logits(model, ids), reference)  # the same code, bit for bit
-    assert not calls
-
-
-def test_two_networks_keep_the_modules_own_forward(load_tiny, ids, monkeypatch):
-    model = load_tiny("llama")
-    a, b = (Hypernetwork.for_model(model, STRONG).eval() for _ in range(2))
-    reference = unpacked_run(model, [(a, 0.5), (b, 0.5)], None, lambda: logits(model, ids), monkeypatch)
-    calls = count_packed_calls(monkeypatch)
-    with hnkit.attach(model, [(a, 0.5), (b, 0.5)]):
-        assert torch.equal(logits(model, ids), reference)
-    assert not calls
-
-
-def test_packed_path_pairs_k_and_v_by_the_tensor_they_get():
-    """The result kept for V is handed out only for the very tensor K got, whichever comes first."""
-    from hnkit.attach import _Live, _SiteTransform
-    from hnkit.module import HypernetworkModule
-
-    torch.manual_seed(0)
-    k_module, v_module = (HypernetworkModule(16, [1, 2, 1], "relu", weight_init="XavierNormal").eval()
-                          for _ in range(2))
-    transform = _SiteTransform([(0, (k_module, v_module))], _Live([0.5]))
-    assert transform.packed is not None
-    x, other = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
-    close = dict(rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        expect_k, expect_v = k_module(x, 0.5), v_module(x, 0.5)
-        torch.testing.assert_close(transform(x, 1), expect_v, **close)  # V first, then K
-        torch.testing.assert_close(transform(x, 0), expect_k, **close)
-        transform(x, 0)
-        torch.testing.assert_close(transform(other, 1), v_module(other, 0.5), **close)  # another tensor
-        transform(x, 0)
-        torch.testing.assert_close(transform(x, 0), expect_k, **close)  # K twice
-    kx = transform(x, 0)  # with gradients: packed too, and V gets the kept result
-    vx = transform(x, 1)
-    assert kx.grad_fn is not None and vx.grad_fn is not None and transform._pending is None
-    torch.testing.assert_close(vx.detach(), expect_v, **close)
-    transform(x, 0)
-    with torch.no_grad():
-        vx = transform(x, 1)  # kept with gradients, asked for without: computed anew
-    assert vx.grad_fn is None
-    torch.testing.assert_close(vx, expect_v, **close)
-
-
-KEPT_FORMS = [
-    HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="relu", per_site=True),  # packed and folded
-    HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="relu"),  # packed, shared by the layers
-    HypernetworkConfig(layer_structure=[1, 2, 1], activation="linear"),  # collapsed (PackedPair.collapses)
-]
-
-
-@pytest.mark.parametrize("config", KEPT_FORMS, ids=["per_site", "shared", "collapsed"])
-def test_weights_kept_under_inference_mode_serve_later_passes(config, load_tiny, ids):
-    """Weights kept during torch.inference_mode() are inference tensors: a training step after it
-    and passes under no_grad or inference_mode again give the same values as a fresh attachment."""
-    model = load_tiny("llama")
-    hn = Hypernetwork.for_model(model, config)
-    with hnkit.attach(model, hn, strength=0.7):
-        with torch.inference_mode():
-            first = model(ids).logits
-        with torch.no_grad():
-            assert torch.equal(model(ids).logits, first)
-        model(ids, labels=ids).loss.backward()
-        torch.optim.SGD(hn.parameters(), lr=0.5).step()
-        with torch.inference_mode():
-            after = model(ids).logits
-    with torch.no_grad(), hnkit.attach(model, hn, strength=0.7):
-        fresh = model(ids).logits
-    assert torch.equal(after, fresh) and not torch.allclose(after, first)
-
-
-@pytest.mark.parametrize("config", KEPT_FORMS, ids=["per_site", "shared", "collapsed"])
-def test_kept_weights_follow_the_steps_of_a_fused_optimizer(config, load_tiny, ids):
-    """A fused AdamW (the trainer's) writes the parameters without bumping their versions; passes
-    without gradients between its steps (validation, samples) must still see the new weights."""
-    model = load_tiny("llama")
-    hn = with_biases(Hypernetwork.for_model(model, config))
-    optimizer = torch.optim.AdamW(hn.parameters(), lr=1e-2, fused=True)
-    with hnkit.attach(model, hn, strength=0.7):
-        first = logits(model, ids)  # keeps weights
-        for _ in range(2):
-            model(ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        after = logits(model, ids)
-    with hnkit.attach(model, hn, strength=0.7):
-        fresh = logits(model, ids)
-    assert torch.equal(after, fresh) and not torch.allclose(after, first)
-
-
-def test_a_linear_pair_shared_by_the_layers_collapses_without_gradients(load_tiny, ids, monkeypatch):
-    """The web UI's [1, 2, 1] linear, shared by every layer: once a pass brings enough rows over all
-    its sites, K's and V's inputs come from the kept [M_k; M_v] product, in the prompt pass and
-    for each generated token, with the modules' values; a per-site network with few rows does not."""
-    from hnkit.packed import PackedPair
-
-    model = load_tiny("llama")
-    hn = with_biases(Hypernetwork.for_model(model, HypernetworkConfig(layer_structure=[1, 2, 1])).eval())
-    rows = []
-    call = PackedPair._collapsed_call
-    monkeypatch.setattr(PackedPair, "_collapsed_call",
-                        lambda self, x, s, checked: rows.append(x.numel() // x.shape[-1]) or call(self, x, s, checked))
-    reference = unpacked_run(model, hn, 0.7, lambda: logits(model, ids), monkeypatch)
+    hn = with_biases(Hypernetwork.for_model(model, LINEAR).eval())
+    kw = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    prompt = ids[:1, :12]
+    want = plain_run(model, hn, 0.7, lambda: model.generate(prompt, **kw), monkeypatch)
+    products = count_products(monkeypatch)
     with hnkit.attach(model, hn, strength=0.7) as handle:
-        got = logits(model, ids)
-        assert rows == [ids.numel()] * handle.num_sites  # one call per site, K and V together
-        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
-        del rows[:]
+        (kernel,) = handle.kernels
+        assert 12 * kernel.sites >= kernel.break_even > kernel.sites  # the prompt pays, a token does not
         with torch.no_grad():
-            out = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)
-        assert rows == [4] * handle.num_sites + [1] * 4 * handle.num_sites  # the prompt, then one row a token
-        del rows[:]
-        model(ids, labels=ids).loss.backward()  # with gradients: the modules' own chain, not the kept product
-        assert not rows
-    want = unpacked_run(model, hn, 0.7, lambda: model.generate(
-        ids[:1, :4], max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True),
-        monkeypatch)
+            out = model.generate(prompt, **kw)
+    assert len(products) == 2  # the prompt pass only
     assert torch.equal(out.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(want.scores), rtol=1e-4, atol=1e-4)
 
-    per_site = Hypernetwork.for_model(model, HypernetworkConfig(layer_structure=[1, 2, 1], per_site=True)).eval()
-    del rows[:]
-    with hnkit.attach(model, per_site):
+
+@pytest.mark.parametrize("config", [
+    HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="relu"),
+    HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="linear"),  # no wider than d x d: never pays
+    HypernetworkConfig(layer_structure=[1, 2, 1], activation="linear", dropout_structure=[0, 0.1, 0]),
+    HypernetworkConfig(layer_structure=[1, 2, 1], activation="tanh"),
+    HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", layer_norm=True),
+    HypernetworkConfig(layer_structure=[1, 2, 2, 1], activation="relu"),
+], ids=["relu", "bottleneck_linear", "linear_dropout", "tanh", "layer_norm", "deeper"])
+def test_other_module_forms_take_the_plain_kernel(config, load_tiny, ids, monkeypatch):
+    from hnkit.kernels import Chain
+
+    model = load_tiny("llama")
+    hn = Hypernetwork.for_model(model, config).eval()
+    reference = plain_run(model, hn, 0.7, lambda: logits(model, ids), monkeypatch)
+    with hnkit.attach(model, hn, strength=0.7) as handle:
+        assert [type(k) for k in handle.kernels] == [Chain]
+        assert torch.equal(logits(model, ids), reference)  # the same code, bit for bit
+
+
+def test_two_networks_take_the_plain_kernels(load_tiny, ids, monkeypatch):
+    from hnkit.kernels import Chain, Sum
+
+    model = load_tiny("llama")
+    a, b = (Hypernetwork.for_model(model, LINEAR).eval() for _ in range(2))
+    for blend, kind in (("chain", Chain), ("sum", Sum)):
+        with hnkit.attach(model, [(a, 0.5), (b, 0.5)], blend=blend) as handle:
+            assert [type(k) for k in handle.kernels] == [kind]
+
+
+FORMS = [
+    HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="relu", per_site=True),
+    HypernetworkConfig(layer_structure=[1, 0.5, 1], activation="relu"),
+    HypernetworkConfig(layer_structure=[1, 2, 1], activation="linear"),  # Collapsed
+]
+
+
+def _write_with_fused_adamw(model, hn, ids):
+    optimizer = torch.optim.AdamW(hn.parameters(), lr=1e-2, fused=True)  # does not bump parameter versions
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _write_with_sgd(model, hn, ids):
+    model(ids, labels=ids).loss.backward()
+    torch.optim.SGD(hn.parameters(), lr=0.5).step()
+    hn.zero_grad()
+
+
+def _write_by_hand(model, hn, ids):
+    for p in hn.parameters():
+        p.data -= 0.05 * torch.randn_like(p)  # .data: PyTorch counts no version
+
+
+def _load_new_parameters(model, hn, ids):
+    hn.load_state_dict({k: torch.randn_like(v) * 0.05 for k, v in hn.state_dict().items()}, assign=True)
+
+
+@pytest.mark.parametrize("config", FORMS, ids=["per_site", "shared", "collapsed"])
+@pytest.mark.parametrize("write", [_write_with_fused_adamw, _write_with_sgd, _write_by_hand, _load_new_parameters],
+                         ids=["fused_adamw", "sgd", "by_hand", "load_state_dict"])
+def test_every_way_of_writing_the_weights_is_seen_by_the_next_call(config, write, load_tiny, ids):
+    """No contract to follow: hnkit keeps nothing across passes, so the next pass (under no_grad,
+    inference_mode, or a submodule called on its own) computes with the weights as they are."""
+    model = load_tiny("llama")
+    hn = with_biases(Hypernetwork.for_model(model, config))
+    with hnkit.attach(model, hn, strength=0.7):
+        with torch.inference_mode():
+            first = model(ids).logits
+        write(model, hn, ids)
+        after = logits(model, ids)
         with torch.no_grad():
-            model(ids[:1, :4])  # 4 rows at one site each: below the product's break-even
-    assert not rows
+            inner = model.model(ids).last_hidden_state  # not the root: no per-pass values
+    with hnkit.attach(model, hn, strength=0.7):
+        fresh = logits(model, ids)
+        with torch.no_grad():
+            fresh_inner = model.model(ids).last_hidden_state
+    assert torch.equal(after, fresh) and not torch.allclose(after, first)
+    assert torch.equal(inner, fresh_inner)
+
+
+def test_attach_changes_nothing_it_was_not_handed(load_tiny, ids):
+    """No process-wide hooks, no patched methods, no state in an unrelated model or optimizer."""
+    from torch.nn.modules import module as nn_module
+    from torch.optim import optimizer as torch_optimizer
+
+    model, other = load_tiny("llama"), load_tiny("llama")
+    other_params = {k: v.clone() for k, v in other.state_dict().items()}
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3, fused=True)
+    globals_before = [len(d) for d in (torch_optimizer._global_optimizer_pre_hooks,
+                                       torch_optimizer._global_optimizer_post_hooks,
+                                       nn_module._global_forward_pre_hooks, nn_module._global_forward_hooks)]
+    methods = dict(vars(type(model)))
+    hn = Hypernetwork.for_model(model, LINEAR)
+    with hnkit.attach(model, hn, schedule=hnkit.fade_in(2)):
+        with torch.no_grad():
+            model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+        assert "generate" not in vars(model) and "forward" not in vars(model)
+        other(ids, labels=ids).loss.backward()
+        other_opt.step()
+    assert [len(d) for d in (torch_optimizer._global_optimizer_pre_hooks,
+                             torch_optimizer._global_optimizer_post_hooks,
+                             nn_module._global_forward_pre_hooks, nn_module._global_forward_hooks)] == globals_before
+    assert dict(vars(type(model))) == methods
+    assert not other_opt._optimizer_step_pre_hooks and not other_opt._optimizer_step_post_hooks
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in other.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())  # all removed
+    assert all(p.requires_grad for p in other.parameters())
+    assert any(not torch.equal(v, other_params[k]) for k, v in other.state_dict().items())  # its own step only
+
+
+def _tensors_held_by(handle) -> list:
+    """Every tensor reachable from the attachment's kernels and per-pass machinery through hnkit's
+    own objects and plain containers (not into modules: the model's and the hypernetworks' own
+    parameters are not copies)."""
+    seen, found = set(), []
+    todo = [handle.kernels, handle._passes]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple, set)):
+            todo.extend(obj)
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif type(obj).__module__.startswith("hnkit") and not isinstance(obj, torch.nn.Module):
+            todo.extend(vars(obj).values())
+    return found
+
+
+@pytest.mark.parametrize("config", FORMS, ids=["per_site", "shared", "collapsed"])
+def test_an_attachment_keeps_no_copy_of_any_weights(config, load_tiny, ids):
+    """Nothing derived from the base model's K/V weights, and nothing from the hypernetwork's once
+    a pass (and its backward) is over."""
+    model = load_tiny("llama")
+    hn = Hypernetwork.for_model(model, config)
+    with hnkit.attach(model, hn) as handle:
+        with torch.no_grad():
+            model(ids)
+            model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+        assert _tensors_held_by(handle) == []
+        model(ids, labels=ids).loss.backward()
+        assert _tensors_held_by(handle) == []
+
+
+def test_half_precision_base_with_the_collapsed_kernel(load_tiny, ids, monkeypatch):
+    """A bfloat16 base with the fp32 network: the products stay fp32, K's and V's inputs go back in
+    the base's dtype."""
+    model = load_tiny("llama").to(torch.bfloat16)
+    hn = with_biases(Hypernetwork.for_model(model, LINEAR).eval())
+    reference = plain_run(model, hn, 0.7, lambda: logits(model, ids), monkeypatch)
+    products = count_products(monkeypatch)
+    with hnkit.attach(model, hn, strength=0.7):
+        got = logits(model, ids)
+    assert products and all(p.dtype == torch.float32 for p in hn.parameters()) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), reference.float(), rtol=0.05, atol=0.05)

@@ -98,8 +98,7 @@ def test_zero_init_last():
 
 
 def test_forward_follows_the_registered_children_through_copies_and_moves():
-    # forward() walks a plain tuple of the children for speed; it must stay the same objects as
-    # self.linear after deepcopy, dtype moves and load_state_dict.
+    # forward() walks self.linear: the same objects after deepcopy, dtype moves and load_state_dict.
     import copy
 
     m = HypernetworkModule(8, [1, 2, 1], "relu")
@@ -123,81 +122,44 @@ def layer_by_layer(module, x, strength):
     return x + strength * y
 
 
-@pytest.mark.parametrize("structure", [[1, 2, 1], [1, 2, 1.5, 1]])
-def test_a_linear_chain_collapses_for_many_rows_with_the_same_values_and_gradients(structure):
+@pytest.mark.parametrize("structure", [[1, 2, 1], [1, 2, 1.5, 1], [1, 0.5, 1]])
+def test_affine_gives_the_values_and_gradients_of_a_linear_chain(structure):
     torch.manual_seed(0)
     m = HypernetworkModule(12, structure, None, dropout_structure=[0] + [0.2] * (len(structure) - 2) + [0],
-                           weight_init="XavierNormal")
+                           weight_init="XavierNormal").eval()  # dropout is the identity: an affine map
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # biases too
-    few, many = torch.randn(1, m._collapse_rows - 1, 12), torch.randn(1, m._collapse_rows, 12)
-    m.eval()  # dropout is the identity: the chain is an affine map
-    assert not m.collapses(few) and m.collapses(many)
-    m.train()
-    assert not m.collapses(many)  # active dropout: layer by layer, so each row draws its own mask
-    m.eval()
+    x = torch.randn(2, 5, 12)
     grads = []
-    for run in (lambda x: m(x, 0.7), lambda x: layer_by_layer(m, x, 0.7)):
-        x = many.clone().requires_grad_(True)
-        out = run(x)
+    for run in (lambda: x + 0.7 * torch.nn.functional.linear(x, *m.affine()), lambda: layer_by_layer(m, x, 0.7)):
+        out = run()
         out.pow(2).sum().backward()
-        grads.append((out.detach(), x.grad, [p.grad.clone() for p in m.parameters()]))
+        grads.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
         m.zero_grad()
-    (out_a, dx_a, dp_a), (out_b, dx_b, dp_b) = grads
+    (out_a, dp_a), (out_b, dp_b) = grads
     torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx_a, dx_b, rtol=1e-5, atol=1e-5)
     for a, b in zip(dp_a, dp_b):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert m.affine(torch.float64)[0].dtype == torch.float64
 
 
-def test_only_chains_of_linear_layers_collapse():
-    many = torch.randn(1000, 8)
-    assert not HypernetworkModule(8, [1, 2, 1], "relu").collapses(many)
-    assert not HypernetworkModule(8, [1, 2, 1], None, layer_norm=True).collapses(many)
-    assert not HypernetworkModule(8, [1, 0.5, 1], None).collapses(many)  # a bottleneck: no work to save
-    assert HypernetworkModule(8, [1, 2, 1], None).collapses(many)
+def test_only_chains_of_linear_layers_are_affine():
+    assert HypernetworkModule(8, [1, 2, 1], None).is_affine
+    assert HypernetworkModule(8, [1, 2, 1], None, dropout_structure=[0, 0.3, 0]).is_affine
+    assert not HypernetworkModule(8, [1, 2, 1], "relu").is_affine
+    assert not HypernetworkModule(8, [1, 2, 1], None, layer_norm=True).is_affine
     with pytest.raises(HnkitError, match="ReLU layer is not linear"):
-        HypernetworkModule(8, [1, 2, 1], "relu").collapsed()
+        HypernetworkModule(8, [1, 2, 1], "relu").affine()
 
 
-def test_a_kept_product_serves_calls_with_few_rows_until_a_weight_changes(monkeypatch):
-    torch.manual_seed(0)
-    m = HypernetworkModule(12, [1, 2, 1], None, weight_init="XavierNormal")
-    few = torch.randn(2, 3, 12)
-    assert not m.collapses(few)
-    products = []
-    original = HypernetworkModule.collapsed
-    monkeypatch.setattr(HypernetworkModule, "collapsed",
-                        lambda self, dtype=None: products.append(1) or original(self, dtype))
-    m.keep_collapsed()
-    assert len(products) == 1 and m.collapses(few)
-    outs, grads = [], []
-    for _ in range(3):  # three sites of one call: one product, its gradient summed over all three
-        x = few.clone().requires_grad_(True)
-        outs.append(m(x, 0.7))
-        grads.append(x)
-    assert len(products) == 1
-    sum(o.pow(2).sum() for o in outs).backward()
-    kept_grads = [p.grad.clone() for p in m.parameters()]
-    m.zero_grad()
-    for x, out in zip(grads, outs):
-        torch.testing.assert_close(out, layer_by_layer(m, x, 0.7), rtol=1e-5, atol=1e-6)
-    sum(layer_by_layer(m, x.detach(), 0.7).pow(2).sum() for x in grads).backward()
-    for a, b in zip(kept_grads, [p.grad for p in m.parameters()]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-    with torch.no_grad():
-        m.linear[0].weight.add_(0.1)  # what an optimizer step does: the kept product is stale
-    assert not m.collapses(few)
-    torch.testing.assert_close(m(few), layer_by_layer(m, few, 1.0), rtol=1e-5, atol=1e-6)
-    m.keep_collapsed()
-    with torch.no_grad():
-        assert not m.collapses(few)  # kept with gradients, asked for without
-    assert m.collapses(few)
-    copy_ = copy.deepcopy(m)  # a copy leaves the product (and its graph) behind
-    assert copy_._kept is None
-    m.train()
-    assert m.collapses(few)  # no dropout in this module: training mode changes nothing
-    m.forget_collapsed()
-    assert not m.collapses(few)
+def test_the_module_keeps_nothing_between_calls():
+    """No caches: what a module holds is its registered children and plain settings, and a weight
+    written by hand (no optimizer, no version bump: ``.data``) shows in the very next call."""
+    m = HypernetworkModule(8, [1, 2, 1], None)
+    assert set(vars(m)) - set(vars(nn.Module())) == {"dim"}
+    x = torch.randn(4, 8)
+    before = m(x)
+    m.linear[0].weight.data += 0.5
+    assert not torch.equal(m(x), before)
+    torch.testing.assert_close(m(x), layer_by_layer(m, x, 1.0))

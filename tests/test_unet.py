@@ -319,29 +319,22 @@ def test_hand_written_web_ui_files_load_and_match(load_unet, tmp_path):
 # -- the text context: K and V modules once per UNet call ------------------------------------------
 @pytest.fixture
 def count_module_calls(monkeypatch):
-    """Counts HypernetworkModule runs per input width: forward() calls (the attach transforms call
-    forward()) and the K and V modules a packed call (hnkit.packed) runs together."""
-    from hnkit.packed import PackedPair
-
+    """Counts HypernetworkModule.forward() runs per input width (the Chain kernel calls forward())."""
     calls = {}
     original = HypernetworkModule.forward
-    original_packed = PackedPair.__call__
 
     def counting(self, x, strength=1.0):
         calls[self.dim] = calls.get(self.dim, 0) + 1
         return original(self, x, strength)
 
-    def counting_packed(self, x, strength, checked=False):
-        calls[x.shape[-1]] = calls.get(x.shape[-1], 0) + 2
-        return original_packed(self, x, strength, checked)
-
     monkeypatch.setattr(HypernetworkModule, "forward", counting)
-    monkeypatch.setattr(PackedPair, "__call__", counting_packed)
     return calls
 
 
 def _without_memo(monkeypatch):
-    monkeypatch.setattr("hnkit.targets.unet._draws_random_numbers", lambda transform: True)
+    from hnkit.kernels import Memo
+
+    monkeypatch.setattr(Memo, "prepare", lambda self, context: None)
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
@@ -572,15 +565,17 @@ def test_inspect_a_unet_width_file(sd1_file, capsys):
 
 
 def test_linear_modules_multiply_their_weights_once_per_unet_call(load_unet, monkeypatch):
-    """A linear module whose sites see enough rows in one UNet call in total gets its product
-    W2 @ W1 once, at the root: the same outputs and gradients as a product per site, also when
-    checkpointing recomputes the blocks in backward."""
+    """A linear module whose sites see enough rows in one UNet call gets its product W2 @ W1 once,
+    at the root (the Collapsed kernel): the same outputs and gradients as the modules run at every
+    site, also when checkpointing recomputes the blocks in backward."""
+    from conftest import plain_run
+
     unet = load_unet("sd1")
     hn = hypernetwork(unet, HypernetworkConfig([1, 2, 1], None, weight_init="XavierNormal")).train()
     n_modules = 2 * len(hn.keys())  # K and V per width: each sees hundreds of rows here
     products = []
-    original = HypernetworkModule.collapsed
-    monkeypatch.setattr(HypernetworkModule, "collapsed",
+    original = HypernetworkModule.affine
+    monkeypatch.setattr(HypernetworkModule, "affine",
                         lambda self, dtype=None: products.append(self) or original(self, dtype))
 
     def run(checkpointing=False):
@@ -594,30 +589,31 @@ def test_linear_modules_multiply_their_weights_once_per_unet_call(load_unet, mon
         unet.disable_gradient_checkpointing()
         return [out.detach()] + [p.grad.clone() for p in hn.parameters()], len(products)
 
+    def run_plain():
+        hn.zero_grad()
+        out = plain_run(unet, hn, 1.0, lambda: run_unet(unet, "sd1", grad=True), monkeypatch)
+        out.square().mean().backward()
+        return [out.detach()] + [p.grad.clone() for p in hn.parameters()]
+
     kept, n_kept = run()
     assert n_kept == n_modules  # once per module and call
     checkpointed, n_checkpointed = run(checkpointing=True)
-    assert n_checkpointed == n_modules  # the recomputation finds the kept products
-    monkeypatch.setattr(HypernetworkModule, "keep_collapsed", HypernetworkModule.forget_collapsed)
-    per_site, n_per_site = run()
-    assert n_per_site > n_modules
+    assert n_checkpointed == n_modules  # the recomputation reads the products made at the root
+    del products[:]
+    per_site = run_plain()
+    assert not products
     for a, b, c in zip(kept, checkpointed, per_site):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
     assert all(g.abs().sum() > 0 for g in kept[1:])
-    monkeypatch.undo()
-    monkeypatch.setattr(HypernetworkModule, "collapsed",
-                        lambda self, dtype=None: products.append(self) or original(self, dtype))
-    del products[:]
     with hnkit.attach(unet, hn):
-        for _ in range(3):  # without gradients (a denoising loop): the products of the first call serve
-            run_unet(unet, "sd1")
-        assert len(products) == n_modules
+        for _ in range(3):  # without gradients (a denoising loop): nothing is kept between calls
+            first = run_unet(unet, "sd1")
+        assert len(products) == 3 * n_modules
         with torch.no_grad():
             for p in hn.parameters():
-                p.mul_(1.1)  # a weight changes: the next call multiplies again
-        run_unet(unet, "sd1")
-        assert len(products) == 2 * n_modules
+                p.mul_(1.1)  # a weight changes: the next call sees it
+        assert not torch.allclose(run_unet(unet, "sd1"), first, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])

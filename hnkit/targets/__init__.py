@@ -1,10 +1,11 @@
-"""Where the attention sites are, per model family: one small file each."""
+"""Where the attention sites are, per model family: one small file each, with ``MODEL_TYPES`` and
+``target(model) -> Target`` (hnkit.targets.base)."""
 
 from __future__ import annotations
 
 from ..errors import HnkitError
 from . import gpt2, gpt_neo, gpt_neox, gptj, llama, opt, unet
-from .base import Site
+from .base import Site, Target
 
 FAMILIES = {t: mod for mod in (gpt2, gpt_neo, gptj, gpt_neox, llama, opt, unet) for t in mod.MODEL_TYPES}
 
@@ -26,12 +27,17 @@ def model_family(model) -> str:
     return model_type
 
 
-def find_sites(model) -> tuple[str, list[Site]]:
+def find_target(model) -> Target:
     family = model_family(model)
-    sites = FAMILIES[family].sites(model)
-    if not sites:
+    target = FAMILIES[family].target(model)
+    if not target.sites:
         raise HnkitError(f"found no attention layers in this {family} model ({type(model).__name__})")
-    return family, sites
+    return target
+
+
+def find_sites(model) -> tuple[str, list[Site]]:
+    target = find_target(model)
+    return target.family, target.sites
 
 
 def model_name(model) -> str | None:

@@ -1,18 +1,24 @@
-"""Attention sites and the two ways hnkit feeds K and V a different input.
+"""Attention sites: facts about a model, and the two ways hnkit feeds K and V a different input.
 
-A *site* is one attention layer. ``site.install(transform)`` makes the layer compute K from
-``transform(x, 0)`` and V from ``transform(x, 1)``, where ``x`` is the tensor that used to feed
-both, and returns a function that undoes it. ``transform`` returns ``x`` itself (the same object)
-when it has nothing to do, and the layer then runs its original code: bit-identical outputs.
+A *site* is one attention layer. Its facts: a stable ``key``, the ``width`` of the tensor that feeds
+K and V, how to feed K and V through a kernel (``install``), how to fold a change of that input
+into the K/V weights (``fold``, for :func:`hnkit.fuse`), and whether its K/V input is the model
+call's shared context (``context``: the SD UNet's cross-attention). A family's file lists its sites
+with the helpers below; nothing here keeps state or decides how a kernel computes.
+
+``site.install(kernel)`` makes the layer compute K from ``kernel(x, 0)`` and V from
+``kernel(x, 1)``, where ``x`` is the tensor that used to feed both, and returns a function that
+undoes it. A kernel returns ``x`` itself (the same object) when it has nothing to do, and the layer
+then runs its original code: bit-identical outputs.
 
 - Separate K and V projections get a forward pre-hook each (a small object, no patching).
-- Where K and V are plain ``nn.Linear`` layers narrower than their input (grouped-query attention),
-  the site also has ``projections`` (:class:`Projections`): ``projections.install(fn)`` swaps them,
-  while attached, for :class:`KVProjection` stand-ins, so that a call may add to the projection's
-  output instead (:class:`hnkit.packed.FoldedKV`).
 - A fused QKV projection is swapped, while attached, for :class:`FusedQKV`, which holds the very
   same Parameter objects under the same names (``model.state_dict()`` is unchanged) and computes
   Q, K and V from three inputs with slices of the one weight.
+
+``site.fold(which, D, t)`` gives the new tensors of the K (``which`` 0) or V (1) projection when its
+input ``x`` becomes ``x + D x + t`` (float64 ``D`` and ``t``): ``[(module, name, tensor)]``, computed
+from the tensors the module holds now (so K's and V's folds into one fused weight compose).
 """
 
 from __future__ import annotations
@@ -25,33 +31,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Transform = Callable[[torch.Tensor, int], torch.Tensor]
+Kernel = Callable[[torch.Tensor, int], torch.Tensor]
+Fold = Callable[[int, torch.Tensor, torch.Tensor], list]
 
 
 @dataclass
 class Site:
     key: str  # stable name of the attention layer, e.g. "layers.3.self_attn"
     width: int  # last dimension of the tensor that feeds K and V
-    install: Callable[[Transform], Callable[[], None]]
-    projections: Projections | None = None  # separate K and V Linear layers narrower than their input
+    install: Callable[[Kernel], Callable[[], None]]
+    fold: Fold
+    context: bool = False  # K/V input is the model call's context, the same tensor at every such site
 
 
 @dataclass
-class Projections:
-    """A site's K and V projections, plain ``nn.Linear`` layers that ``parent`` holds under ``names``.
-    ``install(fn)`` swaps them, while attached, for :class:`KVProjection` stand-ins computing
-    ``fn(x, linear, which)``, and returns a function that puts them back."""
+class Target:
+    """What hnkit knows of one model: its family, its sites, and two facts about a call of the model
+    (the root module ``attach`` was given): ``rows(args, kwargs)``, the rows of a site's K/V input in
+    that call (an upper bound where sites differ), and ``context(args, kwargs)``, the tensor fed to
+    the K/V of every ``context`` site (None where the family has none)."""
 
-    k: nn.Linear
-    v: nn.Linear
-    parent: nn.Module
-    names: tuple[str, str]
-
-    def install(self, fn) -> Callable[[], None]:
-        linears = (self.k, self.v)
-        for which, (name, linear) in enumerate(zip(self.names, linears)):
-            setattr(self.parent, name, KVProjection(linear, fn, which))
-        return lambda: [setattr(self.parent, name, linear) for name, linear in zip(self.names, linears)]
+    family: str
+    sites: list[Site]
+    rows: Callable[[tuple, dict], int]
+    context: Callable[[tuple, dict], torch.Tensor | None] | None = None
 
 
 def matching_modules(model: nn.Module, pattern: str):
@@ -64,67 +67,58 @@ def matching_modules(model: nn.Module, pattern: str):
             yield m.group(1), module
 
 
-class _InputHook:
-    """Forward pre-hook that replaces a projection's input by ``transform(input, which)``."""
+def token_rows(args: tuple, kwargs: dict) -> int:
+    """Rows of every site's K/V input in a call of a causal LM: the tokens of ``input_ids`` or
+    ``inputs_embeds``."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor):
+        return ids.numel()
+    embeds = kwargs.get("inputs_embeds")
+    return embeds.shape[:-1].numel() if isinstance(embeds, torch.Tensor) else 0
 
-    def __init__(self, transform: Transform, which: int):
-        self.transform = transform
+
+class _InputHook:
+    """Forward pre-hook that replaces a projection's input by ``kernel(input, which)``."""
+
+    def __init__(self, kernel: Kernel, which: int):
+        self.kernel = kernel
         self.which = which
 
     def __call__(self, module, args, kwargs):
         if args:
             x = args[0]
-            y = self.transform(x, self.which)
+            y = self.kernel(x, self.which)
             return None if y is x else ((y, *args[1:]), kwargs)
         x = kwargs["input"]
-        y = self.transform(x, self.which)
+        y = self.kernel(x, self.which)
         return None if y is x else (args, {**kwargs, "input": y})
 
 
-class KVProjection(nn.Module):
-    """Stand-in for a separate K or V projection (a plain ``nn.Linear``) while attached, for sites that
-    sometimes add to the projection's output instead of changing its input (:class:`hnkit.packed.FoldedKV`).
-    It holds the very same Parameter objects under the same names (``model.state_dict()`` is
-    unchanged), and ``forward(x)`` is ``fn(x, linear, which)``. A stand-in, not a forward hook: a
-    module with a forward hook costs PyTorch more per call than one with a pre-hook, enough to show in
-    ``generate()``."""
-
-    def __init__(self, linear: nn.Linear, fn, which: int):
-        super().__init__()
-        self.weight = linear.weight  # the same Parameter objects, under the same names
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.__dict__["linear"] = linear  # not a submodule: state_dict keys stay as they were
-        self.__dict__["fn"] = fn
-        self.__dict__["which"] = which
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, self.linear, self.which)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, hypernetwork attached"
+def fold_linear(proj: nn.Linear, D: torch.Tensor, t: torch.Tensor) -> list:
+    """``W (x + D x + t) + b = (W + W D) x + (b + W t)`` for a ``nn.Linear``; adds a bias where it had none."""
+    w = proj.weight.detach().double()
+    b = proj.bias.detach().double() if proj.bias is not None else w.new_zeros(w.shape[0])
+    D, t = D.to(w.device), t.to(w.device)
+    dtype = proj.weight.dtype
+    return [(proj, "weight", torch.addmm(w, w, D).to(dtype)), (proj, "bias", torch.addmv(b, w, t).to(dtype))]
 
 
-def separate_kv_site(key: str, k_proj: nn.Module, v_proj: nn.Module, width: int,
-                     parent: nn.Module | None = None, names: tuple[str, str] = ("k_proj", "v_proj")) -> Site:
-    def install(transform: Transform):
+def separate_kv_site(key: str, k_proj: nn.Linear, v_proj: nn.Linear, width: int, context: bool = False) -> Site:
+    def install(kernel: Kernel):
         handles = [
-            k_proj.register_forward_pre_hook(_InputHook(transform, 0), with_kwargs=True),
-            v_proj.register_forward_pre_hook(_InputHook(transform, 1), with_kwargs=True),
+            k_proj.register_forward_pre_hook(_InputHook(kernel, 0), with_kwargs=True),
+            v_proj.register_forward_pre_hook(_InputHook(kernel, 1), with_kwargs=True),
         ]
         return lambda: [h.remove() for h in handles]
 
-    narrow = parent is not None and all(
-        type(p) is nn.Linear and p.out_features < p.in_features and getattr(parent, n) is p
-        for n, p in zip(names, (k_proj, v_proj)))
-    return Site(key, width, install, Projections(k_proj, v_proj, parent, names) if narrow else None)
+    return Site(key, width, install, lambda which, D, t: fold_linear((k_proj, v_proj)[which], D, t), context)
 
 
 def separate_kv_sites(model: nn.Module, pattern: str, k: str = "k_proj", v: str = "v_proj") -> list[Site]:
     sites = []
     for key, attn in matching_modules(model, pattern):
         k_proj, v_proj = getattr(attn, k), getattr(attn, v)
-        sites.append(separate_kv_site(key, k_proj, v_proj, k_proj.in_features, attn, (k, v)))
+        sites.append(separate_kv_site(key, k_proj, v_proj, k_proj.in_features))
     return sites
 
 
@@ -135,27 +129,27 @@ class FusedQKV(nn.Module):
     ``merge(q, k, v)`` lays the three results out as the fused projection would.
     """
 
-    def __init__(self, base: nn.Module, split, merge, transform: Transform):
+    def __init__(self, base: nn.Module, split, merge, kernel: Kernel):
         super().__init__()
         self.weight = base.weight  # the same Parameter objects, under the same names
         self.bias = base.bias
-        self.__dict__["base"] = base  # not a submodule: state_dict keys stay as they were
-        self.__dict__["split"] = split
-        self.__dict__["merge"] = merge
-        self.__dict__["transform"] = transform
+        self.base = [base]  # a list: not a submodule, so state_dict keys stay as they were
+        self.split = split
+        self.merge = merge
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kx, vx = self.transform(x, 0), self.transform(x, 1)
+        kx, vx = self.kernel(x, 0), self.kernel(x, 1)
         if kx is x and vx is x:
-            return self.base(x)
+            return self.base[0](x)
         (wq, bq), (wk, bk), (wv, bv) = self.split(self.weight, self.bias)
         return self.merge(F.linear(x, wq, bq), F.linear(kx, wk, bk), F.linear(vx, wv, bv))
 
 
-def fused_qkv_site(key: str, parent: nn.Module, attr: str, width: int, split, merge) -> Site:
-    def install(transform: Transform):
+def fused_qkv_site(key: str, parent: nn.Module, attr: str, width: int, split, merge, fold: Fold) -> Site:
+    def install(kernel: Kernel):
         base = getattr(parent, attr)
-        setattr(parent, attr, FusedQKV(base, split, merge, transform))
+        setattr(parent, attr, FusedQKV(base, split, merge, kernel))
         return lambda: setattr(parent, attr, base)
 
-    return Site(key, width, install)
+    return Site(key, width, install, fold)

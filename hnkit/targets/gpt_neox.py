@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from .base import fused_qkv_site, matching_modules
+from .base import Target, fused_qkv_site, matching_modules, token_rows
 
 MODEL_TYPES = ("gpt_neox",)
 
@@ -21,11 +21,27 @@ def _merge(heads, q, k, v):
     return torch.stack([t.unflatten(-1, (heads, -1)) for t in (q, k, v)], dim=-2).flatten(-3)
 
 
-def sites(model):
+def _fold(attn, heads):
+    def fold(which, D, t):
+        # K's or V's rows of each head see x + D x + t.
+        qkv = attn.query_key_value
+        w = qkv.weight.detach().double().clone()
+        b = qkv.bias.detach().double().clone() if qkv.bias is not None else w.new_zeros(w.shape[0])
+        D, t = D.to(w.device), t.to(w.device)
+        wv, bv = w.view(heads, 3, -1, w.shape[1]), b.view(heads, 3, -1)
+        rows = wv[:, 1 + which]
+        bv[:, 1 + which] += rows @ t
+        wv[:, 1 + which] = rows + rows @ D
+        return [(qkv, "weight", w.to(qkv.weight.dtype)), (qkv, "bias", b.to(qkv.weight.dtype))]
+
+    return fold
+
+
+def target(model) -> Target:
     heads = model.config.num_attention_heads
     split, merge = functools.partial(_split, heads), functools.partial(_merge, heads)
-    found = []
+    sites = []
     for key, attn in matching_modules(model, r"layers\.\d+\.attention"):
         qkv = attn.query_key_value
-        found.append(fused_qkv_site(key, attn, "query_key_value", qkv.in_features, split, merge))
-    return found
+        sites.append(fused_qkv_site(key, attn, "query_key_value", qkv.in_features, split, merge, _fold(attn, heads)))
+    return Target("gpt_neox", sites, token_rows)

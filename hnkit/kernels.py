@@ -1,0 +1,152 @@
+"""Site kernels: what one attention site does to its K/V input while hypernetworks are attached.
+
+A kernel is called as ``kernel(x, which)`` with ``which`` 0 for K's input and 1 for V's, and
+returns ``x + s * mlp(x)`` (or ``x`` itself when every effective strength is 0, so the site runs the
+model's own code). The effective strength of a network at a site is its strength (changed in place
+through the Attachment), times the site's layer factor, times the schedule's factor of the current
+pass. The kind of kernel is chosen once, when attaching (:func:`make_kernel`):
+
+- :class:`Chain`: the networks one after the other (the web UI's way; also one network alone);
+- :class:`Sum`: ``x + sum_i s_i * mlp_i(x)``, each network on the unmodified input;
+- :class:`Collapsed`: one linear network whose layers widen its input (the web UI's ``[1, 2, 1]``
+  linear): in a forward pass with enough rows, ``mlp(x) = x @ M.T + c`` with ``M`` multiplied out
+  once for the whole pass (:mod:`hnkit.passes`), a quarter of the arithmetic at every row;
+- :class:`Memo` wraps the kernel of a site fed the model call's context (the SD UNet's
+  cross-attention): its result for that tensor is computed once per pass (:mod:`hnkit.passes`).
+
+Kernels are pure functions of the parameters, the strengths and what the pass machinery set for the
+current pass, so gradient checkpointing can run them again in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .module import HypernetworkModule
+
+
+class Strengths:
+    """The values the kernels of one attachment read at call time, changed in place: one strength
+    per network (``values``) and the schedule's factor for the current forward pass (``scale``)."""
+
+    def __init__(self, values: list[float]):
+        self.values = values
+        self.scale = 1.0
+
+
+class Chain:
+    """``x`` through each network's K (or V) module in turn: ``x <- x + s * mlp(x)``."""
+
+    def __init__(self, entries, strengths: Strengths):
+        self.entries = entries  # [(index of the network, (k_module, v_module), layer factor)]
+        self.strengths = strengths
+
+    def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        values, scale = self.strengths.values, self.strengths.scale
+        for i, pair, factor in self.entries:
+            s = values[i] * factor * scale
+            if s != 0:
+                x = pair[which].forward(x, s)  # forward(): no nn.Module.__call__ at every layer and token
+        return x
+
+
+class Sum(Chain):
+    """``x + sum_i s_i * mlp_i(x)``, added left to right in the first module's dtype (fp32) and cast
+    back at the end, as HypernetworkModule.forward does for one module."""
+
+    def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        values, scale = self.strengths.values, self.strengths.scale
+        active = [(pair[which], values[i] * factor * scale) for i, pair, factor in self.entries]
+        active = [(module, s) for module, s in active if s != 0]
+        if not active:
+            return x
+        dtype = active[0][0].dtype
+        h = x if x.dtype == dtype else x.to(dtype)
+        out = h
+        for module, s in active:
+            y = module.residual(h if module.dtype == dtype else h.to(module.dtype))
+            out = torch.add(out, y if y.dtype == dtype else y.to(dtype), alpha=s)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def break_even_rows(module: HypernetworkModule) -> int | None:
+    """Rows (over a whole pass) from which multiplying a linear module out first costs less than
+    running its layers row by row: the product costs ``once`` multiply-adds, and then saves
+    ``per_row - d^2`` at every row. None where it never pays (not affine, or no wider than ``d x d``)."""
+    if not module.is_affine:
+        return None
+    linears = [m for m in module.linear if isinstance(m, torch.nn.Linear)]
+    d = module.dim
+    per_row = sum(m.in_features * m.out_features for m in linears)
+    once = sum(m.out_features * m.in_features * d for m in linears[1:])
+    if per_row <= d * d:
+        return None
+    return once // (per_row - d * d) + 1
+
+
+class Collapsed(Chain):
+    """One linear network whose layers widen its input. ``products`` is ``((M_k, c_k), (M_v, c_v))``
+    for the current pass, set by :mod:`hnkit.passes` when the pass's rows times ``sites`` (the sites
+    that share this kernel) reach ``break_even``, None otherwise: then the modules run as in Chain."""
+
+    def __init__(self, entries, strengths: Strengths):
+        super().__init__(entries, strengths)
+        (_, pair, _), = entries
+        self.pair = pair
+        self.break_even = break_even_rows(pair[0])
+        self.sites = 1  # set by attach
+        self.products = None
+
+    def prepare(self, rows: int) -> None:
+        """At the start of a pass of ``rows`` rows per site: the products if they pay, else None."""
+        self.products = tuple(m.affine() for m in self.pair) if rows * self.sites >= self.break_even else None
+
+    def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        (i, pair, factor), = self.entries
+        s = self.strengths.values[i] * factor * self.strengths.scale
+        if s == 0:
+            return x
+        if self.products is None:
+            return pair[which].forward(x, s)
+        m, c = self.products[which]
+        h = x if x.dtype == m.dtype else x.to(m.dtype)
+        out = torch.add(h, F.linear(h, m, c), alpha=s)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+class Memo:
+    """The kernel of a site fed the model call's context: ``results`` holds ``(context, (k_input,
+    v_input))`` for the current pass (set by :mod:`hnkit.passes`), returned when the site's input
+    *is* that tensor; any other input is computed by the kernel."""
+
+    def __init__(self, kernel: Chain, width: int):
+        self.kernel = kernel
+        self.width = width
+        self.results = None
+
+    def prepare(self, context: torch.Tensor | None) -> None:
+        """At the start of a pass: compute K's and V's input for the context once, unless a module
+        would draw random numbers (dropout in training: each layer draws its own mask, as the web UI)."""
+        self.results = None
+        if context is None or context.shape[-1] != self.width:
+            return
+        if any(m.training and m.has_dropout for _, pair, _ in self.kernel.entries for m in pair):
+            return
+        self.results = (context, (self.kernel(context, 0), self.kernel(context, 1)))
+
+    def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        results = self.results
+        if results is not None and results[0] is x:
+            return results[1][which]
+        return self.kernel(x, which)
+
+
+def make_kernel(entries, strengths: Strengths, blend: str) -> Chain:
+    """The kernel for a site's ``[(index, (k_module, v_module), factor)]``, chosen once."""
+    if len(entries) > 1:
+        return Sum(entries, strengths) if blend == "sum" else Chain(entries, strengths)
+    (_, (k, v), _), = entries
+    if not k.has_dropout and break_even_rows(k) is not None and break_even_rows(v) is not None:
+        return Collapsed(entries, strengths)
+    return Chain(entries, strengths)
