@@ -135,14 +135,14 @@ def ratio(v, base) -> float:
 
 @contextlib.contextmanager
 def memo_off():
-    """While inside, every attn2 runs its modules itself, as the web UI does: the UNet's context memo
-    stores nothing, so each site computes its own transform (the products it keeps stay)."""
-    fill = unet_target.ContextMemo._fill_context
-    unet_target.ContextMemo._fill_context = lambda self, context: None
+    """While inside, every attn2 runs its modules itself, as the web UI does: the Memo kernels
+    compute nothing at the start of a UNet call, so each site computes its own K/V input."""
+    prepare = Memo.prepare
+    Memo.prepare = lambda self, context: None
     try:
         yield
     finally:
-        unet_target.ContextMemo._fill_context = fill
+        Memo.prepare = prepare
 
 
 @contextlib.contextmanager

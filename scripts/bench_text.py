@@ -317,7 +317,7 @@ def main(argv=None) -> int:
 
     # Generation: batch 1, greedy, KV cache on, a fixed number of new tokens.
     model.eval()
-    hn_site.eval()  # as hnkit.load returns a network: eval mode takes the packed inference path
+    hn_site.eval()  # as hnkit.load returns a network
     hn_shared.eval()
     torch.manual_seed(1)
     prompt = torch.randint(3, vocab, (1, 16), device=device)
