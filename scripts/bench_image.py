@@ -50,7 +50,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
-from hnkit.cli import quiet_libraries  # noqa: E402
+from hnkit.commands.cli import quiet_libraries  # noqa: E402
 from hnkit.image import EncodedImages, ImageTask, SDModel  # noqa: E402
 from hnkit.targets import unet as unet_target  # noqa: E402
 from hnkit.trainer import make_optimizer  # noqa: E402

@@ -24,8 +24,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
-from hnkit.cli import main as hnkit_main  # noqa: E402
-from hnkit.cli import quiet_libraries  # noqa: E402
+from hnkit.commands.cli import main as hnkit_main  # noqa: E402
+from hnkit.commands.cli import quiet_libraries  # noqa: E402
 
 PHOTOS = {  # skimage.data name -> caption
     "astronaut": "a photo of an astronaut, portrait, flag, space suit",

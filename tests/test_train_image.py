@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import hnkit
-from hnkit.cli import main
+from hnkit.commands.cli import main
 from hnkit.image import ImageTask, encode_images, encode_prompts, fixed_loss, load_sd
 from hnkit.image_data import caption_from_name, process_tags, read_image_folder, read_templates, render_prompt
 from hnkit.testing import build_tiny_sd

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import hnkit
-from hnkit.cli import main
+from hnkit.commands.cli import main
 from hnkit.trainer import TrainConfig, lr_at, parse_step_string
 from conftest import with_option
 
@@ -233,8 +233,8 @@ def test_tokenized_blocks_are_cached(tiny_lm, tmp_path):
 def test_every_recipe_is_valid_and_shows_its_command():
     from pathlib import Path
 
-    from hnkit import train_image, train_text
-    from hnkit.options import read_recipe
+    from hnkit.commands import train_image, train_text
+    from hnkit.commands.options import read_recipe
 
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
     assert {"sd15_style.yaml", "sd21_style.yaml", "sdxl_style.yaml"} <= {p.name for p in recipes}

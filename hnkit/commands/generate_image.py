@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HnkitError, first_line
+from ..errors import HnkitError, first_line
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
@@ -60,7 +60,7 @@ def parse_strength(text: str, what: str) -> float:
 def parse_hypernetwork_spec(spec: str) -> tuple[Path, float]:
     """``FILE[:STRENGTH]`` -> (path, strength), with the rules of every hnkit command
     (:func:`hnkit.steer.parse_style_arg`)."""
-    from .steer import parse_style_arg
+    from ..steer import parse_style_arg
 
     file, strength = parse_style_arg(spec)
     return Path(file), strength
@@ -134,7 +134,7 @@ def load_pipeline(model: str, device: torch.device):
 
 
 def load_hypernetworks(specs: list[str]):
-    from .checkpoint import load
+    from ..checkpoint import load
 
     loaded = []
     for spec in specs:
@@ -162,7 +162,7 @@ def _free_name(folder: Path, stem: str, taken: set) -> Path:
 def _write_png(image, path: Path, info: dict) -> None:
     from PIL.PngImagePlugin import PngInfo
 
-    from .checkpoint import atomic_write
+    from ..checkpoint import atomic_write
 
     meta = PngInfo()
     meta.add_text("hnkit", json.dumps(info))
@@ -185,7 +185,7 @@ def make_grid(rows: list[list]):
 
 # -- the command -----------------------------------------------------------------------------------
 def run(args) -> None:
-    from .attach import attach
+    from ..attach import attach
 
     _check_numbers(args)
     grid = parse_grid(args.grid) if args.grid is not None else None
