@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .errors import HnkitError, first_line
 from .image_data import ImageRecord, load_image, process_tags, render_prompt, warn
-from .text import cache_root
+from .util import atomic_write, cache_root
 
 LATENT_SAMPLING = ("once", "deterministic", "random")
 
@@ -156,8 +156,6 @@ def encode_images(sd: SDModel, records: list[ImageRecord], resolution: int, devi
     is off."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save
-
-    from .checkpoint import atomic_write
 
     cache = cache_root() / "image" / f"{_latent_cache_key(records, resolution, sd.vae)}.safetensors"
     if disk_cache and cache.is_file():

@@ -38,9 +38,10 @@ from accelerate.utils import send_to_device, set_seed
 from torch import nn
 
 from .attach import attach
-from .checkpoint import atomic_write, save
+from .checkpoint import save
 from .errors import HnkitError
 from .models import enable_gradient_checkpointing
+from .util import atomic_write
 
 
 @dataclass

@@ -291,7 +291,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_sd, images, tmp_path, capsys):
 # -- caches ----------------------------------------------------------------------------------
 def test_latents_are_cached_on_disk_and_sampled_per_mode(tiny_sd, tmp_path, monkeypatch):
     from hnkit import image as image_mod
-    from hnkit.text import cache_root
+    from hnkit.util import cache_root
 
     sd = load_sd(str(tiny_sd["sd1"]))
     data = write_images(tmp_path / "data", n=4)

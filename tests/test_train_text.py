@@ -211,7 +211,8 @@ def test_bad_input_gives_one_clear_line_and_exit_2(tiny_lm, tmp_path, capsys):
 def test_tokenized_blocks_are_cached(tiny_lm, tmp_path):
     from transformers import AutoTokenizer
 
-    from hnkit.text import cache_root, tokenized_blocks
+    from hnkit.text import tokenized_blocks
+    from hnkit.util import cache_root
 
     tok = AutoTokenizer.from_pretrained(tiny_lm["model"])
     folder = tmp_path / "docs"

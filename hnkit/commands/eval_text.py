@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from ..plot import line_plot
     from ..text import context_length, load_causal_lm
+    from ..util import choose_device
     from .generate_text import check_styles_fit, load_styles, parse_factors
 
     factors = parse_factors(args.strengths)
@@ -104,8 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     styles = load_styles(args.hypernetwork)
     model, tokenizer = load_causal_lm(args.model)
     model.eval()
-    if args.device or torch.cuda.is_available():
-        model.to(args.device or "cuda")
+    model.to(choose_device(args.device))
     check_styles_fit(model, styles)
     ctx = context_length(model)
     if ctx is not None and args.block_size > ctx:
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
               "styles": {style: {"file": spec, "perplexity": per}
                          for (style, per), spec in zip(results.items(), args.hypernetwork)}}
     if args.json:
-        from ..checkpoint import atomic_write
+        from ..util import atomic_write
 
         atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=2).encode()))
         print(f"wrote {args.json}")

@@ -55,7 +55,7 @@ def parse_factors(text: str, option: str = "--strengths") -> list[float]:
 def load_styles(specs: list[str]):
     """``[(Hypernetwork, strength)]`` from ``FILE[:STRENGTH]`` arguments; files checked before any model loads."""
     from ..checkpoint import load
-    from ..steer import parse_style_arg
+    from ..util import parse_style_arg
 
     parsed = [parse_style_arg(spec) for spec in specs]
     return [(load(path), strength) for path, strength in parsed]
@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> list[str]:
     from rich.table import Table
 
     from ..text import load_causal_lm
+    from ..util import choose_device
 
     _check_options(args)
     factors = parse_factors(args.strengths) if args.strengths else None
@@ -156,13 +157,7 @@ def run(args: argparse.Namespace) -> list[str]:
     styles = load_styles(args.hypernetwork)
     model, tokenizer = load_causal_lm(args.model)
     model.eval()
-    if args.device:
-        model.to(args.device)
-    else:
-        import torch
-
-        if torch.cuda.is_available():
-            model.to("cuda")
+    model.to(choose_device(args.device))
     check_styles_fit(model, styles, args.fuse)
     gen = Generator(model, tokenizer, styles, blend=args.blend, fade_in=args.fade_in, fuse=args.fuse,
                     seed=args.seed, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
