@@ -53,7 +53,7 @@ import hnkit  # noqa: E402
 from hnkit.commands.cli import quiet_libraries  # noqa: E402
 from hnkit.image import EncodedImages, ImageTask, SDModel  # noqa: E402
 from hnkit.targets import unet as unet_target  # noqa: E402
-from hnkit.trainer import make_optimizer  # noqa: E402
+from hnkit.train_config import make_optimizer  # noqa: E402
 from bench_text import DTYPES, Variant, measure, middle_half, per_round, setup  # noqa: E402  (the same timing loop as the text bench)
 
 def parse_args(argv=None):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import hnkit
 from hnkit.commands.cli import main
-from hnkit.trainer import TrainConfig, lr_at, parse_step_string
+from hnkit.train_config import TrainConfig, lr_at, parse_step_string
 from conftest import with_option
 
 BASE = ["--batch-size", "4", "--block-size", "32", "--lr", "3e-3", "--log-every", "1"]
