@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
 from hnkit.commands.cli import quiet_libraries  # noqa: E402
-from hnkit.image import EncodedImages, ImageTask, SDModel  # noqa: E402
+from hnkit.image import ImageTask  # noqa: E402
+from hnkit.sd_model import EncodedImages, SDModel  # noqa: E402
 from hnkit.targets import unet as unet_target  # noqa: E402
 from hnkit.train_config import make_optimizer  # noqa: E402
 from bench_text import DTYPES, Variant, measure, middle_half, per_round, setup  # noqa: E402  (the same timing loop as the text bench)
@@ -91,7 +92,7 @@ def sd15_sized() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, int
 
 
 def tiny() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, int]:
-    from hnkit.image import load_sd
+    from hnkit.sd_model import load_sd
     from hnkit.testing import LATENT_SIZE, build_tiny_sd
 
     with tempfile.TemporaryDirectory() as folder:

@@ -61,8 +61,9 @@ def run(args: argparse.Namespace) -> Path:
     from accelerate import PartialState
 
     from .. import Hypernetwork, load, save
-    from ..image import ImageTask, encode_images, load_sd
+    from ..image import ImageTask
     from ..image_data import read_image_folder, read_templates
+    from ..sd_model import encode_images, load_sd
     from ..trainer import Trainer
 
     o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
