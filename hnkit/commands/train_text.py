@@ -23,7 +23,6 @@ OPTIONS = {
     "text_field": (str, "text", "field holding the text in .jsonl / datasets input"),
     **MODULE,
 }
-MODULE_OPTIONS = tuple(MODULE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
