@@ -92,15 +92,15 @@ def read_prompt(args) -> str:
 
 def check_styles_fit(model, styles, fuse: bool = False) -> None:
     """Refuse, before any generation, styles whose widths fit no attention layer of ``model``."""
-    from ..attach import _check_fits
-    from ..fuse import _require_linear
+    from ..attach import check_fits
+    from ..fuse import require_linear
     from ..targets import find_sites
 
     family, sites = find_sites(model)
     for hn, _ in styles:
-        _check_fits(hn, sites, family)
+        check_fits(hn, sites, family)
         if fuse:
-            _require_linear(hn, "fused")
+            require_linear(hn, "fused")
 
 
 class Generator:
