@@ -1,5 +1,5 @@
 """Benchmark hnkit on the Stable Diffusion UNet: every figure is a ratio against a baseline run in
-this process, on the same model and the same batch (DESIGN.md section 5). Nothing here asserts a time.
+this process, on the same model and the same batch (see docs/design.md). Nothing here asserts a time.
 
     python scripts/bench_image.py                 # SD1.5-sized UNet, VAE and CLIP text encoder (random init),
                                                   # CPU fp32, batch 1, 64 x 64 latents, 77 x 768 context

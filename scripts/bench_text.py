@@ -1,5 +1,5 @@
 """Benchmark hnkit on a causal LM: every figure is a ratio against a baseline run in this process,
-on the same model and the same batch (DESIGN.md section 5). Nothing here asserts a time.
+on the same model and the same batch (see docs/design.md). Nothing here asserts a time.
 
     python scripts/bench_text.py                      # SmolLM2-135M, CPU fp32, batch 4 x 128 (~3 min, 2 cores)
     python scripts/bench_text.py --tiny               # small random Llama: a smoke run in seconds
