@@ -443,3 +443,6 @@ def attach(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", 
     handle = Attachment(model, entries, blend=blend, layers=layers, schedule=schedule)
     _attached[model] = handle
     return handle
+
+
+check_fits = _check_fits  # TEMP alias until the core rewrite lands the public name

@@ -211,3 +211,6 @@ def unfuse(model) -> None:
 
 def is_fused(model) -> bool:
     return model in _fused
+
+
+require_linear = _require_linear  # TEMP alias until the core rewrite lands the public name
