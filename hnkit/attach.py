@@ -305,5 +305,3 @@ def attach(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", 
     handle = Attachment(model, entries, blend=blend, layers=layers, schedule=schedule)
     _attached[model] = handle
     return handle
-
-_check_fits = check_fits  # TEMP until the layout branch lands

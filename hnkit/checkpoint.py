@@ -5,7 +5,7 @@ Native file: one ``.safetensors``; tensors are named ``<key>.<k|v>.<param>`` (``
 JSON object: format version, key list, module config, target family, base model, step, ...
 
 Web UI file: a ``torch.save``d dict, integer widths -> ``(k_state_dict, v_state_dict)``, plus the
-metadata keys of DESIGN.md section 2. It is a pickle, so it is only ever read with
+metadata keys listed in docs/design.md. It is a pickle, so it is only ever read with
 ``torch.load(weights_only=True)``; a file that needs anything more is refused.
 
 Optimizer sidecar: the web UI keeps an optimizer's state beside ``x.pt`` in ``x.pt.optim``, a dict
@@ -13,7 +13,8 @@ Optimizer sidecar: the web UI keeps an optimizer's state beside ``x.pt`` in ``x.
 of the SHA-256 of ``x.pt`` (so a stale sidecar is recognised). ``load`` reads it (weights_only,
 like the ``.pt``) into ``hn.optimizer_state``; saving a ``.pt`` writes it back with the new file's hash.
 
-Every write is atomic: a temporary file in the same folder, fsync, then rename.
+Every write is atomic (:func:`hnkit.util.atomic_write`): a temporary file in the same folder, fsync,
+then rename.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,35 +34,11 @@ from safetensors.torch import save as st_save
 
 from .errors import HnkitError, first_line
 from .hypernetwork import Hypernetwork, HypernetworkConfig
+from .util import atomic_write
 
 FORMAT_VERSION = 1
 A1111_SUFFIXES = (".pt", ".pth", ".ckpt")
 _A1111_EXTRA = ("sd_checkpoint", "sd_checkpoint_name", "optional_info")
-
-
-# -- atomic writes -------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    if path.is_dir():
-        raise HnkitError(f"{path}: is a directory, expected a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # -- save ----------------------------------------------------------------------------------------

@@ -146,5 +146,3 @@ def unfuse(model) -> None:
     if handle is None:
         raise HnkitError("this model has no fused hypernetwork")
     handle.remove()
-
-_require_linear = require_linear  # TEMP until the layout branch lands

@@ -4,7 +4,7 @@
     file -> RGB pixels resized and center-cropped to the training resolution
     caption -> prompt template (``[name]``, ``[filewords]``), tag dropout and shuffling
 
-No model here: :mod:`hnkit.image` encodes what this module reads.
+No model here: :mod:`hnkit.sd_model` encodes what this module reads.
 """
 
 from __future__ import annotations

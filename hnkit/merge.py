@@ -193,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     from .checkpoint import save
-    from .steer import parse_style_arg
+    from .util import parse_style_arg
 
     output = Path(args.output)
     styles = [parse_style_arg(text) for text in args.styles]

@@ -11,9 +11,7 @@ Strengths may be negative (steer away from a style) or above 1.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -158,24 +156,3 @@ def steer(model, styles, strength: float = 1.0, *, blend: str = "chain", layers=
     ``remove()``; strengths change in place with ``set_strength``."""
     entries = resolve_styles(styles, strength, library)
     return attach(model, entries, blend=blend, layers=layers, schedule=schedule)
-
-
-# -- FILE[:STRENGTH] on the command line ---------------------------------------------------------
-_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", re.IGNORECASE)
-
-
-def parse_style_arg(text: str, default: float = 1.0) -> tuple[str, float]:
-    """``"noir.pt:0.6"`` -> ``("noir.pt", 0.6)``, for every ``FILE[:STRENGTH]`` option of the CLI.
-    Only a trailing ``:number`` is a strength, so ``C:/styles/noir.pt`` and ``a:b.safetensors`` are
-    plain paths, and a name that exists as a file as a whole is never split."""
-    if Path(text).is_file():
-        return text, default
-    head, sep, tail = text.rpartition(":")
-    if sep and head and _NUMBER.fullmatch(tail.strip()):
-        value = float(tail)
-        if not math.isfinite(value):
-            raise HnkitError(f"{text}: bad strength {tail!r}, expected a finite number")
-        return head, value
-    if sep and head and Path(head).is_file():
-        raise HnkitError(f"{text}: bad strength {tail!r}, expected a number such as {head}:0.7")
-    return text, default

@@ -17,10 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import HnkitError, first_line
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HNKIT_CACHE", "~/.cache/hnkit")).expanduser()
+from .util import cache_root
 
 
 # -- model -------------------------------------------------------------------------------------

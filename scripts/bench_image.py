@@ -1,5 +1,5 @@
 """Benchmark hnkit on the Stable Diffusion UNet: every figure is a ratio against a baseline run in
-this process, on the same model and the same batch (DESIGN.md section 5). Nothing here asserts a time.
+this process, on the same model and the same batch (see docs/design.md). Nothing here asserts a time.
 
     python scripts/bench_image.py                 # SD1.5-sized UNet, VAE and CLIP text encoder (random init),
                                                   # CPU fp32, batch 1, 64 x 64 latents, 77 x 768 context
@@ -50,10 +50,11 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
-from hnkit.cli import quiet_libraries  # noqa: E402
-from hnkit.image import EncodedImages, ImageTask, SDModel  # noqa: E402
-from hnkit.targets import unet as unet_target  # noqa: E402
-from hnkit.trainer import make_optimizer  # noqa: E402
+from hnkit.commands.cli import quiet_libraries  # noqa: E402
+from hnkit.image import ImageTask  # noqa: E402
+from hnkit.sd_model import EncodedImages, SDModel  # noqa: E402
+from hnkit.kernels import Memo  # noqa: E402
+from hnkit.train_config import make_optimizer  # noqa: E402
 from bench_text import DTYPES, Variant, measure, middle_half, per_round, setup  # noqa: E402  (the same timing loop as the text bench)
 
 def parse_args(argv=None):
@@ -91,7 +92,7 @@ def sd15_sized() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, int
 
 
 def tiny() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, int]:
-    from hnkit.image import load_sd
+    from hnkit.sd_model import load_sd
     from hnkit.testing import LATENT_SIZE, build_tiny_sd
 
     with tempfile.TemporaryDirectory() as folder:

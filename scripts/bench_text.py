@@ -1,5 +1,5 @@
 """Benchmark hnkit on a causal LM: every figure is a ratio against a baseline run in this process,
-on the same model and the same batch (DESIGN.md section 5). Nothing here asserts a time.
+on the same model and the same batch (see docs/design.md). Nothing here asserts a time.
 
     python scripts/bench_text.py                      # SmolLM2-135M, CPU fp32, batch 4 x 128 (~3 min, 2 cores)
     python scripts/bench_text.py --tiny               # small random Llama: a smoke run in seconds
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
 from hnkit.targets import find_sites  # noqa: E402
-from hnkit.trainer import make_optimizer  # noqa: E402
+from hnkit.train_config import make_optimizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

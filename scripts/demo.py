@@ -19,10 +19,10 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hnkit  # noqa: E402
-from hnkit.cli import main as hnkit_main  # noqa: E402
+from hnkit.commands.cli import main as hnkit_main  # noqa: E402
+from hnkit.commands.options import read_recipe  # noqa: E402
+from hnkit.commands.train_text import OPTIONS  # noqa: E402
 from hnkit.text import TextTask, load_causal_lm, perplexity, split_blocks, tokenized_blocks  # noqa: E402
-from hnkit.options import read_recipe  # noqa: E402
-from hnkit.train_text import OPTIONS  # noqa: E402
 from prepare_pydoc_corpus import prepare_pydoc_corpus  # noqa: E402
 from prepare_smollm2 import prepare_smollm2  # noqa: E402
 

@@ -24,8 +24,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
-from hnkit.cli import main as hnkit_main  # noqa: E402
-from hnkit.cli import quiet_libraries  # noqa: E402
+from hnkit.commands.cli import main as hnkit_main  # noqa: E402
+from hnkit.commands.cli import quiet_libraries  # noqa: E402
 
 PHOTOS = {  # skimage.data name -> caption
     "astronaut": "a photo of an astronaut, portrait, flag, space suit",
@@ -67,7 +67,8 @@ def write_dataset(folder: Path) -> Path:
 
 def measure(model: Path, data: Path, hn, resolution: int, draws: int) -> tuple[float, float]:
     """Loss with the bare UNet and with ``hn`` attached, same fixed noise and timesteps."""
-    from hnkit.image import ImageTask, encode_images, fixed_loss, load_sd
+    from hnkit.image import ImageTask, fixed_loss
+    from hnkit.sd_model import encode_images, load_sd
     from hnkit.image_data import read_image_folder
 
     sd = load_sd(str(model))
@@ -85,7 +86,7 @@ def measure(model: Path, data: Path, hn, resolution: int, draws: int) -> tuple[f
 def previews(model: Path, hn, prompt: str, resolution: int, out: Path) -> Path:
     from PIL import Image
 
-    from hnkit.image import generate_images, load_sd
+    from hnkit.sd_model import generate_images, load_sd
 
     sd = load_sd(str(model))
     row = []

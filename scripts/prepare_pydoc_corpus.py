@@ -14,7 +14,7 @@ from pathlib import Path
 def prepare_pydoc_corpus(dest: str | os.PathLike | None = None) -> Path:
     from pydoc_data.topics import topics
 
-    from hnkit.text import cache_root
+    from hnkit.util import cache_root
 
     dest = Path(dest) if dest else cache_root() / "corpora" / "pydoc"
     dest.mkdir(parents=True, exist_ok=True)

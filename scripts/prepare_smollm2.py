@@ -19,7 +19,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def prepare_smollm2(dest: str | os.PathLike | None = None) -> Path:
-    from hnkit.text import cache_root
+    from hnkit.util import cache_root
 
     dest = Path(dest) if dest else cache_root() / "SmolLM2-135M-Instruct"
     if (dest / "config.json").exists() and (dest / "model.safetensors").exists():

@@ -7,7 +7,7 @@ import torch
 
 import hnkit
 from hnkit import Hypernetwork, HypernetworkConfig
-from hnkit.cli import main
+from hnkit.commands.cli import main
 
 
 def run(*args):

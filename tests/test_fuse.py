@@ -5,7 +5,7 @@ import torch
 
 import hnkit
 from hnkit import HnkitError, Hypernetwork, HypernetworkConfig
-from hnkit.cli import main
+from hnkit.commands.cli import main
 
 from conftest import FAMILIES
 

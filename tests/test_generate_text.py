@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hnkit
 from hnkit import Hypernetwork, HypernetworkConfig
-from hnkit.cli import build_parser, main
+from hnkit.commands.cli import build_parser, main
 from hnkit.text import perplexity, split_blocks, tokenized_blocks
 
 PROMPT = "The with statement is used to"
@@ -38,7 +38,7 @@ def continuation(lm, strength, seed=None, **options):
 
 
 def generate_text(*argv):
-    from hnkit.generate_text import run
+    from hnkit.commands.generate_text import run
 
     return run(build_parser().parse_args(["generate-text", *map(str, argv)]))
 

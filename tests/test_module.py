@@ -1,6 +1,5 @@
 """HypernetworkModule: the web UI's child order (it decides .pt key names), options and init."""
 
-import copy
 
 import pytest
 import torch

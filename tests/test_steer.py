@@ -7,7 +7,7 @@ import torch
 
 import hnkit
 from hnkit import HnkitError, Hypernetwork, HypernetworkConfig
-from hnkit.steer import parse_style_arg
+from hnkit.util import parse_style_arg
 
 STRONG = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", weight_init="XavierNormal")
 GREEDY = dict(do_sample=False, pad_token_id=0)

@@ -12,9 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import hnkit
-from hnkit.cli import main
-from hnkit.image import ImageTask, encode_images, encode_prompts, fixed_loss, load_sd
+from hnkit.commands.cli import main
+from hnkit.image import ImageTask, fixed_loss
 from hnkit.image_data import caption_from_name, process_tags, read_image_folder, read_templates, render_prompt
+from hnkit.sd_model import encode_images, encode_prompts, load_sd
 from hnkit.testing import build_tiny_sd
 from conftest import with_option
 
@@ -290,8 +291,8 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_sd, images, tmp_path, capsys):
 
 # -- caches ----------------------------------------------------------------------------------
 def test_latents_are_cached_on_disk_and_sampled_per_mode(tiny_sd, tmp_path, monkeypatch):
-    from hnkit import image as image_mod
-    from hnkit.text import cache_root
+    from hnkit import sd_model as image_mod
+    from hnkit.util import cache_root
 
     sd = load_sd(str(tiny_sd["sd1"]))
     data = write_images(tmp_path / "data", n=4)

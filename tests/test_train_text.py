@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import hnkit
-from hnkit.cli import main
-from hnkit.trainer import TrainConfig, lr_at, parse_step_string
+from hnkit.commands.cli import main
+from hnkit.train_config import TrainConfig, lr_at, parse_step_string
 from conftest import with_option
 
 BASE = ["--batch-size", "4", "--block-size", "32", "--lr", "3e-3", "--log-every", "1"]
@@ -211,7 +211,8 @@ def test_bad_input_gives_one_clear_line_and_exit_2(tiny_lm, tmp_path, capsys):
 def test_tokenized_blocks_are_cached(tiny_lm, tmp_path):
     from transformers import AutoTokenizer
 
-    from hnkit.text import cache_root, tokenized_blocks
+    from hnkit.text import tokenized_blocks
+    from hnkit.util import cache_root
 
     tok = AutoTokenizer.from_pretrained(tiny_lm["model"])
     folder = tmp_path / "docs"
@@ -233,8 +234,8 @@ def test_tokenized_blocks_are_cached(tiny_lm, tmp_path):
 def test_every_recipe_is_valid_and_shows_its_command():
     from pathlib import Path
 
-    from hnkit import train_image, train_text
-    from hnkit.options import read_recipe
+    from hnkit.commands import train_image, train_text
+    from hnkit.commands.options import read_recipe
 
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
     assert {"sd15_style.yaml", "sd21_style.yaml", "sdxl_style.yaml"} <= {p.name for p in recipes}

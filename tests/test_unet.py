@@ -15,7 +15,7 @@ from PIL import Image
 
 import hnkit
 from hnkit import HnkitError, Hypernetwork, HypernetworkConfig, HypernetworkModule
-from hnkit.cli import main
+from hnkit.commands.cli import main
 from hnkit.targets import find_sites
 from hnkit.testing import CONTEXT_WIDTH, KINDS, SELF_WIDTHS, build_tiny_sd
 
@@ -511,7 +511,7 @@ def test_generate_image_sdxl(sd_dirs, tmp_path):
 
 
 def test_hypernetwork_spec_parsing(tmp_path):
-    from hnkit.generate_image import parse_hypernetwork_spec as parse
+    from hnkit.commands.generate_image import parse_hypernetwork_spec as parse
 
     assert parse("ink.pt") == (Path("ink.pt"), 1.0)
     assert parse("ink.pt:0.75")[1] == 0.75 and parse("ink.pt:-1e-1")[1] == -0.1

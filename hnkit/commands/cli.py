@@ -6,14 +6,14 @@ import argparse
 import importlib
 import sys
 
-from .errors import HnkitError
+from ..errors import HnkitError
 
 
 def cmd_inspect(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .checkpoint import load
+    from ..checkpoint import load
 
     hn = load(args.file)
     c = hn.config
@@ -37,7 +37,7 @@ def cmd_inspect(args) -> None:
 def cmd_convert(args) -> None:
     from pathlib import Path
 
-    from .checkpoint import A1111_SUFFIXES, load, save
+    from ..checkpoint import A1111_SUFFIXES, load, save
 
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise HnkitError(f"{args.output}: output is the input file; choose another name")
@@ -51,25 +51,25 @@ def cmd_convert(args) -> None:
             print(f"note: the optimizer state in {args.input}.optim is not carried into {out.name}")
 
 
-# Commands that live in a module of their own, with add_arguments(parser) and run(args).
+# Commands that live in a module of their own (named under hnkit), with add_arguments(parser) and run(args).
 COMMANDS = {
-    "train-text": ("train_text", "train a hypernetwork on a text corpus (a style) for a causal LM"),
-    "train-image": ("train_image", "train a hypernetwork for a Stable Diffusion UNet on captioned images"),
-    "generate-text": ("generate_text", "continue a prompt with a causal LM steered by styles"),
-    "generate-image": ("generate_image", "generate images with a Stable Diffusion pipeline and hypernetworks"),
-    "eval-text": ("eval_text", "perplexity on a style and a neutral corpus across strengths, with a plot"),
+    "train-text": ("commands.train_text", "train a hypernetwork on a text corpus (a style) for a causal LM"),
+    "train-image": ("commands.train_image", "train a hypernetwork for a Stable Diffusion UNet on captioned images"),
+    "generate-text": ("commands.generate_text", "continue a prompt with a causal LM steered by styles"),
+    "generate-image": ("commands.generate_image", "generate images with a Stable Diffusion pipeline and hypernetworks"),
+    "eval-text": ("commands.eval_text", "perplexity on a style and a neutral corpus across strengths, with a plot"),
     "merge": ("merge", "merge weighted hypernetworks into one file (their sum blend, exactly)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="hnkit", description="NovelAI-style hypernetworks for LMs and SD.")
     parser.add_argument("--version", action="version", version=f"hnkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, text) in COMMANDS.items():
-        module = importlib.import_module(f".{module_name}", __package__)
+        module = importlib.import_module(f"hnkit.{module_name}")
         p = sub.add_parser(name, help=text)
         module.add_arguments(p)
         p.set_defaults(func=module.run)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import HnkitError
+from ..errors import HnkitError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +54,8 @@ def parse_factors(text: str, option: str = "--strengths") -> list[float]:
 
 def load_styles(specs: list[str]):
     """``[(Hypernetwork, strength)]`` from ``FILE[:STRENGTH]`` arguments; files checked before any model loads."""
-    from .checkpoint import load
-    from .steer import parse_style_arg
+    from ..checkpoint import load
+    from ..util import parse_style_arg
 
     parsed = [parse_style_arg(spec) for spec in specs]
     return [(load(path), strength) for path, strength in parsed]
@@ -92,15 +92,15 @@ def read_prompt(args) -> str:
 
 def check_styles_fit(model, styles, fuse: bool = False) -> None:
     """Refuse, before any generation, styles whose widths fit no attention layer of ``model``."""
-    from .attach import _check_fits
-    from .fuse import _require_linear
-    from .targets import find_sites
+    from ..attach import check_fits
+    from ..fuse import require_linear
+    from ..targets import find_sites
 
     family, sites = find_sites(model)
     for hn, _ in styles:
-        _check_fits(hn, sites, family)
+        check_fits(hn, sites, family)
         if fuse:
-            _require_linear(hn, "fused")
+            require_linear(hn, "fused")
 
 
 class Generator:
@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> list[str]:
     from rich.console import Console
     from rich.table import Table
 
-    from .text import load_causal_lm
+    from ..text import load_causal_lm
+    from ..util import choose_device
 
     _check_options(args)
     factors = parse_factors(args.strengths) if args.strengths else None
@@ -156,13 +157,7 @@ def run(args: argparse.Namespace) -> list[str]:
     styles = load_styles(args.hypernetwork)
     model, tokenizer = load_causal_lm(args.model)
     model.eval()
-    if args.device:
-        model.to(args.device)
-    else:
-        import torch
-
-        if torch.cuda.is_available():
-            model.to("cuda")
+    model.to(choose_device(args.device))
     check_styles_fit(model, styles, args.fuse)
     gen = Generator(model, tokenizer, styles, blend=args.blend, fade_in=args.fade_in, fuse=args.fuse,
                     seed=args.seed, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import HnkitError
 from . import options as shared
-from .errors import HnkitError
 from .options import MODULE, TEXTS, TRAINING
 
 # option name -> (type, default, help). The YAML recipes use the same names with underscores.
@@ -23,7 +23,6 @@ OPTIONS = {
     "text_field": (str, "text", "field holding the text in .jsonl / datasets input"),
     **MODULE,
 }
-MODULE_OPTIONS = tuple(MODULE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     import torch
 
-    from . import Hypernetwork, load
-    from .text import TextTask, context_length, default_prompts, load_causal_lm, split_blocks, tokenized_blocks
-    from .trainer import Trainer
+    from .. import Hypernetwork, load
+    from ..text import TextTask, context_length, default_prompts, load_causal_lm, split_blocks, tokenized_blocks
+    from ..trainer import Trainer
 
     o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
     output = shared.check_output(o)

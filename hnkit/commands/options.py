@@ -12,11 +12,11 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from .errors import HnkitError, first_line
+from ..errors import HnkitError, first_line
 
 NUMBERS, TEXTS = "numbers", "texts"
 
-# The trainer's options (hnkit/trainer.py TrainConfig), the same for every task.
+# The trainer's options (hnkit/train_config.py TrainConfig), the same for every task.
 TRAINING = {
     "output": (str, "runs/hypernetwork", "output folder"),
     "name": (str, "hypernetwork", "name of the hypernetwork (and of the final file)"),
@@ -142,7 +142,7 @@ def check_output(opts: dict) -> Path:
 
 
 def module_config(opts: dict):
-    from .hypernetwork import HypernetworkConfig
+    from ..hypernetwork import HypernetworkConfig
 
     module = {k: opts[k] for k in MODULE}
     module["activation"] = None if module["activation"] in (None, "linear") else module["activation"]
@@ -150,7 +150,7 @@ def module_config(opts: dict):
 
 
 def train_config(opts: dict, output: Path):
-    from .trainer import TrainConfig
+    from ..train_config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in opts.items() if k in names}, output_dir=str(output))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HnkitError
+from ..errors import HnkitError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def held_out_blocks(data, tokenizer, block_size, val_fraction, seed, max_blocks, text_field="text"):
     """The style corpus's validation blocks, as train-text splits them (all blocks if there are none)."""
-    from .text import split_blocks, tokenized_blocks
+    from ..text import split_blocks, tokenized_blocks
 
     blocks = tokenized_blocks(data, tokenizer, block_size, text_field)
     _, val = split_blocks(blocks, val_fraction, seed)
@@ -52,7 +52,7 @@ def held_out_blocks(data, tokenizer, block_size, val_fraction, seed, max_blocks,
 
 
 def sample_blocks(data, tokenizer, block_size, seed, max_blocks, text_field="text"):
-    from .text import tokenized_blocks
+    from ..text import tokenized_blocks
 
     blocks = tokenized_blocks(data, tokenizer, block_size, text_field)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
@@ -63,7 +63,7 @@ def sweep(model, styles, corpora: dict, factors: list[float], batch_size: int = 
     """``{style name: {corpus name: [perplexity per factor]}}``; factor 0 is the bare model, measured once."""
     import hnkit
 
-    from .text import perplexity
+    from ..text import perplexity
 
     bare = {name: perplexity(model, blocks, batch_size) for name, blocks in corpora.items()}
     results = {}
@@ -90,9 +90,10 @@ def run(args: argparse.Namespace) -> dict:
     from rich.console import Console
     from rich.table import Table
 
+    from ..plot import line_plot
+    from ..text import context_length, load_causal_lm
+    from ..util import choose_device
     from .generate_text import check_styles_fit, load_styles, parse_factors
-    from .plot import line_plot
-    from .text import context_length, load_causal_lm
 
     factors = parse_factors(args.strengths)
     for option in ("block_size", "max_blocks", "batch_size"):
@@ -104,8 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     styles = load_styles(args.hypernetwork)
     model, tokenizer = load_causal_lm(args.model)
     model.eval()
-    if args.device or torch.cuda.is_available():
-        model.to(args.device or "cuda")
+    model.to(choose_device(args.device))
     check_styles_fit(model, styles)
     ctx = context_length(model)
     if ctx is not None and args.block_size > ctx:
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
               "styles": {style: {"file": spec, "perplexity": per}
                          for (style, per), spec in zip(results.items(), args.hypernetwork)}}
     if args.json:
-        from .checkpoint import atomic_write
+        from ..util import atomic_write
 
         atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=2).encode()))
         print(f"wrote {args.json}")

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import HnkitError, first_line
+from ..errors import HnkitError, first_line
+from ..util import choose_device, parse_style_arg
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
@@ -59,9 +61,7 @@ def parse_strength(text: str, what: str) -> float:
 
 def parse_hypernetwork_spec(spec: str) -> tuple[Path, float]:
     """``FILE[:STRENGTH]`` -> (path, strength), with the rules of every hnkit command
-    (:func:`hnkit.steer.parse_style_arg`)."""
-    from .steer import parse_style_arg
-
+    (:func:`hnkit.util.parse_style_arg`)."""
     file, strength = parse_style_arg(spec)
     return Path(file), strength
 
@@ -87,18 +87,6 @@ def _check_numbers(args) -> None:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise HnkitError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HnkitError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def _pipeline_class(model: str):
     """StableDiffusionXLPipeline or StableDiffusionPipeline, read from a local folder's
     model_index.json; DiffusionPipeline (which reads it itself) for a hub id."""
@@ -134,7 +122,7 @@ def load_pipeline(model: str, device: torch.device):
 
 
 def load_hypernetworks(specs: list[str]):
-    from .checkpoint import load
+    from ..checkpoint import load
 
     loaded = []
     for spec in specs:
@@ -162,7 +150,7 @@ def _free_name(folder: Path, stem: str, taken: set) -> Path:
 def _write_png(image, path: Path, info: dict) -> None:
     from PIL.PngImagePlugin import PngInfo
 
-    from .checkpoint import atomic_write
+    from ..util import atomic_write
 
     meta = PngInfo()
     meta.add_text("hnkit", json.dumps(info))
@@ -185,7 +173,7 @@ def make_grid(rows: list[list]):
 
 # -- the command -----------------------------------------------------------------------------------
 def run(args) -> None:
-    from .attach import attach
+    from ..attach import attach
 
     _check_numbers(args)
     grid = parse_grid(args.grid) if args.grid is not None else None
@@ -195,7 +183,7 @@ def run(args) -> None:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise HnkitError(f"{output}: exists and is not a folder")
-    device = _device(args.device)
+    device = choose_device(args.device)
     _pipeline_class(args.model)  # a missing model folder is reported before the hypernetworks are read
     networks = load_hypernetworks(args.hypernetwork)
     pipe = load_pipeline(args.model, device)

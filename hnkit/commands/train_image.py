@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import HnkitError
 from . import options as shared
-from .errors import HnkitError
 from .options import MODULE, TEXTS, TRAINING
 
 # option name -> (type, default, help). The YAML recipes use the same names with underscores.
@@ -60,10 +60,11 @@ def run(args: argparse.Namespace) -> Path:
     import torch
     from accelerate import PartialState
 
-    from . import Hypernetwork, load, save
-    from .image import ImageTask, encode_images, load_sd
-    from .image_data import read_image_folder, read_templates
-    from .trainer import Trainer
+    from .. import Hypernetwork, load, save
+    from ..image import ImageTask
+    from ..image_data import read_image_folder, read_templates
+    from ..sd_model import encode_images, load_sd
+    from ..trainer import Trainer
 
     o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
     output = shared.check_output(o)
