@@ -1,6 +1,5 @@
 """HypernetworkModule: the web UI's child order (it decides .pt key names), options and init."""
 
-
 import pytest
 import torch
 from torch import nn
