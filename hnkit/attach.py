@@ -33,9 +33,9 @@ from .targets import find_target
 
 BLENDS = ("chain", "sum")
 
-_attached: "weakref.WeakKeyDictionary[torch.nn.Module, Attachment]" = weakref.WeakKeyDictionary()
+attached_models: "weakref.WeakKeyDictionary[torch.nn.Module, Attachment]" = weakref.WeakKeyDictionary()
 # Models whose K/V weights have a hypernetwork folded in (hnkit.fuse); attach() refuses them.
-_fused: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+fused_models: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
 
 
 class Attachment:
@@ -184,8 +184,8 @@ class Attachment:
         for p in self._unfrozen:
             p.requires_grad_(True)
         self._unfrozen = []
-        if _attached.get(self.model) is self:
-            del _attached[self.model]
+        if attached_models.get(self.model) is self:
+            del attached_models[self.model]
 
     def __enter__(self) -> "Attachment":
         return self
@@ -296,12 +296,12 @@ def attach(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", 
     use it as a context manager or call ``remove()``. The hypernetworks are moved to the model's
     device and never registered inside it."""
     entries = as_entries(hypernetwork, strength)
-    if model in _fused:
+    if model in fused_models:
         raise HnkitError("this model has a hypernetwork fused into its weights: unfuse(model) first "
                          "(attaching on top of a fused network would apply a style twice)")
-    if model in _attached:
+    if model in attached_models:
         raise HnkitError("this model already has hypernetworks attached: remove() them first, "
                          "or attach a list of (hypernetwork, strength) pairs at once")
     handle = Attachment(model, entries, blend=blend, layers=layers, schedule=schedule)
-    _attached[model] = handle
+    attached_models[model] = handle
     return handle

@@ -279,14 +279,12 @@ def from_a1111(data, path: Path | str = "hypernetwork.pt") -> Hypernetwork:
         raise HnkitError(f"{path}: not a hypernetwork file (no integer width keys)")
     try:
         dropout_structure = data.get("dropout_structure")
-        use_dropout = (True if dropout_structure is not None and any(dropout_structure)
-                       else bool(data.get("use_dropout", False)))
         config = HypernetworkConfig(
             layer_structure=list(data.get("layer_structure") or [1, 2, 1]),
             activation=data.get("activation_func"),
             layer_norm=bool(data.get("is_layer_norm", False)),
             dropout_structure=list(dropout_structure) if dropout_structure is not None else None,
-            use_dropout=use_dropout,
+            use_dropout=bool(data.get("use_dropout", False)),  # the config derives it from the structure too
             last_layer_dropout=bool(data.get("last_layer_dropout", False)),
             activate_output=bool(data.get("activate_output", True)),
             weight_init=data.get("weight_initialization") or "Normal",

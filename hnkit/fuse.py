@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attach import _attached, _fused, as_entries, check_blend, check_fits, finite, layer_factors
+from .attach import attached_models, fused_models, as_entries, check_blend, check_fits, finite, layer_factors
 from .errors import HnkitError
 from .hypernetwork import Hypernetwork
 from .module import HypernetworkModule
@@ -99,14 +99,14 @@ class Fusion:
     # lifetime -------------------------------------------------------------------------------
     @property
     def fused(self) -> bool:
-        return _fused.get(self.model) is self
+        return fused_models.get(self.model) is self
 
     def remove(self) -> None:
         for module, name, original in reversed(self._saved):
             setattr(module, name, original)  # the same Parameter object, or None for an added bias
         self._saved = []
-        if _fused.get(self.model) is self:
-            del _fused[self.model]
+        if fused_models.get(self.model) is self:
+            del fused_models[self.model]
 
     def __enter__(self) -> "Fusion":
         return self
@@ -129,20 +129,20 @@ def fuse(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", la
     check_blend(blend)
     for hn, _ in entries:
         require_linear(hn, "fused")
-    if model in _attached:
+    if model in attached_models:
         raise HnkitError("this model has hypernetworks attached: remove() them before fusing "
                          "(fused and attached together would apply a style twice)")
-    if model in _fused:
+    if model in fused_models:
         raise HnkitError("this model already has a hypernetwork fused into its weights: unfuse(model) first, "
                          "or fuse a list of (hypernetwork, strength) pairs at once")
     handle = Fusion(model, entries, blend, layers)
-    _fused[model] = handle
+    fused_models[model] = handle
     return handle
 
 
 def unfuse(model) -> None:
     """Put back the model's original K/V weights (the same Parameter objects); remove added biases."""
-    handle = _fused.get(model)
+    handle = fused_models.get(model)
     if handle is None:
         raise HnkitError("this model has no fused hypernetwork")
     handle.remove()

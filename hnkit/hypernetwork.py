@@ -136,9 +136,13 @@ class Hypernetwork(nn.Module):
         k, v = self.pairs[self._module_name(key)]
         return k, v
 
+    def key_for(self, site):
+        """The key of the pair that applies at an attention site: its name, or its input width."""
+        return site.key if self.config.per_site else site.width
+
     def pair_for(self, site):
         """The ``(k, v)`` pair that applies at an attention site, or None."""
-        key = site.key if self.config.per_site else site.width
+        key = self.key_for(site)
         return self[key] if key in self else None
 
     def __repr__(self) -> str:
@@ -158,7 +162,7 @@ class Hypernetwork(nn.Module):
         family, sites = find_sites(model)
         hn = cls(config, name=name, family=family, base_model=model_name(model), **kwargs)
         for site in sites:
-            key = site.key if config.per_site else site.width
+            key = hn.key_for(site)
             if key not in hn:
                 hn.add_pair(key, site.width)
         return hn

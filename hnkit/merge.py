@@ -35,10 +35,10 @@ _NOT_ELEMENTWISE = {"softmax", "softmin", "logsoftmax", "softmax2d", "glu", "mul
 def merge(styles, *, blend: str = "sum", name: str = "merged", library=None) -> Hypernetwork:
     """One Hypernetwork equal to ``styles`` (a mapping ``{style: strength}`` or a list of pairs;
     styles as in :func:`hnkit.steer`) blended with ``blend``, when attached at strength 1."""
+    from .attach import check_blend
     from .steer import resolve_styles
 
-    if blend not in ("sum", "chain"):
-        raise HnkitError(f"unknown blend {blend!r}; use 'sum' or 'chain'")
+    check_blend(blend)
     entries = resolve_styles(styles, library=library)
     nets = [hn for hn, _ in entries]
     keyed_by = {hn.keyed_by for hn in nets}

@@ -143,7 +143,7 @@ def test_bad_models_and_widths_are_one_line_errors(load_unet, sd_dirs):
         hnkit.attach(unet, Hypernetwork(keys=[48]))
 
 
-# -- the web UI's math, written out from DESIGN.md section 2 ---------------------------------------
+# -- the web UI's math, written out from docs/design.md section 2 ------------------------------------
 _ACTIVATIONS = {"relu": F.relu, "swish": F.hardswish, "tanh": torch.tanh, "elu": F.elu, "sigmoid": torch.sigmoid,
                 "leakyrelu": F.leaky_relu, "gelu": F.gelu}
 
