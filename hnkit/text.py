@@ -158,21 +158,54 @@ def split_blocks(blocks: torch.Tensor, val_fraction: float, seed: int) -> tuple[
 
 
 # -- the task ----------------------------------------------------------------------------------
+class _Paired:
+    """Training blocks, each paired with a neutral block (prior preservation): block ``i`` with
+    neutral block ``i mod n``, so the pairs follow the data order and resume exactly."""
+
+    def __init__(self, blocks: torch.Tensor, n_neutral: int):
+        self.blocks, self.n_neutral = blocks, n_neutral
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int):
+        return self.blocks[i], i % self.n_neutral
+
+
 class TextTask:
-    """Causal-LM loss on packed blocks; previews are greedy continuations of fixed prompts."""
+    """Causal-LM loss on packed blocks; previews are greedy continuations of fixed prompts.
+
+    With ``preserve`` (a :class:`hnkit.preserve.Teacher` of neutral blocks), a training step also
+    runs half as many neutral blocks as style blocks in the same forward pass and adds
+    ``preserve_weight * KL(bare || attached)`` on them to the style's cross-entropy."""
 
     def __init__(self, model, tokenizer, hypernetwork, train_blocks, eval_blocks=None,
-                 sample_prompts=(), sample_tokens: int = 48):
+                 sample_prompts=(), sample_tokens: int = 48, preserve=None, preserve_weight: float = 1.0):
         self.model, self.tokenizer, self.hypernetwork = model, tokenizer, hypernetwork
         self.train_dataset, self.eval_dataset = train_blocks, eval_blocks
         self.sample_prompts, self.sample_tokens = list(sample_prompts), sample_tokens
+        self.preserve, self.preserve_weight = preserve, preserve_weight
+        if preserve is not None:
+            self.train_dataset = _Paired(train_blocks, len(preserve))
 
     def collate(self, examples) -> dict:
-        return {"input_ids": torch.stack(list(examples))}
+        if not isinstance(examples[0], tuple):  # validation blocks, or no preservation
+            return {"input_ids": torch.stack(list(examples))}
+        neutral = [j for _, j in examples][:max(1, len(examples) // 2)]
+        t = self.preserve
+        return {"input_ids": torch.stack([block for block, _ in examples]), "preserve_ids": t.blocks[neutral],
+                "teacher_logp": t.values[neutral], "teacher_index": t.indices[neutral]}
 
     def loss(self, batch) -> torch.Tensor:
         ids = batch["input_ids"]
-        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        if "preserve_ids" not in batch:
+            return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        from .preserve import coarse_kl
+
+        logits = self.model(input_ids=torch.cat([ids, batch["preserve_ids"]]), use_cache=False).logits
+        n = len(ids)
+        style = torch.nn.functional.cross_entropy(logits[:n, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        return style + self.preserve_weight * coarse_kl(batch["teacher_logp"], batch["teacher_index"], logits[n:])
 
     @torch.no_grad()
     def continuations(self, prompts, max_new_tokens: int | None = None) -> list[str]:

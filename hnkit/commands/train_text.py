@@ -21,6 +21,9 @@ OPTIONS = {
     "sample_prompts": (TEXTS, None, "prompts for samples (default: starts of validation blocks)"),
     "sample_tokens": (int, 48, "tokens per sample"),
     "text_field": (str, "text", "field holding the text in .jsonl / datasets input"),
+    "preserve_data": (str, None, "neutral text (same forms as --data) whose next-token distributions the "
+                                 "style should keep: adds a KL term to the loss (prior preservation)"),
+    "preserve_weight": (float, 1.0, "weight of the prior-preservation KL term"),
     **MODULE,
 }
 
@@ -40,6 +43,10 @@ def run(args: argparse.Namespace) -> Path:
     output = shared.check_output(o)
     if not Path(o["data"]).exists():
         raise HnkitError(f"{o['data']}: no such file or folder")
+    if o["preserve_data"] is not None and not Path(o["preserve_data"]).exists():
+        raise HnkitError(f"--preserve-data {o['preserve_data']}: no such file or folder")
+    if o["preserve_weight"] < 0:
+        raise HnkitError(f"--preserve-weight must be 0 or more, got {o['preserve_weight']}")
     model, tokenizer = load_causal_lm(o["model"])
     ctx = context_length(model)
     if ctx is not None and o["block_size"] > ctx:
@@ -52,7 +59,16 @@ def run(args: argparse.Namespace) -> Path:
         torch.manual_seed(o["seed"])
         hn = Hypernetwork.for_model(model, shared.module_config(o), name=o["name"])
     prompts = o["sample_prompts"] or default_prompts(tokenizer, val if len(val) else train)
-    task = TextTask(model, tokenizer, hn, train, val, prompts, o["sample_tokens"])
+    teacher = None
+    if o["preserve_data"] is not None:
+        from ..preserve import Teacher
+
+        try:
+            neutral = tokenized_blocks(o["preserve_data"], tokenizer, o["block_size"], o["text_field"])
+        except HnkitError as exc:
+            raise HnkitError(f"--preserve-data {exc}") from None
+        teacher = Teacher(model, neutral)  # the bare model: nothing is attached yet
+    task = TextTask(model, tokenizer, hn, train, val, prompts, o["sample_tokens"], teacher, o["preserve_weight"])
     trainer = Trainer(task, shared.train_config(o, output))
     if o["resume"]:
         trainer.resume(o["resume"])
