@@ -6,7 +6,10 @@
    folder) and the corpus (Python's own pydoc_data topics, one document per topic);
 2. trains a hypernetwork with `hnkit train-text --config recipes/smollm2_pydoc_demo.yaml`;
 3. prints the held-out perplexity of the corpus with the bare model and with the hypernetwork
-   attached (it must fall), and greedy continuations at strengths 0, 0.5 and 1.
+   attached (it must fall), then a strength sweep on the style and on neutral text (this README):
+   the Pareto front of style gain against neutral cost and the recommended strength (the largest
+   style gain for at most 3 % more neutral perplexity), and greedy continuations at strengths 0,
+   the recommended one and 1.
 """
 
 import sys
@@ -20,6 +23,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 import hnkit  # noqa: E402
 from hnkit.commands.cli import main as hnkit_main  # noqa: E402
+from hnkit.commands.eval_text import sweep  # noqa: E402
+from hnkit.front import pareto_front, points, recommend  # noqa: E402
 from hnkit.commands.options import read_recipe  # noqa: E402
 from hnkit.commands.train_text import OPTIONS  # noqa: E402
 from hnkit.text import TextTask, load_causal_lm, perplexity, split_blocks, tokenized_blocks  # noqa: E402
@@ -29,6 +34,8 @@ from prepare_smollm2 import prepare_smollm2  # noqa: E402
 RECIPE = Path(__file__).parent.parent / "recipes" / "smollm2_pydoc_demo.yaml"
 PROMPTS = ["The with statement is used to", "Once upon a time, a young programmer"]
 VAL_BLOCKS = 24
+NEUTRAL = Path(__file__).parent.parent / "README.md"  # modern technical prose the style should leave alone
+FACTORS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def main() -> None:
@@ -60,10 +67,24 @@ def main() -> None:
     table.add_row("change", f"{(after - before) / before:+.1%}")
     console.print(table)
 
+    neutral = tokenized_blocks(NEUTRAL, tokenizer, recipe["block_size"])[:VAL_BLOCKS]
+    ppl = sweep(model, [(hn, 1.0)], {"style": val, "neutral": neutral}, FACTORS)[hn.name]
+    pts = points(FACTORS, ppl["style"], ppl["neutral"])
+    best = recommend(pts, 0.03)
+    table = Table("strength", "style perplexity", "neutral perplexity", "style gain", "neutral cost", "front",
+                  title=f"strength sweep: style = the held-out blocks, neutral = {len(neutral)} blocks of README.md")
+    front = pareto_front(pts)
+    for (f, gain, cost), s, n in zip(pts, ppl["style"], ppl["neutral"]):
+        table.add_row(f"{f:g}", f"{s:.2f}", f"{n:.2f}", f"{gain:+.1%}", f"{cost:+.1%}",
+                      "yes" if (f, gain, cost) in front else "")
+    console.print(table)
+    console.print(f"recommended strength {best[0]:g}: style perplexity {-best[1]:+.1%}, neutral {best[2]:+.1%} "
+                  "(the largest style gain for at most +3 % on neutral text)")
+
     task = TextTask(model, tokenizer, hn, val, sample_tokens=32)
     table = Table("strength", "prompt", "continuation (greedy, 32 tokens)", show_lines=True)
     with hnkit.attach(model, hn, strength=0.0) as handle:
-        for strength in (0.0, 0.5, 1.0):
+        for strength in sorted({0.0, best[0], 1.0}):
             handle.strength = strength
             for prompt, text in zip(PROMPTS, task.continuations(PROMPTS)):
                 table.add_row(f"{strength:g}", prompt, text.strip())

@@ -122,6 +122,15 @@ def test_eval_text_sweeps_strengths_and_plots(lm, tmp_path, capsys):
     assert ink["style"][0] == pytest.approx(bare, rel=1e-6) and away["style"][0] == ink["style"][0]
     assert ink["style"][1] == pytest.approx(half, rel=1e-6)
     assert len(set(ink["neutral"])) == 3 and ink["style"] != away["style"]
+    # The Pareto front and the recommendation: the largest style gain within the neutral cost limit.
+    assert "recommended strength" in out and "Pareto front" in out
+    with Image.open(tmp_path / "eval-front.png") as image:
+        assert image.format == "PNG"
+    rec = data["styles"]["ink"]["recommended"]
+    allowed = [(1 - s / ink["style"][0], f) for f, s, n in zip(data["factors"], ink["style"], ink["neutral"])
+               if n / ink["neutral"][0] - 1 <= 0.03]
+    assert rec["max_neutral_cost"] == 0.03 and rec["neutral_cost"] <= 0.03
+    assert rec["style_gain"] == pytest.approx(max(allowed)[0]) and rec["strength"] == rec["factor"] * 1.0
     assert main(["eval-text", "--model", lm["dir"], "--hypernetwork", str(lm["file"]),
                  "--style-data", str(tmp_path / "none")]) == 2
     assert "none: no such file or folder" in capsys.readouterr().err

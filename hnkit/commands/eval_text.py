@@ -30,7 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neutral-data", help="a corpus the style should leave alone (optional)")
     parser.add_argument("--strengths", default="0,0.25,0.5,0.75,1,1.25",
                         help="factors on each style's strength (default: 0,0.25,0.5,0.75,1,1.25)")
-    parser.add_argument("--plot", default="eval-text.png", help="PNG of perplexity against factor")
+    parser.add_argument("--plot", default="eval-text.png",
+                        help="PNG of perplexity against factor; with --neutral-data also NAME-front.png, "
+                             "style gain against neutral cost")
+    parser.add_argument("--max-neutral-cost", type=float, default=0.03,
+                        help="the recommended strength is the one with the largest style gain whose neutral "
+                             "perplexity rises by at most this fraction (default: 0.03, i.e. 3%%)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per block (default: 256)")
     parser.add_argument("--max-blocks", type=int, default=32, help="blocks measured per corpus (default: 32)")
@@ -77,6 +82,36 @@ def sweep(model, styles, corpora: dict, factors: list[float], batch_size: int = 
                     per_corpus[name].append(value)
         results[_unique(hn.name, results)] = per_corpus
     return results
+
+
+def report_front(results: dict, styles, factors, args, report: dict) -> None:
+    """Print each style's Pareto front and recommended strength, draw the fronts, add both to ``report``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..front import pareto_front, points, recommend
+    from ..plot import line_plot
+
+    console, curves = Console(), {}
+    for (name, per), (_, strength) in zip(results.items(), styles):
+        pts = points(factors, per["style"], per["neutral"])
+        front = pareto_front(pts)
+        best = recommend(pts, args.max_neutral_cost)
+        table = Table("factor", "strength", "style gain", "neutral cost", title=f"{name}: Pareto front")
+        for f, gain, cost in front:
+            table.add_row(f"{f:g}", f"{f * strength:g}", f"{gain:+.1%}", f"{cost:+.1%}")
+        console.print(table)
+        print(f"{name}: recommended strength {best[0] * strength:g} (factor {best[0]:g}): style perplexity "
+              f"{-best[1]:+.1%}, neutral {best[2]:+.1%} (limit {args.max_neutral_cost:+.1%})")
+        curves[name] = [(100 * cost, 100 * gain) for _, gain, cost in front]
+        report["styles"][name].update(
+            front=[{"factor": f, "style_gain": g, "neutral_cost": c} for f, g, c in front],
+            recommended={"factor": best[0], "strength": best[0] * strength, "style_gain": best[1],
+                         "neutral_cost": best[2], "max_neutral_cost": args.max_neutral_cost})
+    stem = Path(args.plot)
+    path = line_plot(curves, stem.with_name(f"{stem.stem}-front{stem.suffix or '.png'}"),
+                     title="Pareto front: style gain % (up) against neutral cost % (right)")
+    print(f"wrote {path}")
 
 
 def _unique(name: str, taken) -> str:
@@ -131,6 +166,8 @@ def run(args: argparse.Namespace) -> dict:
               "blocks": {name: len(b) for name, b in corpora.items()},
               "styles": {style: {"file": spec, "perplexity": per}
                          for (style, per), spec in zip(results.items(), args.hypernetwork)}}
+    if "neutral" in corpora:
+        report_front(results, styles, factors, args, report)
     if args.json:
         from ..util import atomic_write
 
