@@ -46,7 +46,8 @@ def coarse_kl(teacher_logp: torch.Tensor, teacher_index: torch.Tensor, logits: t
     """Mean over positions of ``KL(p || q)`` where ``p`` is given by its top-k log-probabilities
     ``teacher_logp`` at vocabulary ids ``teacher_index`` (``[..., k]``), ``q = softmax(logits)``, both
     coarsened to those k tokens plus one bucket for the rest."""
-    q_logp = F.log_softmax(logits.float(), dim=-1).gather(-1, teacher_index)
+    logits = logits.float()
+    q_logp = logits.gather(-1, teacher_index) - torch.logsumexp(logits, dim=-1, keepdim=True)  # no full log_softmax
     p = teacher_logp.exp()
     top = (p * (teacher_logp - q_logp)).sum(-1)
     p_rest = (1 - p.sum(-1)).clamp_min(0)
