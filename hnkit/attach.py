@@ -30,6 +30,7 @@ from .hypernetwork import Hypernetwork
 from .kernels import Collapsed, Memo, Strengths, make_kernel
 from .passes import Passes
 from .targets import find_target
+from .targets.base import token_input
 
 BLENDS = ("chain", "sum")
 
@@ -102,9 +103,9 @@ class Attachment:
                     kernels[key, "memo"] = Memo(kernel, site.width)
                 kernel = kernels[key, "memo"]
             installs.append((site, kernel))
-        for kernel, n in collections.Counter(k.kernel if isinstance(k, Memo) else k for _, k in installs).items():
+        for kernel, n in collections.Counter(k for _, k in installs).items():
             if isinstance(kernel, Collapsed):
-                kernel.sites = n
+                kernel.sites = n  # a Memo's kernel runs once per pass (hnkit.passes)
         self.kernels = list(dict.fromkeys(k for _, k in installs))
         self._removers = [site.install(kernel) for site, kernel in installs]
         self.num_sites = len(installs)
@@ -160,9 +161,7 @@ class Attachment:
         if torch.is_grad_enabled():
             raise HnkitError("a strength schedule is for inference only: run under torch.no_grad() "
                              "(generate() does), or steer without a schedule to train or take gradients")
-        x = kwargs.get("input_ids", args[0] if args else None)
-        if x is None:
-            x = kwargs.get("inputs_embeds")
+        x = token_input(args, kwargs)
         if x is None:
             return
         past = cache_length(kwargs)

@@ -9,11 +9,9 @@ much worse it predicts everything else). The front keeps the points no other poi
 from __future__ import annotations
 
 
-def points(factors, style, neutral) -> list[tuple[float, float, float]]:
-    """``[(factor, style gain, neutral cost)]``, against the bare model's values (factor 0 if swept,
-    else the first value)."""
-    i0 = factors.index(0) if 0 in factors else 0
-    return [(f, 1 - s / style[i0], n / neutral[i0] - 1) for f, s, n in zip(factors, style, neutral)]
+def points(factors, style, neutral, bare_style: float, bare_neutral: float) -> list[tuple[float, float, float]]:
+    """``[(factor, style gain, neutral cost)]`` against the bare model's perplexities."""
+    return [(f, 1 - s / bare_style, n / bare_neutral - 1) for f, s, n in zip(factors, style, neutral)]
 
 
 def pareto_front(pts) -> list[tuple[float, float, float]]:

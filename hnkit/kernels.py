@@ -86,9 +86,9 @@ def break_even_rows(module: HypernetworkModule) -> int | None:
 
 
 class Collapsed(Chain):
-    """One linear network whose layers widen its input. ``products`` is ``((M_k, c_k), (M_v, c_v))``
-    for the current pass, set by :mod:`hnkit.passes` when the pass's rows times ``sites`` (the sites
-    that share this kernel) reach ``break_even``, None otherwise: then the modules run as in Chain."""
+    """One linear network whose layers widen its input. Its value for a pass (:mod:`hnkit.passes`)
+    is ``((M_k, c_k), (M_v, c_v))`` when the pass's rows times ``sites`` (the sites that share this
+    kernel) reach ``break_even``, None otherwise: then the modules run as in Chain."""
 
     def __init__(self, entries, strengths: Strengths):
         super().__init__(entries, strengths)
@@ -96,49 +96,51 @@ class Collapsed(Chain):
         self.pair = pair
         self.break_even = break_even_rows(pair[0])
         self.sites = 1  # set by attach
-        self.products = None
+        self.pending = []  # [(token, value, tensor)] of the passes that may still read them, newest last
 
-    def prepare(self, rows: int) -> None:
-        """At the start of a pass of ``rows`` rows per site: the products if they pay, else None."""
-        self.products = tuple(m.affine() for m in self.pair) if rows * self.sites >= self.break_even else None
+    def make(self, rows: int, sites: int | None = None):
+        """This kernel's value for a pass of ``rows`` rows per site: the products if they pay."""
+        if rows * (self.sites if sites is None else sites) < self.break_even:
+            return None
+        return tuple(m.affine() for m in self.pair)
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
         (i, pair, factor), = self.entries
         s = self.strengths.values[i] * factor * self.strengths.scale
         if s == 0:
             return x
-        if self.products is None:
+        products = self.pending[-1][1] if self.pending else None
+        if products is None:
             return pair[which].forward(x, s)
-        m, c = self.products[which]
+        m, c = products[which]
         h = x if x.dtype == m.dtype else x.to(m.dtype)
         out = torch.add(h, F.linear(h, m, c), alpha=s)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class Memo:
-    """The kernel of a site fed the model call's context: ``results`` holds ``(context, (k_input,
-    v_input))`` for the current pass (set by :mod:`hnkit.passes`), returned when the site's input
-    *is* that tensor; any other input is computed by the kernel."""
+    """The kernel of a site fed the model call's context. Its value for a pass (:mod:`hnkit.passes`)
+    is ``(context, (k_input, v_input))``, returned when the site's input *is* that tensor; any other
+    input is computed by the kernel."""
 
     def __init__(self, kernel: Chain, width: int):
         self.kernel = kernel
         self.width = width
-        self.results = None
+        self.pending = []  # [(token, value, tensor)], newest last
 
-    def prepare(self, context: torch.Tensor | None) -> None:
-        """At the start of a pass: compute K's and V's input for the context once, unless a module
-        would draw random numbers (dropout in training: each layer draws its own mask, as the web UI)."""
-        self.results = None
+    def make(self, context: torch.Tensor | None):
+        """K's and V's input for the context, computed once for the pass, unless a module would draw
+        random numbers (dropout in training: each layer draws its own mask, as in the web UI)."""
         if context is None or context.shape[-1] != self.width:
-            return
+            return None
         if any(m.training and m.has_dropout for _, pair, _ in self.kernel.entries for m in pair):
-            return
-        self.results = (context, (self.kernel(context, 0), self.kernel(context, 1)))
+            return None
+        return context, (self.kernel(context, 0), self.kernel(context, 1))
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        results = self.results
-        if results is not None and results[0] is x:
-            return results[1][which]
+        for _, value, _ in reversed(self.pending):
+            if value is not None and value[0] is x:
+                return value[1][which]
         return self.kernel(x, which)
 
 
@@ -147,6 +149,6 @@ def make_kernel(entries, strengths: Strengths, blend: str) -> Chain:
     if len(entries) > 1:
         return Sum(entries, strengths) if blend == "sum" else Chain(entries, strengths)
     (_, (k, v), _), = entries
-    if not k.has_dropout and break_even_rows(k) is not None and break_even_rows(v) is not None:
+    if not (k.has_dropout or v.has_dropout) and break_even_rows(k) is not None and break_even_rows(v) is not None:
         return Collapsed(entries, strengths)
     return Chain(entries, strengths)

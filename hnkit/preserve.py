@@ -21,36 +21,47 @@ from .errors import HnkitError
 TOP_K = 64
 
 
+_MASK = -1e30  # fills the top-k logits when summing the rest: finite, so no gradient becomes NaN
+
+
+def _log_rest(logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log of the probability outside ``index``: a log-sum-exp over the other tokens, never ``1 - sum``
+    (which cancels to 0 in fp32 once the top-k hold all but 1e-7 of the mass)."""
+    return torch.logsumexp(logp.scatter(-1, index, _MASK), dim=-1)
+
+
 class Teacher:
-    """The bare model's top-``k`` next-token log-probabilities on ``blocks`` ``[n, T]``, on the CPU."""
+    """The bare model's top-``k`` next-token log-probabilities on ``blocks`` ``[n, T]`` and the log of
+    the rest of the vocabulary's probability, kept on the CPU."""
 
     def __init__(self, model, blocks: torch.Tensor, k: int = TOP_K, batch_size: int = 8):
         if blocks.dim() != 2 or len(blocks) == 0:
             raise HnkitError("prior preservation needs at least one neutral block")
         self.blocks = blocks
         device = next(model.parameters()).device
-        values, indices = [], []
+        values, indices, rest = [], [], []
         with torch.no_grad():
             for i in range(0, len(blocks), batch_size):
                 logits = model(input_ids=blocks[i:i + batch_size].to(device), use_cache=False).logits
-                top = F.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+                logp = F.log_softmax(logits.float(), dim=-1)
+                top = logp.topk(min(k, logits.shape[-1]), dim=-1)
                 values.append(top.values.cpu())
                 indices.append(top.indices.cpu())
-        self.values, self.indices = torch.cat(values), torch.cat(indices)
+                rest.append(_log_rest(logp, top.indices).cpu())
+        self.values, self.indices, self.rest = torch.cat(values), torch.cat(indices), torch.cat(rest)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
 
-def coarse_kl(teacher_logp: torch.Tensor, teacher_index: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of ``KL(p || q)`` where ``p`` is given by its top-k log-probabilities
-    ``teacher_logp`` at vocabulary ids ``teacher_index`` (``[..., k]``), ``q = softmax(logits)``, both
-    coarsened to those k tokens plus one bucket for the rest."""
-    logits = logits.float()
-    q_logp = logits.gather(-1, teacher_index) - torch.logsumexp(logits, dim=-1, keepdim=True)  # no full log_softmax
-    p = teacher_logp.exp()
-    top = (p * (teacher_logp - q_logp)).sum(-1)
-    p_rest = (1 - p.sum(-1)).clamp_min(0)
-    q_rest = (1 - q_logp.exp().sum(-1)).clamp_min(1e-12)
-    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-12).log() - q_rest.log()), torch.zeros_like(p_rest))
+def coarse_kl(teacher_logp: torch.Tensor, teacher_index: torch.Tensor, teacher_rest: torch.Tensor,
+              logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of ``KL(p || q)``, ``p`` given by its top-k log-probabilities
+    ``teacher_logp`` at vocabulary ids ``teacher_index`` (``[..., k]``) and the log of its remaining
+    mass ``teacher_rest`` (``[...]``), ``q = softmax(logits)``; both coarsened to those k tokens plus
+    one bucket for the rest."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    q_top = logp.gather(-1, teacher_index)
+    top = (teacher_logp.exp() * (teacher_logp - q_top)).sum(-1)
+    rest = teacher_rest.exp() * (teacher_rest - _log_rest(logp, teacher_index))
     return (top + rest).mean()

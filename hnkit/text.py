@@ -160,7 +160,8 @@ def split_blocks(blocks: torch.Tensor, val_fraction: float, seed: int) -> tuple[
 # -- the task ----------------------------------------------------------------------------------
 class _Paired:
     """Training blocks, each paired with a neutral block (prior preservation): block ``i`` with
-    neutral block ``i mod n``, so the pairs follow the data order and resume exactly."""
+    neutral block ``i mod n``. A pair depends on nothing but ``i``, so a resumed run sees the same
+    pairs; with more neutral blocks than training blocks the extra ones are never used."""
 
     def __init__(self, blocks: torch.Tensor, n_neutral: int):
         self.blocks, self.n_neutral = blocks, n_neutral
@@ -184,9 +185,15 @@ class TextTask:
         self.model, self.tokenizer, self.hypernetwork = model, tokenizer, hypernetwork
         self.train_dataset, self.eval_dataset = train_blocks, eval_blocks
         self.sample_prompts, self.sample_tokens = list(sample_prompts), sample_tokens
-        self.preserve, self.preserve_weight = preserve, preserve_weight
+        self.preserve, self.preserve_weight = None, preserve_weight
         if preserve is not None:
-            self.train_dataset = _Paired(train_blocks, len(preserve))
+            self.use_preservation(preserve, preserve_weight)
+
+    def use_preservation(self, teacher, weight: float = 1.0) -> None:
+        """Train with prior preservation from now on (``teacher``: a :class:`hnkit.preserve.Teacher`
+        made from the model as training runs it, on its device and in its dtype)."""
+        self.preserve, self.preserve_weight = teacher, weight
+        self.train_dataset = _Paired(getattr(self.train_dataset, "blocks", self.train_dataset), len(teacher))
 
     def collate(self, examples) -> dict:
         if not isinstance(examples[0], tuple):  # validation blocks, or no preservation
@@ -194,7 +201,7 @@ class TextTask:
         neutral = [j for _, j in examples][:max(1, len(examples) // 2)]
         t = self.preserve
         return {"input_ids": torch.stack([block for block, _ in examples]), "preserve_ids": t.blocks[neutral],
-                "teacher_logp": t.values[neutral], "teacher_index": t.indices[neutral]}
+                "teacher_logp": t.values[neutral], "teacher_index": t.indices[neutral], "teacher_rest": t.rest[neutral]}
 
     def loss(self, batch) -> torch.Tensor:
         ids = batch["input_ids"]
@@ -205,7 +212,8 @@ class TextTask:
         logits = self.model(input_ids=torch.cat([ids, batch["preserve_ids"]]), use_cache=False).logits
         n = len(ids)
         style = torch.nn.functional.cross_entropy(logits[:n, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        return style + self.preserve_weight * coarse_kl(batch["teacher_logp"], batch["teacher_index"], logits[n:])
+        kl = coarse_kl(batch["teacher_logp"], batch["teacher_index"], batch["teacher_rest"], logits[n:])
+        return style + self.preserve_weight * kl
 
     @torch.no_grad()
     def continuations(self, prompts, max_new_tokens: int | None = None) -> list[str]:

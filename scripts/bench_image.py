@@ -138,12 +138,12 @@ def ratio(v, base) -> float:
 def memo_off():
     """While inside, every attn2 runs its modules itself, as the web UI does: the Memo kernels
     compute nothing at the start of a UNet call, so each site computes its own K/V input."""
-    prepare = Memo.prepare
-    Memo.prepare = lambda self, context: None
+    make = Memo.make
+    Memo.make = lambda self, context: None
     try:
         yield
     finally:
-        Memo.prepare = prepare
+        Memo.make = make
 
 
 @contextlib.contextmanager

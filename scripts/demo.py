@@ -68,8 +68,9 @@ def main() -> None:
     console.print(table)
 
     neutral = tokenized_blocks(NEUTRAL, tokenizer, recipe["block_size"])[:VAL_BLOCKS]
-    ppl = sweep(model, [(hn, 1.0)], {"style": val, "neutral": neutral}, FACTORS)[hn.name]
-    pts = points(FACTORS, ppl["style"], ppl["neutral"])
+    results, bare = sweep(model, [(hn, 1.0)], {"style": val, "neutral": neutral}, FACTORS)
+    ppl = results[hn.name]
+    pts = points(FACTORS, ppl["style"], ppl["neutral"], bare["style"], bare["neutral"])
     best = recommend(pts, 0.03)
     table = Table("strength", "style perplexity", "neutral perplexity", "style gain", "neutral cost", "front",
                   title=f"strength sweep: style = the held-out blocks, neutral = {len(neutral)} blocks of README.md")

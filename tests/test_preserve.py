@@ -29,15 +29,42 @@ def full_kl(teacher_logits, logits):
     return F.kl_div(F.log_softmax(logits.float(), -1), p, log_target=True, reduction="none").sum(-1).mean()
 
 
+def _top(teacher, k):
+    logp = F.log_softmax(teacher.float(), -1)
+    top = logp.topk(k, -1)
+    rest = torch.logsumexp(logp.scatter(-1, top.indices, float("-inf")), -1)
+    return top.values, top.indices, rest
+
+
 def test_the_coarse_kl_is_the_full_kl_with_the_whole_vocabulary_and_a_lower_bound_below():
     torch.manual_seed(0)
-    teacher, student = torch.randn(2, 5, 50) * 3, torch.randn(2, 5, 50) * 3
-    logp = F.log_softmax(teacher, -1)
-    whole = logp.topk(50, -1)
-    torch.testing.assert_close(coarse_kl(whole.values, whole.indices, student), full_kl(teacher, student))
-    top = logp.topk(8, -1)
-    assert 0 < coarse_kl(top.values, top.indices, student) <= full_kl(teacher, student) + 1e-6
-    assert coarse_kl(top.values, top.indices, teacher).abs() < 1e-6  # the same distribution: 0
+    teacher, student = torch.randn(2, 5, 50) * 3, (torch.randn(2, 5, 50) * 3).requires_grad_(True)
+    values, index, _ = _top(teacher, 50)
+    whole = coarse_kl(values, index, torch.full(values.shape[:-1], -1e30), student)
+    torch.testing.assert_close(whole, full_kl(teacher, student))
+    whole.backward()
+    assert torch.isfinite(student.grad).all()
+    top = _top(teacher, 8)
+    assert 0 < coarse_kl(*top, student) <= full_kl(teacher, student) + 1e-6
+    assert coarse_kl(*top, teacher).abs() < 1e-6  # the same distribution: 0
+
+
+def test_the_rest_bucket_stays_exact_when_the_student_is_overconfident():
+    """A student that puts all but 1e-10 of its mass on the teacher's top-k: the rest bucket is a
+    log-sum-exp, not 1 - sum (which is 0 in fp32), so value and gradient match a float64 reference."""
+    teacher = torch.zeros(1, 1, 40)
+    teacher[..., :4] = 2.0  # the teacher keeps about 0.27 of its mass outside its top 4
+    student = torch.full((1, 1, 40), -25.0)
+    student[..., :4] = 0.0
+    student.requires_grad_(True)
+    got = coarse_kl(*_top(teacher, 4), student)
+    got.backward()
+    ref_student = student.detach().double().requires_grad_(True)
+    want = coarse_kl(*[t.double() if t.is_floating_point() else t for t in _top(teacher.double(), 4)], ref_student)
+    want.backward()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(student.grad.double(), ref_student.grad, rtol=1e-4, atol=1e-9)
+    assert student.grad[..., 4:].abs().sum() > 0  # the push back towards the rest of the vocabulary
 
 
 @pytest.fixture
@@ -62,7 +89,7 @@ def kl_term(task, strength):
     batch = task.collate([task.train_dataset[i] for i in range(4)])
     with torch.no_grad(), hnkit.attach(task.model, task.hypernetwork, strength=strength):
         logits = task.model(input_ids=batch["preserve_ids"]).logits
-    return coarse_kl(batch["teacher_logp"], batch["teacher_index"], logits)
+    return coarse_kl(batch["teacher_logp"], batch["teacher_index"], batch["teacher_rest"], logits)
 
 
 def test_the_kl_term_is_zero_at_strength_0_and_for_an_identity_network(task):
@@ -78,7 +105,8 @@ def test_the_loss_adds_the_weighted_term_to_the_style_cross_entropy(task):
     assert len(batch["preserve_ids"]) == 2  # half as many neutral blocks as style blocks
     with torch.no_grad(), hnkit.attach(task.model, task.hypernetwork):
         style = task.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-        kl = coarse_kl(batch["teacher_logp"], batch["teacher_index"], task.model(input_ids=batch["preserve_ids"]).logits)
+        kl = coarse_kl(batch["teacher_logp"], batch["teacher_index"], batch["teacher_rest"],
+                       task.model(input_ids=batch["preserve_ids"]).logits)
         task.preserve_weight = 0.5
         torch.testing.assert_close(task.loss(batch), style + 0.5 * kl, rtol=1e-5, atol=1e-5)
     plain = task.collate([task.train_dataset.blocks[i] for i in range(4)])  # validation: the style alone

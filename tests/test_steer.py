@@ -52,7 +52,7 @@ def test_strength_zero_is_bit_identical_in_every_mode(load_tiny, ids):
 def test_one_style_in_a_mapping_equals_attaching_it(load_tiny, ids, tmp_path):
     model = load_tiny("gpt_neox")
     a, _ = two_styles(model)
-    a.eval()  # as hnkit.load returns it: eval mode takes the packed inference path, see test_attach
+    a.eval()  # as hnkit.load returns it
     with hnkit.attach(model, a, 0.7):
         attached = logits(model, ids)
     for blend in ("chain", "sum"):

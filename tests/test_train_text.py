@@ -271,8 +271,8 @@ def test_jsonl_and_saved_datasets_input_with_tensorboard(tiny_lm, tmp_path):
 
 
 def test_validation_during_training_sees_every_step(tiny_lm, tmp_path):
-    """A packed network keeps weights for passes without gradients; the trainer's fused AdamW must
-    not leave validation with the weights of its first pass."""
+    """Validation passes between the steps of the trainer's fused AdamW (which bumps no parameter
+    versions) see the weights of each step, not those of the first pass."""
     out = tmp_path / "run"
     assert main(train_args(tiny_lm, out, "--max-steps", 20, "--eval-every", 10, "--lr", "1e-2",
                            "--per-site", "--activation", "relu")) == 0

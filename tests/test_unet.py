@@ -334,7 +334,7 @@ def count_module_calls(monkeypatch):
 def _without_memo(monkeypatch):
     from hnkit.kernels import Memo
 
-    monkeypatch.setattr(Memo, "prepare", lambda self, context: None)
+    monkeypatch.setattr(Memo, "make", lambda self, context: None)
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])

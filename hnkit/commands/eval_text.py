@@ -64,8 +64,9 @@ def sample_blocks(data, tokenizer, block_size, seed, max_blocks, text_field="tex
     return blocks[order[:max_blocks]]
 
 
-def sweep(model, styles, corpora: dict, factors: list[float], batch_size: int = 8) -> dict:
-    """``{style name: {corpus name: [perplexity per factor]}}``; factor 0 is the bare model, measured once."""
+def sweep(model, styles, corpora: dict, factors: list[float], batch_size: int = 8) -> tuple[dict, dict]:
+    """``({style name: {corpus name: [perplexity per factor]}}, {corpus name: the bare model's
+    perplexity})``; factor 0 is the bare model, measured once."""
     import hnkit
 
     from ..text import perplexity
@@ -81,10 +82,10 @@ def sweep(model, styles, corpora: dict, factors: list[float], batch_size: int = 
                     value = bare[name] if strength * f == 0 else perplexity(model, blocks, batch_size)
                     per_corpus[name].append(value)
         results[_unique(hn.name, results)] = per_corpus
-    return results
+    return results, bare
 
 
-def report_front(results: dict, styles, factors, args, report: dict) -> None:
+def report_front(results: dict, bare: dict, styles, factors, args, report: dict) -> None:
     """Print each style's Pareto front and recommended strength, draw the fronts, add both to ``report``."""
     from rich.console import Console
     from rich.table import Table
@@ -94,7 +95,7 @@ def report_front(results: dict, styles, factors, args, report: dict) -> None:
 
     console, curves = Console(), {}
     for (name, per), (_, strength) in zip(results.items(), styles):
-        pts = points(factors, per["style"], per["neutral"])
+        pts = points(factors, per["style"], per["neutral"], bare["style"], bare["neutral"])
         front = pareto_front(pts)
         best = recommend(pts, args.max_neutral_cost)
         table = Table("factor", "strength", "style gain", "neutral cost", title=f"{name}: Pareto front")
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.neutral_data:
         corpora["neutral"] = sample_blocks(args.neutral_data, tokenizer, args.block_size, args.seed,
                                            args.max_blocks, args.text_field)
-    results = sweep(model, styles, corpora, factors, args.batch_size)
+    results, bare = sweep(model, styles, corpora, factors, args.batch_size)
 
     sizes = ", ".join(f"{name} {len(b)} x {args.block_size} tokens" for name, b in corpora.items())
     table = Table("factor", *[f"{style}\n{corpus}" for style, per in results.items() for corpus in per],
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> dict:
               "styles": {style: {"file": spec, "perplexity": per}
                          for (style, per), spec in zip(results.items(), args.hypernetwork)}}
     if "neutral" in corpora:
-        report_front(results, styles, factors, args, report)
+        report_front(results, bare, styles, factors, args, report)
     if args.json:
         from ..util import atomic_write
 

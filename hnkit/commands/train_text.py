@@ -59,17 +59,20 @@ def run(args: argparse.Namespace) -> Path:
         torch.manual_seed(o["seed"])
         hn = Hypernetwork.for_model(model, shared.module_config(o), name=o["name"])
     prompts = o["sample_prompts"] or default_prompts(tokenizer, val if len(val) else train)
-    teacher = None
+    neutral = None
     if o["preserve_data"] is not None:
-        from ..preserve import Teacher
-
         try:
             neutral = tokenized_blocks(o["preserve_data"], tokenizer, o["block_size"], o["text_field"])
         except HnkitError as exc:
             raise HnkitError(f"--preserve-data {exc}") from None
-        teacher = Teacher(model, neutral)  # the bare model: nothing is attached yet
-    task = TextTask(model, tokenizer, hn, train, val, prompts, o["sample_tokens"], teacher, o["preserve_weight"])
+    task = TextTask(model, tokenizer, hn, train, val, prompts, o["sample_tokens"])
     trainer = Trainer(task, shared.train_config(o, output))
+    if neutral is not None and o["preserve_weight"] > 0:
+        from ..preserve import Teacher
+
+        # The bare model as the trainer runs it (its device and dtype); nothing is attached yet. A
+        # training block i is paired with neutral block i mod n, so more than len(train) are never used.
+        task.use_preservation(Teacher(model, neutral[:len(train)]), o["preserve_weight"])
     if o["resume"]:
         trainer.resume(o["resume"])
     final = trainer.train()

@@ -67,14 +67,20 @@ def matching_modules(model: nn.Module, pattern: str):
             yield m.group(1), module
 
 
-def token_rows(args: tuple, kwargs: dict) -> int:
-    """Rows of every site's K/V input in a call of a causal LM: the tokens of ``input_ids`` or
+def token_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The tokens of a causal LM's call: ``input_ids`` (first positional or by name), else
     ``inputs_embeds``."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     if isinstance(ids, torch.Tensor):
-        return ids.numel()
+        return ids
     embeds = kwargs.get("inputs_embeds")
-    return embeds.shape[:-1].numel() if isinstance(embeds, torch.Tensor) else 0
+    return embeds if isinstance(embeds, torch.Tensor) else None
+
+
+def token_rows(args: tuple, kwargs: dict) -> int:
+    """Rows of every site's K/V input in a call of a causal LM: its tokens."""
+    x = token_input(args, kwargs)
+    return 0 if x is None else x.shape[0] * x.shape[1]
 
 
 class _InputHook:
