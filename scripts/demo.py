@@ -6,7 +6,7 @@
    folder) and the corpus (Python's own pydoc_data topics, one document per topic);
 2. trains a hypernetwork with `hnkit train-text --config recipes/smollm2_pydoc_demo.yaml`;
 3. prints the held-out perplexity of the corpus with the bare model and with the hypernetwork
-   attached (it must fall), then a strength sweep on the style and on neutral text (this README):
+   attached (it must fall), then a strength sweep on the style and on neutral text (the GPL's text):
    the Pareto front of style gain against neutral cost and the recommended strength (the largest
    style gain for at most 3 % more neutral perplexity), and greedy continuations at strengths 0,
    the recommended one and 1.
@@ -34,7 +34,10 @@ from prepare_smollm2 import prepare_smollm2  # noqa: E402
 RECIPE = Path(__file__).parent.parent / "recipes" / "smollm2_pydoc_demo.yaml"
 PROMPTS = ["The with statement is used to", "Once upon a time, a young programmer"]
 VAL_BLOCKS = 24
-NEUTRAL = Path(__file__).parent.parent / "README.md"  # modern technical prose the style should leave alone
+# Prose the style should leave alone: the GPL's text, shipped by Debian's base-files (fixed, offline, and
+# far from a Python manual); this README where it is missing.
+NEUTRAL = next(p for p in (Path("/usr/share/common-licenses/GPL-3"), Path(__file__).parent.parent / "README.md")
+               if p.is_file())
 FACTORS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
@@ -73,7 +76,7 @@ def main() -> None:
     pts = points(FACTORS, ppl["style"], ppl["neutral"], bare["style"], bare["neutral"])
     best = recommend(pts, 0.03)
     table = Table("strength", "style perplexity", "neutral perplexity", "style gain", "neutral cost", "front",
-                  title=f"strength sweep: style = the held-out blocks, neutral = {len(neutral)} blocks of README.md")
+                  title=f"strength sweep: style = the held-out blocks, neutral = {len(neutral)} blocks of {NEUTRAL}")
     front = pareto_front(pts)
     for (f, gain, cost), s, n in zip(pts, ppl["style"], ppl["neutral"]):
         table.add_row(f"{f:g}", f"{s:.2f}", f"{n:.2f}", f"{gain:+.1%}", f"{cost:+.1%}",
