@@ -41,16 +41,16 @@ class Passes:
         # Collapsed kernels at sites fed the hidden state, and those a Memo runs once on the context.
         self.collapsed = [k for k in kernels if isinstance(k, Collapsed) and id(k) not in memo_kernels]
         self.memo_collapsed = [m.kernel for m in self.memos if isinstance(m.kernel, Collapsed)]
+        self.owners = self.collapsed + self.memo_collapsed + self.memos  # every kernel with pending values
         self._open: list = []  # (owner, token) pushed by the passes that are running, innermost last
 
     def __bool__(self) -> bool:
-        return bool(self.collapsed or self.memos)
+        return bool(self.owners)
 
     def open(self, args: tuple, kwargs: dict) -> None:
         """At the start of a root pass: compute this pass's values (the products first: a memo's
         kernel may use them)."""
-        owners = self.collapsed + self.memo_collapsed + self.memos
-        for owner in owners:  # values without a graph that outlived their pass
+        for owner in self.owners:  # values without a graph that outlived their pass
             owner.pending = [entry for entry in owner.pending if entry[2] is not None and entry[2].requires_grad]
         rows = self.target.rows(args, kwargs)
         context = self.target.context(args, kwargs) if self.target.context is not None else None
@@ -74,14 +74,14 @@ class Passes:
 
     def close(self) -> None:
         """At the end of a root pass: without a graph no backward can need this pass's values."""
-        n = len(self.collapsed) + len(self.memo_collapsed) + len(self.memos)
+        n = len(self.owners)  # open() pushed one value for each
         mine, self._open = self._open[-n:], self._open[:-n]
         if not torch.is_grad_enabled():
             for owner, token in mine:
                 _remove(owner, token)
 
     def clear(self) -> None:
-        for owner in self.collapsed + self.memo_collapsed + self.memos:
+        for owner in self.owners:
             owner.pending = []
         self._open = []
 
