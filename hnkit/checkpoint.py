@@ -37,7 +37,10 @@ from .hypernetwork import Hypernetwork, HypernetworkConfig
 from .util import atomic_write
 
 FORMAT_VERSION = 1
-A1111_SUFFIXES = (".pt", ".pth", ".ckpt")
+A1111_SUFFIXES = (".pt", ".pth", ".ckpt")  # read as the web UI's format
+WRITE_SUFFIXES = {".safetensors": "hnkit", ".pt": "a1111", ".pth": "a1111"}  # the format a file is written in
+# hnkit's facts about a network that the web UI's dict has no field for, kept under keys it ignores
+_A1111_HNKIT = ("family", "base_model", "base_model_hash", "description")
 _A1111_EXTRA = ("sd_checkpoint", "sd_checkpoint_name", "optional_info")
 
 
@@ -46,8 +49,14 @@ def save(hn: Hypernetwork, path: str | os.PathLike, format: str | None = None) -
     """Write ``hn`` to ``path``: ``format="hnkit"`` (``.safetensors``) or ``"a1111"`` (the web UI's
     ``.pt``). Without ``format`` the suffix decides (``.pt``/``.pth``/``.ckpt`` mean a1111)."""
     path = Path(path)
-    if format is None:
-        format = "a1111" if path.suffix in A1111_SUFFIXES else "hnkit"
+    by_suffix = WRITE_SUFFIXES.get(path.suffix)
+    if by_suffix is None:
+        raise HnkitError(f"{path}: unknown extension {path.suffix or '(none)'}; use .safetensors (hnkit's format) "
+                         "or .pt (the web UI's)")
+    if format not in (None, by_suffix) and format in ("hnkit", "a1111"):
+        raise HnkitError(f"{path}: format {format!r} does not match the extension {path.suffix} ({by_suffix}); "
+                         "use .safetensors for hnkit, .pt for a1111")
+    format = format or by_suffix
     if format == "a1111":
         data = to_a1111(hn, path)
         state = _sidecar_state(hn, path)  # checked before anything is written
@@ -116,6 +125,7 @@ def to_a1111(hn: Hypernetwork, path: Path | str = "hypernetwork.pt") -> dict:
         "last_layer_dropout": c.dropout_structure[-2] != 0,
         "optional_info": hn.extra.get("optional_info") or None,
     })
+    data.update({f"hnkit_{attr}": getattr(hn, attr) for attr in _A1111_HNKIT if getattr(hn, attr)})
     return data
 
 
@@ -136,6 +146,9 @@ def load(path: str | os.PathLike) -> Hypernetwork:
         return _load_safetensors(path).eval()
     if path.suffix == ".safetensors":
         raise HnkitError(f"{path}: corrupt safetensors file (bad header)")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # a .pt is a zip archive, or a pickle (older torch)
+        kind = "it holds text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "unknown format"
+        raise HnkitError(f"{path}: corrupt or not a hypernetwork file (neither .pt nor .safetensors: {kind})")
     hn = from_a1111(_safe_load_pt(path), path)
     hn.optimizer_state = read_optim_sidecar(path)
     return hn.eval()
@@ -146,9 +159,16 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return len(head) > 8 and head[8:9] == b"{" and 0 < n < 100_000_000
 
 
+def load_plain(path: Path):
+    """``torch.load`` of tensors and plain data only (``weights_only=True``): never runs a pickle's code."""
+    with warnings.catch_warnings():  # torch notes a web UI file's older pickle protocol: nothing to act on
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _safe_load_pt(path: Path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_plain(path)
     except pickle.UnpicklingError as exc:
         # The safe unpickler met something that is not tensors and plain data: code to run, or noise.
         detail = _unpickling_detail(exc)
@@ -185,7 +205,7 @@ def read_optim_sidecar(path: str | os.PathLike) -> dict | None:
     if not sidecar.is_file():
         return None
     try:
-        data = torch.load(sidecar, map_location="cpu", weights_only=True)
+        data = load_plain(sidecar)
     except pickle.UnpicklingError as exc:
         raise HnkitError(f"{sidecar}: refused optimizer state: not loadable as plain tensors and data with "
                          f"weights_only=True (it holds objects that would run code, or it is corrupt: "
@@ -236,24 +256,50 @@ def _load_safetensors(path: Path) -> Hypernetwork:
                              f"reads ({FORMAT_VERSION}); upgrade hnkit")
         config = HypernetworkConfig.from_dict(m["config"])
         keys, widths = m["keys"], m["widths"]
+        if not (isinstance(keys, list) and isinstance(widths, list) and len(keys) == len(widths)
+                and all(isinstance(k, (int, str)) for k in keys)):
+            raise ValueError("'keys' and 'widths' must be lists of the same length, keys integers or names")
     except HnkitError as exc:
         raise HnkitError(f"{path}: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise HnkitError(f"{path}: bad hnkit metadata ({exc})") from None
-    hn = Hypernetwork(
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise HnkitError(f"{path}: bad hnkit metadata ({first_line(exc)})") from None
+    weights = {}
+    for key in keys:
+        prefix = f"{key}."
+        weights[key] = [{n[len(prefix) + 2:]: t for n, t in tensors.items() if n.startswith(f"{prefix}{tag}.")}
+                        for tag in "kv"]
+    return _build_checked(path, weights, lambda: Hypernetwork(
         config, keys, widths=dict(zip(keys, widths)), name=m.get("name") or path.stem, step=m.get("step", 0),
         family=m.get("family"), base_model=m.get("base_model"), base_model_hash=m.get("base_model_hash"),
         description=m.get("description", ""), extra=m.get("extra"),
-    )
-    for key in keys:
-        for tag, module in zip("kv", hn[key]):
-            prefix = f"{key}.{tag}."
-            sd = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
-            _load_module(module, sd, path, f"{key}/{tag}")
+    ))
+
+
+def _build_checked(path: Path, weights: dict, make) -> Hypernetwork:
+    """``make()`` the hypernetwork a file declares and load ``weights`` (key -> [k, v] state dicts)
+    into it. It is first built on the meta device, which allocates nothing, and checked against the
+    file's tensors: a file that declares sizes its tensors do not have is refused before any memory
+    is spent on them, and a tensor that is not finite floating point is refused too."""
+    try:
+        with torch.device("meta"):
+            probe = make()
+    except HnkitError as exc:
+        raise HnkitError(f"{path}: {exc}") from None
+    except (RuntimeError, ValueError, TypeError, AttributeError, OverflowError) as exc:
+        raise HnkitError(f"{path}: bad hypernetwork description ({first_line(exc)})") from None
+    if set(weights) != set(probe.keys()):
+        raise HnkitError(f"{path}: the weights do not match the declared keys")
+    for key, pair in weights.items():
+        for tag, module, sd in zip("kv", probe[key], pair):
+            _check_module(module, sd, path, f"{key}/{tag}")
+    hn = make()
+    for key, pair in weights.items():
+        for module, sd in zip(hn[key], pair):
+            module.load_state_dict(sd)
     return hn
 
 
-def _load_module(module, sd: dict, path: Path, where: str) -> None:
+def _check_module(module, sd: dict, path: Path, where: str) -> None:
     expected = module.state_dict()
     if set(sd) != set(expected):
         raise HnkitError(f"{path}: {where}: weights {sorted(sd)} do not match the layer structure, "
@@ -262,7 +308,10 @@ def _load_module(module, sd: dict, path: Path, where: str) -> None:
         if not isinstance(t, torch.Tensor) or t.shape != expected[name].shape:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise HnkitError(f"{path}: {where}: {name} has shape {shape}, expected {tuple(expected[name].shape)}")
-    module.load_state_dict(sd)
+        if not t.is_floating_point():
+            raise HnkitError(f"{path}: {where}: {name} holds {t.dtype} values, expected floating point")
+        if not torch.isfinite(t).all():
+            raise HnkitError(f"{path}: {where}: {name} holds NaN or infinite values")
 
 
 _OLDEST_KEYS = {"linear1.weight": "linear.0.weight", "linear1.bias": "linear.0.bias",
@@ -277,6 +326,12 @@ def from_a1111(data, path: Path | str = "hypernetwork.pt") -> Hypernetwork:
     widths = [k for k in data if isinstance(k, int)]
     if not widths:
         raise HnkitError(f"{path}: not a hypernetwork file (no integer width keys)")
+    def make():
+        ours = {attr: data.get(f"hnkit_{attr}") for attr in _A1111_HNKIT}
+        ours = {k: v for k, v in ours.items() if isinstance(v, str)}  # anything else is not ours: ignored
+        return Hypernetwork(config, widths, name=data.get("name") or path.stem, step=data.get("step") or 0,
+                            extra={k: data.get(k) for k in _A1111_EXTRA}, **ours)
+
     try:
         dropout_structure = data.get("dropout_structure")
         config = HypernetworkConfig(
@@ -289,15 +344,14 @@ def from_a1111(data, path: Path | str = "hypernetwork.pt") -> Hypernetwork:
             activate_output=bool(data.get("activate_output", True)),
             weight_init=data.get("weight_initialization") or "Normal",
         )
-        hn = Hypernetwork(config, widths, name=data.get("name") or path.stem, step=data.get("step") or 0,
-                          extra={k: data.get(k) for k in _A1111_EXTRA})
     except HnkitError as exc:
         raise HnkitError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise HnkitError(f"{path}: bad hypernetwork description ({first_line(exc)})") from None
+    weights = {}
     for width in widths:
         pair = data[width]
         if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(s, dict) for s in pair):
             raise HnkitError(f"{path}: width {width}: expected a (k, v) pair of state dicts")
-        for tag, module, sd in zip("kv", hn[width], pair):
-            sd = {_OLDEST_KEYS.get(n, n): t for n, t in sd.items()}
-            _load_module(module, sd, path, f"{width}/{tag}")
-    return hn
+        weights[width] = [{_OLDEST_KEYS.get(n, n): t for n, t in sd.items()} for sd in pair]
+    return _build_checked(path, weights, make)

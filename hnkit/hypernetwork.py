@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import HnkitError
-from .module import HypernetworkModule, check_structure, is_linear_activation, legacy_dropout_structure
+from .module import (MAX_WIDTH, HypernetworkModule, check_structure, is_linear_activation,
+                     legacy_dropout_structure)
 
 
 @dataclass
@@ -112,6 +113,8 @@ class Hypernetwork(nn.Module):
             raise HnkitError(f"key {key!r} does not fit a hypernetwork keyed by {self.keyed_by}")
         if key in self._widths:
             raise HnkitError(f"duplicate hypernetwork key {key!r}")
+        if isinstance(width, bool) or not isinstance(width, int) or not 0 < width <= MAX_WIDTH:
+            raise HnkitError(f"key {key!r}: input width {width!r} is not an integer from 1 to {MAX_WIDTH}")
         c = self.config
         make = lambda: HypernetworkModule(  # noqa: E731
             width, c.layer_structure, c.activation, c.layer_norm, c.dropout_structure,

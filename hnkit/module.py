@@ -59,12 +59,20 @@ def legacy_dropout_structure(layer_structure, use_dropout: bool, last_layer_drop
     return [0.0] + [0.3] * (n - 3) + [0.3 if last_layer_dropout else 0.0] + [0.0]
 
 
+# Bounds far beyond any real network (the web UI's are at most [1, 4, 4, 1]): a file declaring more is
+# refused before anything is built from it.
+MAX_LAYERS, MAX_MULTIPLIER, MAX_WIDTH = 16, 64, 65536
+
+
 def check_structure(layer_structure, dropout_structure) -> None:
     ls = list(layer_structure)
     if len(ls) < 2 or ls[0] != 1 or ls[-1] != 1:
         raise HnkitError(f"layer_structure must start and end with 1, got {ls}")
     if any(m <= 0 for m in ls):
         raise HnkitError(f"layer_structure entries must be positive, got {ls}")
+    if len(ls) > MAX_LAYERS or max(ls) > MAX_MULTIPLIER:
+        raise HnkitError(f"layer_structure {ls[:8]}{'...' if len(ls) > 8 else ''} is too large (at most "
+                         f"{MAX_LAYERS} entries, each at most {MAX_MULTIPLIER})")
     ds = list(dropout_structure)
     if len(ds) != len(ls):
         raise HnkitError(f"dropout_structure {ds} must have as many entries as layer_structure {ls}")

@@ -32,7 +32,7 @@ def line_plot(series: dict, path: str | Path, title: str = "", size=(800, 480)) 
             px, _ = to_px(fx, y0)
             _, py = to_px(x0, fy)
             draw.line([px, height - bottom, px, height - bottom + 5], fill="black")
-            draw.text((px - 12, height - bottom + 8), f"{fx:g}", fill="black")
+            draw.text((px - 12, height - bottom + 8), f"{fx:.3g}", fill="black")
             draw.line([left - 5, py, left, py], fill="black")
             draw.text((5, py - 6), f"{fy:.3g}", fill="black")
         for n, (name, pts) in enumerate((k, v) for k, v in series.items() if v):

@@ -20,6 +20,7 @@ import torch
 
 from .errors import HnkitError, first_line
 from .image_data import ImageRecord, load_image, warn
+from .util import check_hub_model
 from .util import atomic_write, cache_root
 
 
@@ -59,6 +60,8 @@ def load_sd(name: str) -> SDModel:
             raise HnkitError(f"{name}: no such model folder")
         if not (path / "model_index.json").is_file():
             raise HnkitError(f"{name}: not a diffusers pipeline folder (no model_index.json)")
+    else:
+        check_hub_model(name, "model_index.json")
     try:
         index = DiffusionPipeline.load_config(source)
     except (OSError, ValueError) as exc:
@@ -159,8 +162,9 @@ def encode_images(sd: SDModel, records: list[ImageRecord], resolution: int, devi
 
         def flush():
             dist = vae.encode(torch.stack([p for p, _, _ in pending]).to(device)).latent_dist
-            means.append(dist.mean.float().cpu())
-            stds.append(dist.std.float().cpu())
+            means.append(dist.mean.float().cpu().contiguous())  # as the disk cache holds them: a cold run
+            # and a warm one then compute on the same layout, bit for bit (a VAE may return channels-last)
+            stds.append(dist.std.float().cpu().contiguous())
             for _, size, name in pending:
                 sizes.append(size)
                 names.append(name)

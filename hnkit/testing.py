@@ -1,4 +1,9 @@
-"""Tiny Stable Diffusion pipelines built from configs, for tests and demos on a machine without a hub.
+"""Tiny models built from configs, for tests, demos and stress runs on a machine without a hub.
+
+``build_tiny_lm(folder)`` writes a 2-layer GPT-2 with a small byte-level BPE tokenizer trained on
+Python's reference manual (``pydoc_data``), and that text as a corpus.
+
+Tiny Stable Diffusion pipelines:
 
 ``build_tiny_sd(folder, kind)`` writes a complete diffusers pipeline folder (UNet, VAE, text
 encoder(s), tokenizer(s), scheduler, ``model_index.json``) with random weights drawn from a fixed
@@ -25,6 +30,33 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+def build_tiny_lm(folder: str | Path, n_topics: int = 40) -> dict:
+    """A tiny GPT-2 (random weights, seed 0) and its tokenizer in ``folder/model``, and an offline
+    English corpus in ``folder/corpus.txt`` (the first ``n_topics`` topics of the Python reference
+    manual). Returns ``{"model": folder, "corpus": file}``."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:n_topics]), encoding="utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([corpus.read_text()], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=320, n_positions=128, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        initializer_range=0.2))  # random weights large enough that K/V changes reach the logits
+    model.save_pretrained(root / "model")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(root / "model")
+    return {"model": root / "model", "corpus": corpus}
+
 
 KINDS = ("sd1", "sd2v", "sdxl")
 MAX_TOKENS = 77  # as real CLIP text encoders: prompts are padded to 77 tokens

@@ -9,6 +9,7 @@ mtime), the tokenizer and the block size, so a second run does not tokenize agai
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import HnkitError, first_line
-from .util import cache_root
+from .util import cache_root, check_hub_model
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -31,6 +32,8 @@ def load_causal_lm(name: str, dtype=None):
         raise HnkitError(f"{name}: no such model folder")
     if looks_local and not (path / "config.json").is_file():
         raise HnkitError(f"{name}: not a transformers model folder (no config.json)")
+    if not looks_local:
+        check_hub_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name)
         model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=dtype)
@@ -83,21 +86,35 @@ def read_documents(data: str | os.PathLike, text_field: str = "text") -> list[st
             raise HnkitError(f"{data}: no .txt files in this folder")
         docs = [_read_text(f) for f in files]
     elif path.suffix in (".jsonl", ".json"):
-        from datasets import load_dataset
-
-        try:
-            ds = load_dataset("json", data_files=str(path), split="train")
-        except Exception as exc:  # datasets raises several types for malformed JSON
-            raise HnkitError(f"{data}: unreadable JSON lines ({first_line(exc)})") from None
-        if text_field not in ds.column_names:
-            raise HnkitError(f"{data}: no {text_field!r} field (fields: {', '.join(ds.column_names)})")
-        docs = ds[text_field]
+        docs = _read_json_lines(path, text_field)
     else:
         docs = [_read_text(path)]
     docs = [d for d in docs if isinstance(d, str) and d.strip()]
     if not docs:
         raise HnkitError(f"{data}: no text found (empty data)")
     return docs
+
+
+def _read_json_lines(path: Path, text_field: str) -> list:
+    """The ``text_field`` of each JSON object in a JSON-lines file (or a JSON array of objects)."""
+    text = _read_text(path)
+    try:
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except ValueError as exc:
+        where = f"line {n}: " if path.suffix == ".jsonl" or not text.lstrip().startswith("[") else ""
+        raise HnkitError(f"{path}: {where}not valid JSON ({first_line(exc)})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise HnkitError(f"{path}: expected one JSON object per line")
+    if rows and not any(text_field in r for r in rows):
+        fields = sorted({k for r in rows for k in r})
+        raise HnkitError(f"{path}: no {text_field!r} field (fields: {', '.join(fields) or 'none'})")
+    return [r.get(text_field) for r in rows]
 
 
 def _read_text(path: Path) -> str:

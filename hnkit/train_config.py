@@ -35,6 +35,7 @@ class TrainConfig:
     log_every: int = 10
     tensorboard: bool = False
     name: str = "hypernetwork"
+    force: bool = False  # a fresh run may replace a finished or resumable run in output_dir
 
 
 # -- learning-rate schedules -------------------------------------------------------------------

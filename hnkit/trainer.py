@@ -21,10 +21,12 @@ just (epoch, offset): resume replays nothing and skips nothing.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import threading
@@ -39,10 +41,12 @@ from accelerate.utils import send_to_device, set_seed
 from torch import nn
 
 from .attach import attach
-from .checkpoint import save
-from .errors import HnkitError
+from .checkpoint import load, load_plain, save
+from .errors import HnkitError, first_line
 from .models import enable_gradient_checkpointing
 from .train_config import TrainConfig, lr_at, make_optimizer
+from .run_folder import (OutputLock, clean_leftovers, complete_checkpoints, existing_run,
+                          finite_weights, remove)
 from .util import atomic_write
 
 
@@ -66,25 +70,53 @@ class _LossModule(nn.Module):
 
 
 class _StopOnCtrlC:
-    """The first Ctrl-C asks the loop to stop after the step in progress (so the checkpoint it then
-    writes is exact); a second one interrupts at once."""
+    """The first Ctrl-C (or SIGTERM, which schedulers, ``timeout`` and ``docker stop`` send) asks the
+    loop to stop after the step in progress, so the checkpoint it then writes is exact; a second one
+    interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit now)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step and saving a checkpoint (Ctrl-C again to quit now)")
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+TRAINING_STATE = "training_state.pt"  # the optimizer's, the scheduler's and the grad scaler's state
+
+
+def _rng_state() -> dict:
+    """Every random generator training draws from, as tensors and numbers only (loadable with
+    weights_only=True): the CPU's and each GPU's torch generator, and Python's."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _read_state(path: Path, kind: type):
+    """A checkpoint's state file, never unpickling code: one line naming the file if it is missing,
+    damaged or not what it should be."""
+    if not path.is_file():
+        raise HnkitError(f"{path}: missing from the checkpoint")
+    try:
+        data = load_plain(path)
+    except Exception as exc:  # an unpickler refusal, a cut-off zip, noise: all mean a damaged file
+        raise HnkitError(f"{path}: damaged or not plain tensors and numbers ({first_line(exc)})") from None
+    if not isinstance(data, kind):
+        raise HnkitError(f"{path}: holds a {type(data).__name__}, expected a {kind.__name__}")
+    return data
 
 
 class TrainingStopped(HnkitError):
@@ -128,6 +160,13 @@ class Trainer:
         self.loss_module, self.optimizer, self.scheduler = acc.prepare(_LossModule(hn, task.loss), optimizer, scheduler)
         self.step, self.epoch, self.offset = 0, 0, 0
         self.metrics: list[dict] = []
+        self.resumed, self.started = False, time.perf_counter()
+        n, world = len(task.train_dataset), c.batch_size * acc.num_processes
+        if n < world:  # found before anything is written
+            raise HnkitError(f"the training set has {n} example{'' if n == 1 else 's'}, fewer than one batch of "
+                             f"{world}; use a smaller --batch-size or more data")
+        # one run per folder: taken before anything is written there, released when train() ends
+        self.lock = OutputLock(self.output) if acc.is_main_process else None
 
     # -- data --------------------------------------------------------------------------------
     def _next_batch(self):
@@ -136,7 +175,7 @@ class Trainer:
         n = len(self.task.train_dataset)
         world = bs * acc.num_processes
         if n < world:
-            raise HnkitError(f"the training set has {n} examples, fewer than one batch of {world}")
+            raise HnkitError(f"the training set has {n} example{'' if n == 1 else 's'}, fewer than one batch of {world}")
         if self.offset + world > n:  # the tail that does not fill a batch is dropped
             self.epoch, self.offset = self.epoch + 1, 0
         order = epoch_order(n, self.config.seed, self.epoch)
@@ -150,32 +189,61 @@ class Trainer:
         return self.output / "checkpoints" / f"step-{step:07d}"
 
     def save_checkpoint(self) -> Path:
-        """Training state (accelerate) + the hypernetwork + data position, written atomically."""
+        """The hypernetwork, the optimizer/scheduler/scaler state, every process's RNG state and the
+        data position (docs/design.md, "The run folder"). The folder is written under
+        a hidden name and renamed into place only when complete (``trainer_state.json`` is its last
+        file), so a ``step-N`` folder is always whole; old ones are pruned only after that, each
+        renamed out of sight before it is deleted."""
         acc = self.accelerator
         final, tmp = self.checkpoint_dir(self.step), self.output / "checkpoints" / f".step-{self.step:07d}.tmp"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # every process writes its own RNG state
+        try:
+            if acc.is_main_process:
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")  # each process its own
+            if acc.is_main_process:
+                hn = self.task.hypernetwork
+                hn.step = self.step
+                save(hn, tmp / "hypernetwork.safetensors")
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None},
+                           tmp / TRAINING_STATE)
+                state = {"step": self.step, "epoch": self.epoch, "offset": self.offset,
+                         "num_processes": acc.num_processes, "config": asdict(self.config)}
+                atomic_write(tmp / "trainer_state.json", lambda f: f.write(json.dumps(state, indent=1).encode()))
+        except (OSError, RuntimeError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise self._write_error(exc, tmp) from None
         if acc.is_main_process:
-            hn = self.task.hypernetwork
-            hn.step = self.step
-            save(hn, tmp / "hypernetwork.safetensors")
-            state = {"step": self.step, "epoch": self.epoch, "offset": self.offset,
-                     "num_processes": acc.num_processes, "config": asdict(self.config)}
-            atomic_write(tmp / "trainer_state.json", lambda f: f.write(json.dumps(state, indent=1).encode()))
-            shutil.rmtree(final, ignore_errors=True)
+            swapped = final.with_name(f".{final.name}.old")  # the same step saved again: keep it whole
+            if final.exists():  # until the new one is in place (clean_leftovers puts it back if killed)
+                shutil.rmtree(swapped, ignore_errors=True)
+                os.replace(final, swapped)
             os.replace(tmp, final)
-            kept = sorted(self.output.glob("checkpoints/step-*"))
+            remove(swapped)
+            kept = complete_checkpoints(self.output)
             for old in kept[: max(0, len(kept) - max(1, self.config.keep_last))]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove(old)
         acc.wait_for_everyone()
         return final
 
+    def _write_error(self, exc: Exception, where: Path) -> Exception:
+        """A failed checkpoint write as one line; a full disk is said so, whatever library raised it."""
+        kept = complete_checkpoints(self.output)
+        last = f"the last complete checkpoint is {kept[-1]}" if kept else "no complete checkpoint exists yet"
+        full = getattr(exc, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.output).free < 1 << 20
+        reason = "no space left on device" if full else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return HnkitError(f"{reason} while writing {where.parent / where.name.strip('.').removesuffix('.tmp')}; {last}")
+
     def resume(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
-        if (folder / "checkpoints").is_dir():  # an output folder: take its latest checkpoint
-            found = sorted(folder.glob("checkpoints/step-*"))
+        if self.accelerator.is_main_process:
+            clean_leftovers(self.output)
+        if (folder / "checkpoints").is_dir():  # an output folder: take its latest complete checkpoint
+            found = complete_checkpoints(folder)
             if not found:
                 raise HnkitError(f"{folder}: no checkpoints to resume from")
             folder = found[-1]
@@ -184,22 +252,52 @@ class Trainer:
             raise HnkitError(f"{folder}: not a training checkpoint (no trainer_state.json)")
         try:
             state = json.loads(state_file.read_text())
-            self.step, self.epoch, self.offset = state["step"], state["epoch"], state["offset"]
-        except (ValueError, KeyError) as exc:
-            raise HnkitError(f"{state_file}: unreadable trainer state ({exc})") from None
-        if state.get("num_processes", 1) != self.accelerator.num_processes:
-            raise HnkitError(f"{folder}: saved with {state['num_processes']} processes, resumed with "
+            self.step, self.epoch, self.offset = (state[k] for k in ("step", "epoch", "offset"))
+            if not all(type(v) is int and v >= 0 for v in (self.step, self.epoch, self.offset)):
+                raise ValueError("step, epoch and offset must be non-negative integers")
+            processes = state.get("num_processes", 1)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise HnkitError(f"{state_file}: unreadable trainer state ({first_line(exc)})") from None
+        if processes != self.accelerator.num_processes:
+            raise HnkitError(f"{folder}: saved with {processes} processes, resumed with "
                              f"{self.accelerator.num_processes}; the data order would change")
-        self.accelerator.load_state(str(folder))
+        hn = load(folder / "hypernetwork.safetensors")  # checked like any network file: one line if damaged
+        if hn.keys() != self.task.hypernetwork.keys() or hn.config != self.task.hypernetwork.config:
+            raise HnkitError(f"{folder / 'hypernetwork.safetensors'}: not the network this run trains")
+        training_file, rng_file = folder / TRAINING_STATE, folder / f"rng_state_{self.accelerator.process_index}.pt"
+        training, rng = _read_state(training_file, dict), _read_state(rng_file, dict)
+        with torch.no_grad():
+            for mine, saved in zip(self.task.hypernetwork.parameters(), hn.parameters()):
+                mine.copy_(saved)
+        try:
+            self.optimizer.load_state_dict(training["optimizer"])
+            self.scheduler.load_state_dict(training["scheduler"])
+            if self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(training["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            raise HnkitError(f"{training_file}: damaged training state ({type(exc).__name__}: {first_line(exc)})") from None
+        try:
+            torch.set_rng_state(rng["torch"])
+            if torch.cuda.is_available() and rng["cuda"]:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            random.setstate(rng["python"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            raise HnkitError(f"{rng_file}: damaged random state ({type(exc).__name__}: {first_line(exc)})") from None
         self.task.hypernetwork.step = self.step
+        self.resumed = True
         self._load_metrics()
 
     def _load_metrics(self) -> None:
         """Keep the metrics up to the resumed step; later rows belong to the run being replaced."""
         path = self.output / "metrics.jsonl"
         if path.exists() and self.accelerator.is_main_process:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.metrics = [r for r in rows if r["step"] <= self.step]
+            rows = []
+            for line in path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut off when a run was killed mid-write
+            self.metrics = [r for r in rows if isinstance(r, dict) and r.get("step", math.inf) <= self.step]
             text = "".join(json.dumps(r) + "\n" for r in self.metrics)
             atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -236,11 +334,30 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> Path:
         """Train to ``max_steps``; returns the path of the final hypernetwork file."""
+        try:
+            return self._train()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _start_fresh(self) -> None:
+        """A run from step 0 owns the folder: what a killed or (with ``force``) a finished earlier
+        run left there goes, so checkpoints and metrics are this run's alone."""
+        found = existing_run(self.output, self.config.name)
+        if found and not self.config.force:
+            raise HnkitError(f"{self.output}: {found}; continue it with --resume {self.output}, choose another "
+                             "--output, or start over with --force")
+        shutil.rmtree(self.output / "checkpoints", ignore_errors=True)
+        (self.output / "metrics.jsonl").unlink(missing_ok=True)
+        clean_leftovers(self.output)
+
+    def _train(self) -> Path:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         c, acc, task = self.config, self.accelerator, self.task
-        if acc.is_main_process:
-            self.output.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process and not self.resumed:
+            self._start_fresh()
+        acc.wait_for_everyone()
         if c.tensorboard:
             acc.init_trackers(c.name)
         params = [p for p in task.hypernetwork.parameters()]
@@ -251,9 +368,11 @@ class Trainer:
             disable=not acc.is_main_process,
         )
         bar = progress.add_task("training", total=c.max_steps, completed=self.step, loss="-", lr="-", speed="-")
+        plain = acc.is_main_process and not progress.console.is_terminal
         handle = attach(task.model, task.hypernetwork, strength=1.0)
         task.hypernetwork.train()
         started, steps_done = time.perf_counter(), 0
+        self.started = started
         if c.eval_every and self.step == 0:
             self._run_eval()  # the baseline: the untrained hypernetwork
         try:
@@ -267,6 +386,9 @@ class Trainer:
                     progress.update(bar, completed=self.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{speed:.2f}")
                     if self.step % c.log_every == 0 or self.step == c.max_steps:
                         self.log({"step": self.step, "loss": loss, "lr": lr, "epoch": self.epoch})
+                        if plain:  # no live bar in a log file: a line per logged step instead
+                            print(f"step {self.step}/{c.max_steps} loss {loss:.4f} lr {lr:.2e} {speed:.2f} it/s",
+                                  flush=True)
                     if c.eval_every and self.step % c.eval_every == 0:
                         self._run_eval()
                     if c.sample_every and self.step % c.sample_every == 0:
@@ -291,6 +413,15 @@ class Trainer:
             self._plot_loss()
         acc.wait_for_everyone()
         return final
+
+    def summary(self) -> str:
+        """The run in one line: steps, time, and the last and best validation perplexity."""
+        text = f"{self.step} steps in {time.perf_counter() - self.started:.0f} s"
+        vals = [(r["val_ppl"], r["step"]) for r in self.metrics if "val_ppl" in r]
+        if vals:
+            best = min(vals)
+            text += f"; validation perplexity {vals[-1][0]:.3f} (best {best[0]:.3f} at step {best[1]})"
+        return text
 
     def _any_process(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
@@ -321,8 +452,8 @@ class Trainer:
         return acc.reduce(total, "mean").item()
 
     def _nan_message(self, loss) -> str:
-        kept = sorted(self.output.glob("checkpoints/step-*"))
-        where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint had been saved yet"
+        good = [c for c in complete_checkpoints(self.output) if finite_weights(c / "hypernetwork.safetensors")]
+        where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint with finite weights exists"
         return (f"loss became {loss.item()} at step {self.step + 1}: training stopped, nothing saved "
                 f"over good files; {where} (try a lower --lr or --precision fp32)")
 

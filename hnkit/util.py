@@ -20,9 +20,13 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     if path.is_dir():
         raise HnkitError(f"{path}: is a directory, expected a file name")
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise HnkitError(f"{path}: {folder} is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -37,6 +41,12 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it before Python 3.13's os.getumask...
+    os.umask(mask)  # ...is to set it and put it back at once
+    return mask
 
 
 def cache_root() -> Path:
@@ -78,3 +88,29 @@ def choose_device(name: str | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HnkitError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+# -- the hub ---------------------------------------------------------------------------------------
+def check_hub_model(name: str, file: str = "config.json") -> None:
+    """For a hub id: fine when the model is in the local Hugging Face cache or the hub answers;
+    otherwise one line at once, instead of the libraries' minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(name, file), str):
+            return
+    except ValueError:  # not even a valid repository id
+        raise HnkitError(f"{name}: no such model folder, and not a Hugging Face hub id") from None
+    if constants.HF_HUB_OFFLINE:
+        raise HnkitError(f"{name}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # a proxy decides what is reachable
+    host = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=5).close()
+    except OSError:
+        raise HnkitError(f"{name}: not in the local Hugging Face cache, and {host.hostname} cannot be reached "
+                         "(no network?); give a local model folder") from None

@@ -71,35 +71,12 @@ def ids():
     return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def _prose(n_topics: int) -> str:
-    """Offline English prose: the Python reference manual that ships with Python (pydoc_data)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics)[:n_topics])
-
-
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory):
     """A tiny GPT-2 with a small byte-level BPE tokenizer saved to a folder, and a text corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from hnkit.testing import build_tiny_lm
 
-    root = tmp_path_factory.mktemp("tiny_lm")
-    corpus = root / "corpus.txt"
-    corpus.write_text(_prose(40), encoding="utf-8")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([corpus.read_text()], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=320, n_positions=128, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        initializer_range=0.2))  # random weights large enough that K/V changes reach the logits
-    model.save_pretrained(root / "model")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(root / "model")
-    return {"model": root / "model", "corpus": corpus}
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
 @pytest.fixture(autouse=True)

@@ -218,3 +218,60 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         hnkit.save(Hypernetwork(keys=[8], name="second"), path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["keep.pt"]  # no temporary file left behind
+
+
+def _st_with_meta(path, hn, edit):
+    """hnkit's .safetensors of ``hn`` with its metadata passed through ``edit``."""
+    from safetensors.torch import load_file, save_file
+
+    hnkit.save(hn, path)
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["hnkit"])
+    save_file(load_file(str(path)), str(path), metadata={"hnkit": json.dumps(edit(meta))})
+    return path
+
+
+def test_hostile_descriptions_are_refused_before_memory_is_spent(tmp_path):
+    import resource
+
+    hn = Hypernetwork(keys=[8])
+    # A [1, 64, 1] network at width 2048 declares 1 GB per layer; its tensors are a few hundred bytes.
+    data = to_a1111(hn)
+    data[2048] = data.pop(8)
+    data["layer_structure"] = [1, 64, 1]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _one_line_error(_save_pt(data, tmp_path / "huge.pt"), "has shape")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: under 100 MB
+    cases = {
+        "deep": dict(layer_structure=[1] + [2] * 40 + [1]),
+        "wide": dict(layer_structure=[1, 10 ** 6, 1]),
+        "dropout5": dict(dropout_structure=5),
+        "negative": {-8: to_a1111(hn)[8]},
+    }
+    for name, change in cases.items():
+        data = to_a1111(hn)
+        if name == "negative":
+            del data[8]
+        data.update(change)
+        _one_line_error(_save_pt(data, tmp_path / f"{name}.pt"), "")
+    for name, edit in {"list": lambda m: [m], "keys": lambda m: {**m, "keys": "8"},
+                       "fewer": lambda m: {**m, "keys": []}}.items():
+        _one_line_error(_st_with_meta(tmp_path / f"{name}.safetensors", hn, edit), "")
+    per_site = Hypernetwork(HypernetworkConfig(per_site=True), ["h.0.attn"], widths={"h.0.attn": 8})
+    for name, width in {"huge": 10 ** 9, "zero": 0, "text": "8"}.items():
+        path = _st_with_meta(tmp_path / f"site-{name}.safetensors", per_site, lambda m: {**m, "widths": [width]})
+        _one_line_error(path, "input width")
+
+
+def test_weights_that_are_not_finite_floats_are_refused(tmp_path):
+    hn = Hypernetwork(keys=[8])
+    for name, tensor in {"nan": torch.full((16, 8), float("nan")), "inf": torch.full((16, 8), float("inf")),
+                         "int": torch.ones(16, 8, dtype=torch.int64), "bool": torch.ones(16, 8, dtype=torch.bool),
+                         "complex": torch.ones(16, 8, dtype=torch.complex64)}.items():
+        data = to_a1111(hn)
+        data[8][0]["linear.0.weight"] = tensor
+        _one_line_error(_save_pt(data, tmp_path / f"{name}.pt"), "NaN or infinite" if name in ("nan", "inf") else "floating point")
+    for dtype in (torch.float16, torch.bfloat16):  # half-precision files load as before
+        data = to_a1111(hn)
+        data[8] = tuple({k: v.to(dtype) for k, v in sd.items()} for sd in data[8])
+        hnkit.load(_save_pt(data, tmp_path / f"{dtype}.pt"))

@@ -46,3 +46,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     hnkit.save(Hypernetwork(keys=[8]), tmp_path / "a.pt")
     r = run("convert", tmp_path / "a.pt", tmp_path / "a.pt")
     assert r.returncode == 2 and "output is the input" in r.stderr
+
+
+def test_convert_keeps_hnkit_facts_refuses_overwrites_and_follows_the_extension(tmp_path, capsys):
+    hn = Hypernetwork(keys=[8], name="ink", family="llama", base_model="SmolLM2-135M", description="a test")
+    hnkit.save(hn, tmp_path / "ink.safetensors")
+    assert main(["convert", str(tmp_path / "ink.safetensors"), str(tmp_path / "ink.pt")]) == 0
+    assert main(["convert", str(tmp_path / "ink.pt"), str(tmp_path / "back.safetensors")]) == 0
+    back = hnkit.load(tmp_path / "back.safetensors")
+    assert (back.family, back.base_model, back.description) == ("llama", "SmolLM2-135M", "a test")
+    capsys.readouterr()
+    before = (tmp_path / "ink.pt").read_bytes()
+    bad = {
+        "already exists": ["convert", tmp_path / "back.safetensors", tmp_path / "ink.pt"],
+        "does not match the extension": ["convert", tmp_path / "ink.pt", tmp_path / "x.safetensors", "--format", "a1111"],
+        "unknown extension .ckpt": ["convert", tmp_path / "ink.pt", tmp_path / "x.ckpt"],
+        "is a file, not a folder": ["convert", tmp_path / "ink.pt", tmp_path / "ink.pt" / "x.safetensors"],
+    }
+    for words, args in bad.items():
+        assert main(list(map(str, args))) == 2, words
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    assert (tmp_path / "ink.pt").read_bytes() == before and not (tmp_path / "x.safetensors").exists()
+    assert main(["convert", str(tmp_path / "back.safetensors"), str(tmp_path / "ink.pt"), "--force"]) == 0

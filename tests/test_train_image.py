@@ -249,7 +249,7 @@ def test_unreadable_images_are_skipped_by_name(tiny_sd, images, tmp_path, capsys
     captured = capsys.readouterr()
     assert "hnkit: warning: skipped unreadable image broken.png (" in captured.err
     assert "hnkit: warning: skipped unreadable image truncated.png (" in captured.err
-    assert "(1 steps, 3 images)" in captured.out
+    assert "1 steps in" in captured.out and ", 3 images;" in captured.out
 
 
 def test_bad_input_gives_one_line_and_exit_2(tiny_sd, images, tmp_path, capsys):
@@ -305,6 +305,8 @@ def test_latents_are_cached_on_disk_and_sampled_per_mode(tiny_sd, tmp_path, monk
         m.setattr(image_mod, "load_image", lambda *a: pytest.fail("decoded again despite the cache"))
         again = encode_images(sd, records, RES)
         assert torch.equal(first.mean, again.mean) and torch.equal(first.std, again.std)
+        # the same memory layout cold and warm, so training computes bit for bit alike after either
+        assert first.mean.stride() == again.mean.stride() and first.std.stride() == again.std.stride()
         assert first.names == again.names and first.mean.shape == (4, 4, 16, 16) and (first.std > 0).all()
         os.utime(data / "img1.png", ns=(1, 1))  # a changed file is encoded again
         with pytest.raises(pytest.fail.Exception):
@@ -345,3 +347,22 @@ def test_text_encoder_outputs_are_cached_only_when_captions_are_static(tiny_sd, 
                       encode_prompts(sd, prompts))
             task.collate([task.train_dataset[0], task.train_dataset[1]])
         assert len(calls) == 1 and len(calls[0]) == 2  # encoded at this step
+
+
+def test_latents_are_kept_contiguous_even_when_the_vae_returns_channels_last(tiny_sd, tmp_path, monkeypatch):
+    """The disk cache holds contiguous tensors; the in-memory ones of a cold run must have the same
+    layout, or training after a cold and after a warm cache differs in the last bits."""
+    sd = load_sd(str(tiny_sd["sd1"]))
+    real_encode = sd.vae.encode
+
+    def channels_last_encode(pixels):
+        out = real_encode(pixels)
+        dist = out.latent_dist
+        dist.mean = dist.mean.contiguous(memory_format=torch.channels_last)
+        dist.std = dist.std.contiguous(memory_format=torch.channels_last)
+        return out
+
+    monkeypatch.setattr(sd.vae, "encode", channels_last_encode)
+    records = read_image_folder(write_images(tmp_path / "data", n=2))
+    cold = encode_images(sd, records, RES, disk_cache=False)
+    assert cold.mean.is_contiguous() and cold.std.is_contiguous()

@@ -49,7 +49,10 @@ def test_loss_falls_and_outputs_are_written(tiny_lm, tmp_path):
     assert val[2][1] < val[1][1] < val[0][1] - 0.2
     assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.2
     hn = hnkit.load(out / "hypernetwork.safetensors")
-    assert hn.step == 40 and hn.family == "gpt2" and hn.config.layer_structure == [1, 2, 1]
+    assert hn.step == 40 and hn.family == "gpt2"
+    # text's defaults (docs/benchmarks.md, bench_quality): a per-site relu bottleneck starting as the identity
+    c = hn.config
+    assert (c.layer_structure, c.activation, c.zero_init_last, c.per_site) == ([1, 0.125, 1], "relu", True, True)
     assert (out / "loss.png").stat().st_size > 1000
     assert "### continuation" in (out / "samples" / "step-0000040.txt").read_text()
     assert (out / "checkpoints" / "step-0000040" / "trainer_state.json").exists()
@@ -69,13 +72,19 @@ def test_resume_is_exact(tiny_lm, tmp_path):
     assert_same(weights(straight / "hypernetwork.safetensors"), weights(resumed / "hypernetwork.safetensors"))
 
 
-def test_ctrl_c_in_a_real_process_saves_a_checkpoint(tiny_lm, tmp_path):
-    interrupted = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "hnkit", *train_args(tiny_lm, interrupted, *RESUME_OPTS[2:], "--max-steps", 100000)]
+def start_training(tiny_lm, output, *extra):
+    """A long train-text run in a real process, returned once it has logged its first step."""
+    cmd = [sys.executable, "-m", "hnkit", *train_args(tiny_lm, output, *extra, "--max-steps", 100000)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (interrupted / "metrics.jsonl").exists() and time.time() < deadline:
+    while not (output / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
+    return proc
+
+
+def test_ctrl_c_in_a_real_process_saves_a_checkpoint(tiny_lm, tmp_path):
+    interrupted = tmp_path / "interrupted"
+    proc = start_training(tiny_lm, interrupted, *RESUME_OPTS[2:])
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -131,7 +140,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_lm, tmp_path, mo
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_lm, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    opts = ("--max-steps", 4, "--activation", "relu", "--weight-init", "XavierNormal")  # gradients well above float noise
+    # the web UI's shared network, its weights drawn large: gradients well above float noise
+    opts = ("--max-steps", 4, "--activation", "relu", "--weight-init", "XavierNormal", "--layer-structure", "1,2,1",
+            "--no-per-site", "--no-zero-init-last")
     assert main(train_args(tiny_lm, one, *opts)) == 0
     args = train_args(tiny_lm, two, *opts)
     args[args.index("--batch-size") + 1] = "2"  # 2 processes x 2 = the same 4 blocks per step
@@ -245,6 +256,8 @@ def test_every_recipe_is_valid_and_shows_its_command():
         table = (train_image if command == "train-image" else train_text).OPTIONS
         options = read_recipe(str(path), table)  # unknown keys or bad YAML raise
         assert options["model"] and options["data"]
+        if "{cache}" in path.read_text():  # follows $HNKIT_CACHE (set to a temporary folder for the tests)
+            assert options["model"].startswith(os.environ["HNKIT_CACHE"]) and "{" not in options["data"]
         assert f"hnkit {command} --config recipes/{path.name}" in header
 
 
@@ -278,3 +291,26 @@ def test_validation_during_training_sees_every_step(tiny_lm, tmp_path):
                            "--per-site", "--activation", "relu")) == 0
     val = [r["val_loss"] for r in rows(out) if "val_loss" in r]
     assert len(val) == 3 and val[2] < val[1] < val[0]
+
+
+def test_eval_text_measures_the_blocks_the_run_held_out_without_repeating_its_settings(tiny_lm, tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file appears in the working folder unless asked for
+    out = tmp_path / "run"
+    assert main(train_args(tiny_lm, out, "--max-steps", 2, "--val-fraction", "0.2", "--seed", "3")) == 0
+    stdout = capsys.readouterr().out
+    assert "step 2/2 loss" in stdout  # not a terminal: a plain line per logged step
+    assert "2 steps in" in stdout and str(out) in stdout  # and a summary at the end
+    hn = hnkit.load(out / "hypernetwork.safetensors")
+    assert hn.extra["data"] == {"block_size": 32, "val_fraction": 0.2, "seed": 3, "text_field": "text"}
+    report = tmp_path / "report.json"
+    assert main(["eval-text", "--model", str(tiny_lm["model"]), "--hypernetwork", str(out / "hypernetwork.safetensors"),
+                 "--style-data", str(tiny_lm["corpus"]), "--strengths", "0,1", "--json", str(report)]) == 0
+    from hnkit.commands.eval_text import held_out_blocks
+    from hnkit.text import load_causal_lm
+
+    _, tokenizer = load_causal_lm(str(tiny_lm["model"]))
+    expected = held_out_blocks(tiny_lm["corpus"], tokenizer, 32, 0.2, 3, 32)
+    data = json.loads(report.read_text())
+    assert data["block_size"] == 32 and data["blocks"]["style"] == len(expected)
+    assert not list(tmp_path.glob("*.png"))

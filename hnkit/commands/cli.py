@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from ..errors import HnkitError
@@ -41,6 +42,8 @@ def cmd_convert(args) -> None:
 
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise HnkitError(f"{args.output}: output is the input file; choose another name")
+    if Path(args.output).exists() and not args.force:
+        raise HnkitError(f"{args.output}: already exists; choose another name or add --force to replace it")
     hn = load(args.input)
     out = save(hn, args.output, format=args.format)
     print(f"wrote {out}")
@@ -78,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("convert", help="convert between .safetensors and the web UI's .pt")
     p.add_argument("input")
-    p.add_argument("output", help="the suffix picks the format (.pt = web UI) unless --format is given")
-    p.add_argument("--format", choices=["hnkit", "a1111"])
+    p.add_argument("output", help=".safetensors (hnkit's format) or .pt (the web UI's)")
+    p.add_argument("--format", choices=["hnkit", "a1111"], help="must agree with the output's extension")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_convert)
     return parser
 
@@ -107,10 +111,13 @@ def main(argv=None) -> int:
         print(f"hnkit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # already stopping: a further Ctrl-C during the interpreter's shutdown must not kill it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("hnkit: interrupted", file=sys.stderr)
         return 130
-    except FileNotFoundError as exc:  # e.g. a path that vanished mid-run
-        print(f"hnkit: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+    except OSError as exc:  # a path that vanished mid-run, a folder that is not writable, a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"hnkit: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -30,21 +30,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neutral-data", help="a corpus the style should leave alone (optional)")
     parser.add_argument("--strengths", default="0,0.25,0.5,0.75,1,1.25",
                         help="factors on each style's strength (default: 0,0.25,0.5,0.75,1,1.25)")
-    parser.add_argument("--plot", default="eval-text.png",
-                        help="PNG of perplexity against factor; with --neutral-data also NAME-front.png, "
+    parser.add_argument("--plot", default=None,
+                        help="also draw a PNG of perplexity against factor; with --neutral-data also NAME-front.png, "
                              "style gain against neutral cost")
     parser.add_argument("--max-neutral-cost", type=float, default=0.03,
                         help="the recommended strength is the one with the largest style gain whose neutral "
                              "perplexity rises by at most this fraction (default: 0.03, i.e. 3%%)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
-    parser.add_argument("--block-size", type=int, default=256, help="tokens per block (default: 256)")
+    parser.add_argument("--force", action="store_true", help="replace existing --plot / --json files")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per block (default: the first network's training setting, else 256)")
     parser.add_argument("--max-blocks", type=int, default=32, help="blocks measured per corpus (default: 32)")
-    parser.add_argument("--val-fraction", type=float, default=0.05,
-                        help="held-out share of the style corpus, as in train-text (default: 0.05)")
-    parser.add_argument("--seed", type=int, default=0, help="split seed, as in train-text (default: 0)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="held-out share of the style corpus (default: the first network's training "
+                             "setting, else 0.05)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="split seed (default: the first network's training setting, else 0)")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward (default: 8)")
-    parser.add_argument("--text-field", default="text", help="text field of .jsonl / datasets input")
+    parser.add_argument("--text-field", default=None,
+                        help="text field of .jsonl / datasets input (default: as trained, else 'text')")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+
+DATA_DEFAULTS = {"block_size": 256, "val_fraction": 0.05, "seed": 0, "text_field": "text"}
+
+
+def front_plot(plot: str) -> Path:
+    stem = Path(plot)
+    return stem.with_name(f"{stem.stem}-front{stem.suffix or '.png'}")
+
+
+def check_outputs(paths, force: bool) -> None:
+    """Before any work: each output file is new (or ``force``), and its folder can be written."""
+    import os
+
+    for path in map(Path, paths):
+        if path.exists() and not force:
+            raise HnkitError(f"{path}: already exists; choose another name or add --force to replace it")
+        folder = next(p for p in path.absolute().parents if p.exists())
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise HnkitError(f"{path}: cannot write there ({folder} is not a writable folder)")
 
 
 def held_out_blocks(data, tokenizer, block_size, val_fraction, seed, max_blocks, text_field="text"):
@@ -109,10 +134,10 @@ def report_front(results: dict, bare: dict, styles, factors, args, report: dict)
             front=[{"factor": f, "style_gain": g, "neutral_cost": c} for f, g, c in front],
             recommended={"factor": best[0], "strength": best[0] * strength, "style_gain": best[1],
                          "neutral_cost": best[2], "max_neutral_cost": args.max_neutral_cost})
-    stem = Path(args.plot)
-    path = line_plot(curves, stem.with_name(f"{stem.stem}-front{stem.suffix or '.png'}"),
-                     title="Pareto front: style gain % (up) against neutral cost % (right)")
-    print(f"wrote {path}")
+    if args.plot:
+        path = line_plot(curves, front_plot(args.plot),
+                         title="Pareto front: style gain % (up) against neutral cost % (right)")
+        print(f"wrote {path}")
 
 
 def _unique(name: str, taken) -> str:
@@ -132,16 +157,28 @@ def run(args: argparse.Namespace) -> dict:
     from .generate_text import check_styles_fit, load_styles, parse_factors
 
     factors = parse_factors(args.strengths)
+    styles = load_styles(args.hypernetwork)
+    # the style corpus is split as its training run split it: the settings train-text stored in the file
+    trained = styles[0][0].extra.get("data") if isinstance(styles[0][0].extra.get("data"), dict) else {}
+    for option, fallback in DATA_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, trained.get(option, fallback))
     for option in ("block_size", "max_blocks", "batch_size"):
         if getattr(args, option) <= 0:
             raise HnkitError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
     for data in (args.style_data, args.neutral_data):
         if data is not None and not Path(data).exists():
             raise HnkitError(f"{data}: no such file or folder")
-    styles = load_styles(args.hypernetwork)
+    if not 0 < args.val_fraction < 1:
+        raise HnkitError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    outputs = [args.json] if args.json else []
+    if args.plot:
+        outputs += [args.plot, front_plot(args.plot)] if args.neutral_data else [args.plot]
+    check_outputs(outputs, args.force)
+    device = choose_device(args.device)
     model, tokenizer = load_causal_lm(args.model)
     model.eval()
-    model.to(choose_device(args.device))
+    model.to(device)
     check_styles_fit(model, styles)
     ctx = context_length(model)
     if ctx is not None and args.block_size > ctx:
@@ -161,8 +198,8 @@ def run(args: argparse.Namespace) -> dict:
     Console().print(table)
     series = {f"{style}: {corpus}": list(zip(factors, values))
               for style, per in results.items() for corpus, values in per.items()}
-    plot = line_plot(series, args.plot, title="held-out perplexity vs factor on the strength")
-    print(f"wrote {plot}")
+    if args.plot:
+        print(f"wrote {line_plot(series, args.plot, title='held-out perplexity vs factor on the strength')}")
     report = {"model": args.model, "factors": factors, "block_size": args.block_size,
               "blocks": {name: len(b) for name, b in corpora.items()},
               "styles": {style: {"file": spec, "perplexity": per}

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -112,7 +113,9 @@ def load_pipeline(model: str, device: torch.device):
     cls = _pipeline_class(model)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     try:
-        pipe = cls.from_pretrained(model, torch_dtype=dtype)
+        with warnings.catch_warnings():  # newer diffusers call it `dtype`; older ones know only `torch_dtype`
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+            pipe = cls.from_pretrained(model, torch_dtype=dtype)
     except Exception as exc:  # missing parts, wrong files, no network for a hub id: all the user's input
         raise HnkitError(f"{model}: cannot load a Stable Diffusion pipeline ({first_line(exc)})") from None
     if getattr(pipe, "unet", None) is None:

@@ -155,9 +155,10 @@ def run(args: argparse.Namespace) -> list[str]:
     factors = parse_factors(args.strengths) if args.strengths else None
     prompt = read_prompt(args)
     styles = load_styles(args.hypernetwork)
+    device = choose_device(args.device)  # before the model loads: a wrong device is said at once
     model, tokenizer = load_causal_lm(args.model)
     model.eval()
-    model.to(choose_device(args.device))
+    model.to(device)
     check_styles_fit(model, styles, args.fuse)
     gen = Generator(model, tokenizer, styles, blend=args.blend, fade_in=args.fade_in, fuse=args.fuse,
                     seed=args.seed, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from ..errors import HnkitError, first_line
+from ..util import cache_root
 
 NUMBERS, TEXTS = "numbers", "texts"
 
@@ -40,6 +42,7 @@ TRAINING = {
     "log_every": (int, 10, "metrics every N steps"),
     "tensorboard": (bool, False, "also log to TensorBoard (needs the tensorboard package)"),
     "resume": (str, None, "continue from this output folder or checkpoint folder"),
+    "force": (bool, False, "start over in an --output that holds a run (its checkpoints and metrics go)"),
 }
 
 # The hypernetwork's structure (HypernetworkConfig); a task may change the defaults.
@@ -110,7 +113,8 @@ def read_recipe(path: str, options: dict) -> dict:
         if typ in (NUMBERS, TEXTS):
             out[k] = _as_list(v, typ, k, path)
         elif typ is str and v is not None:
-            out[k] = str(v)
+            # "{cache}" is hnkit's cache folder ($HNKIT_CACHE, else ~/.cache/hnkit), so recipes follow it
+            out[k] = os.path.expanduser(str(v).replace("{cache}", str(cache_root())))
         else:
             out[k] = v
     return out
@@ -133,11 +137,22 @@ def resolve_options(args: argparse.Namespace, options: dict, required=("model", 
 
 # -- from options to the objects a run needs -----------------------------------------------------
 def check_output(opts: dict) -> Path:
-    """The output folder; an existing run there is continued only with --resume, never overwritten."""
+    """The output folder; an existing run there is continued only with --resume and replaced only
+    with --force, never overwritten by accident (checked again by the trainer, under its lock)."""
+    from ..trainer import existing_run
+
     output = Path(opts["output"])
-    if opts["resume"] is None and (output / "checkpoints").exists():
-        raise HnkitError(f"{output}: already holds a training run; continue it with --resume {output} "
-                         "or choose another --output")
+    found = existing_run(output, opts["name"])
+    if opts["resume"] is None and not opts["force"] and found:
+        raise HnkitError(f"{output}: {found}; continue it with --resume {output}, choose another --output, "
+                         "or start over with --force")
+    probe = output
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise HnkitError(f"--output {output}: {probe} is a file, expected a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise HnkitError(f"--output {output}: {probe} is not writable")
     return output
 
 

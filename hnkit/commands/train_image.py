@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> Path:
     o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
     output = shared.check_output(o)
     check_resolution(o["resolution"])
+    if not 0 <= o["val_fraction"] < 1:
+        raise HnkitError(f"--val-fraction must be at least 0 and below 1, got {o['val_fraction']}")
     records = read_image_folder(o["data"], o["caption_field"])
     templates = read_templates(o["template"])
     sd = load_sd(o["model"])
@@ -96,6 +98,6 @@ def run(args: argparse.Namespace) -> Path:
         written = [final]
         if o["save_pt"]:
             written.append(save(hn, final.with_suffix(".pt"), format="a1111"))
-        print(f"wrote {', '.join(map(str, written))} ({trainer.step} steps, {len(train)} images); "
+        print(f"wrote {', '.join(map(str, written))}: {trainer.summary()}, {len(train)} images; "
               f"metrics, samples and loss.png in {output}")
     return final

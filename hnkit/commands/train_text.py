@@ -24,7 +24,11 @@ OPTIONS = {
     "preserve_data": (str, None, "neutral text (same forms as --data) whose next-token distributions the "
                                  "style should keep: adds a KL term to the loss (prior preservation)"),
     "preserve_weight": (float, 1.0, "weight of the prior-preservation KL term"),
-    **MODULE,
+    # text's default network, chosen by scripts/bench_quality.py (docs/benchmarks.md): one small
+    # bottleneck per attention layer, starting as the identity; the web UI's classic network is
+    # recipes/webui_classic.yaml
+    **shared.with_defaults(MODULE, layer_structure=[1, 0.125, 1], activation="relu", zero_init_last=True,
+                           per_site=True),
 }
 
 
@@ -45,6 +49,8 @@ def run(args: argparse.Namespace) -> Path:
         raise HnkitError(f"{o['data']}: no such file or folder")
     if o["preserve_data"] is not None and not Path(o["preserve_data"]).exists():
         raise HnkitError(f"--preserve-data {o['preserve_data']}: no such file or folder")
+    if not 0 <= o["val_fraction"] < 1:
+        raise HnkitError(f"--val-fraction must be at least 0 and below 1, got {o['val_fraction']}")
     if o["preserve_weight"] < 0:
         raise HnkitError(f"--preserve-weight must be 0 or more, got {o['preserve_weight']}")
     model, tokenizer = load_causal_lm(o["model"])
@@ -58,6 +64,8 @@ def run(args: argparse.Namespace) -> Path:
     else:
         torch.manual_seed(o["seed"])
         hn = Hypernetwork.for_model(model, shared.module_config(o), name=o["name"])
+    # how the corpus was cut and split: eval-text measures the same held-out blocks by default
+    hn.extra["data"] = {k: o[k] for k in ("block_size", "val_fraction", "seed", "text_field")}
     prompts = o["sample_prompts"] or default_prompts(tokenizer, val if len(val) else train)
     neutral = None
     if o["preserve_data"] is not None:
@@ -77,5 +85,5 @@ def run(args: argparse.Namespace) -> Path:
         trainer.resume(o["resume"])
     final = trainer.train()
     if trainer.accelerator.is_main_process:
-        print(f"wrote {final} ({trainer.step} steps); metrics, samples and loss.png in {output}")
+        print(f"wrote {final}: {trainer.summary()}; metrics, samples and loss.png in {output}")
     return final

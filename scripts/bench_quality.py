@@ -1,0 +1,399 @@
+"""Quality benchmark: how much of a style a hypernetwork gives a language model, and what it costs
+the model's ordinary language, against a PEFT LoRA of the same trainable size trained by the same
+loop on the same batches for the same steps. Nothing here asserts a figure; it prints them.
+
+    python scripts/bench_quality.py                    # SmolLM2-135M, 100 steps, batch 4 x 128, CPU
+    python scripts/bench_quality.py --tiny             # a small random Llama: a smoke run in a minute
+    python scripts/bench_quality.py --only lora-plain  # some variants (results are kept per run)
+
+Needs PEFT: pip install -e ".[bench]". SmolLM2 comes from scripts/prepare_smollm2.py.
+
+Corpora (offline, public domain or permissive, whole documents held out; nothing is copied into the
+repository, they are written under ~/.cache/hnkit/corpora):
+- style: Ambrose Bierce's *The Devil's Dictionary* (1911, public domain) from Debian's ``dict-devil``
+  package, one document per entry; every entry whose headword hashes to 0 mod 8 is held out.
+- neutral: the Python reference manual's topics (``pydoc_data.topics``, PSF license), one document per
+  topic; the topics hashing to 0 mod 2 are held out for measuring, the others feed prior preservation.
+
+Each variant trains from the same seed, then sweeps the strength; a point is (style gain = 1 -
+style ppl / bare style ppl, neutral cost = neutral ppl / bare neutral ppl - 1). Printed: every run's
+sweep, each tool's front over its lr grid (a tool is judged at its best lr), the recommended strength
+(largest gain at a neutral cost of at most --max-neutral-cost), and whether hnkit's front dominates
+LoRA's (for every LoRA point an hnkit point with at least its gain at no more cost). The fronts are
+drawn as a PNG; every run is kept as JSON under --out, so an interrupted bench resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import hnkit  # noqa: E402
+from hnkit.commands.train_text import OPTIONS as TRAIN_TEXT  # noqa: E402
+from hnkit.front import pareto_front, points, recommend  # noqa: E402
+from hnkit.plot import line_plot  # noqa: E402
+from hnkit.preserve import Teacher  # noqa: E402
+from hnkit.text import TextTask, perplexity, tokenized_blocks  # noqa: E402
+from hnkit.train_config import make_optimizer  # noqa: E402
+from hnkit.trainer import epoch_order  # noqa: E402
+from hnkit.util import cache_root  # noqa: E402
+
+console = Console()
+
+# -- corpora ------------------------------------------------------------------------------------
+DICT_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"  # dictd's offsets
+
+
+def _dict_number(text: str) -> int:
+    n = 0
+    for ch in text:
+        n = n * 64 + DICT_B64.index(ch)
+    return n
+
+
+def devil_files() -> tuple[Path, Path]:
+    """The installed dict-devil data, or the package fetched with apt-get and unpacked in the cache."""
+    installed = Path("/usr/share/dictd")
+    if (installed / "devil.index").exists():
+        return installed / "devil.index", installed / "devil.dict.dz"
+    unpacked = cache_root() / "debs" / "dict-devil"
+    found = unpacked / "usr/share/dictd"
+    if not (found / "devil.index").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["apt-get", "download", "dict-devil"], cwd=tmp, check=True, capture_output=True)
+            deb = next(Path(tmp).glob("dict-devil_*.deb"))
+            unpacked.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+    return found / "devil.index", found / "devil.dict.dz"
+
+
+def devil_entries() -> dict[str, str]:
+    """headword -> entry text (the dictionary's own metadata entries left out)."""
+    index, data = devil_files()
+    text = gzip.decompress(data.read_bytes())  # dictzip is gzip with an index in its header
+    entries = {}
+    for line in index.read_text(encoding="utf-8").splitlines():
+        word, offset, length = line.split("\t")
+        if not word.startswith("00database"):
+            start = _dict_number(offset)
+            entries[word] = text[start:start + _dict_number(length)].decode("utf-8").strip()
+    return entries
+
+
+def _held_out(name: str, modulus: int) -> bool:
+    return zlib.crc32(name.encode()) % modulus == 0
+
+
+def write_corpus(folder: Path, docs: dict[str, str]) -> Path:
+    """One .txt file per document; rewritten only when its text changed (keeps the token cache)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(sorted(docs)):
+        path = folder / f"{i:04d}.txt"
+        if not path.exists() or path.read_text(encoding="utf-8") != docs[name]:
+            path.write_text(docs[name], encoding="utf-8")
+    return folder
+
+
+def prepare_corpora() -> dict[str, Path]:
+    from pydoc_data.topics import topics
+
+    root, devil = cache_root() / "corpora", devil_entries()
+    return {
+        "style-train": write_corpus(root / "devil-train", {k: v for k, v in devil.items() if not _held_out(k, 8)}),
+        "style-test": write_corpus(root / "devil-test", {k: v for k, v in devil.items() if _held_out(k, 8)}),
+        "neutral-train": write_corpus(root / "pydoc-preserve", {k: v for k, v in topics.items() if not _held_out(k, 2)}),
+        "neutral-test": write_corpus(root / "pydoc-test", {k: v for k, v in topics.items() if _held_out(k, 2)}),
+    }
+
+
+# -- models and adapters ------------------------------------------------------------------------
+def load_model(args):
+    """The model, fresh from its folder (every run starts from the same weights), and its tokenizer.
+    ``--tiny``: a 2-layer Llama with SmolLM2's tokenizer, built from a config and saved once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    folder = Path(args.model or cache_root() / "SmolLM2-135M-Instruct").expanduser()
+    if not folder.exists():
+        sys.exit(f"{folder}: no such model; run: python scripts/prepare_smollm2.py")
+    if args.tiny:
+        tiny = Path(args.out) / "tiny-model"
+        if not (tiny / "config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(LlamaConfig(
+                vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).save_pretrained(tiny)
+            tokenizer.save_pretrained(tiny)
+        folder = tiny
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def hnkit_default_config():
+    """The module ``hnkit train-text`` builds when given no module option."""
+    from hnkit.commands.options import module_config
+
+    return module_config({name: TRAIN_TEXT[name][1] for name in hnkit.commands.options.MODULE})
+
+
+def n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class HnkitAdapter:
+    def __init__(self, model, config):
+        torch.manual_seed(0)
+        self.model, self.hn = model, hnkit.Hypernetwork.for_model(model, config, name="bench")
+        self.handle = hnkit.attach(model, self.hn, strength=1.0)
+
+    def params(self):
+        return list(self.hn.parameters())
+
+    def set_strength(self, s: float) -> None:
+        self.handle.strength = s
+
+    def train(self, mode: bool) -> None:
+        self.hn.train(mode)
+
+
+class LoraAdapter:
+    def __init__(self, model, rank: int):
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
+
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
+        torch.manual_seed(0)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["k_proj", "v_proj"])
+        self.model = get_peft_model(model, config)
+        self.layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+
+    def params(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def set_strength(self, s: float) -> None:
+        for layer in self.layers:
+            layer.set_scale("default", s)  # scaling = s * alpha / r
+
+    def train(self, mode: bool) -> None:
+        pass  # no dropout; the base stays in eval mode
+
+
+def lora_rank_for(hn_params: int, model) -> int:
+    """The LoRA rank on k_proj and v_proj of every layer with about ``hn_params`` parameters."""
+    cfg = model.config
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * getattr(cfg, "head_dim", None) if getattr(cfg, "head_dim", None) else \
+        d // heads * cfg.num_key_value_heads
+    return max(1, round(hn_params / (2 * cfg.num_hidden_layers * (d + kv))))
+
+
+# -- one run ------------------------------------------------------------------------------------
+def train_and_sweep(args, variant: dict, data: dict) -> dict:
+    model, tokenizer = load_model(args)
+    if variant["tool"] == "hnkit":
+        adapter = HnkitAdapter(model, hnkit_default_config())
+    else:
+        adapter = LoraAdapter(model, variant["rank"])
+    params = adapter.params()
+    task = TextTask(model, tokenizer, None, data["style-train"])
+    if variant["preserve"]:
+        task.use_preservation(data["teacher"], args.preserve_weight)
+    optimizer = make_optimizer(params, lr=variant["lr"])
+    adapter.train(True)
+    started, step, epoch, offset = time.perf_counter(), 0, 0, 0
+    n = len(task.train_dataset)
+    order = epoch_order(n, args.seed, epoch)
+    while step < args.steps:  # the trainer's loop: same data order, AdamW, clipping at 1.0
+        if offset + args.batch_size > n:
+            epoch, offset = epoch + 1, 0
+            order = epoch_order(n, args.seed, epoch)
+        batch = task.collate([task.train_dataset[i] for i in order[offset:offset + args.batch_size]])
+        offset += args.batch_size
+        loss = task.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+    seconds = (time.perf_counter() - started) / args.steps
+    adapter.train(False)
+    style, neutral = [], []
+    for s in args.strengths:
+        adapter.set_strength(s)
+        style.append(perplexity(model, data["style-test"], args.eval_batch))
+        neutral.append(perplexity(model, data["neutral-test"], args.eval_batch))
+    return {**variant, "params": sum(p.numel() for p in params), "step_seconds": seconds,
+            "final_loss": loss.item(), "strengths": args.strengths, "style": style, "neutral": neutral}
+
+
+# -- report -------------------------------------------------------------------------------------
+def dominates(ours, theirs) -> tuple[bool, list]:
+    """Whether for every point of ``theirs`` some point of ``ours`` has at least its gain at no more
+    cost; returns the points of ``theirs`` left undominated too."""
+    missed = [p for p in theirs if not any(q[1] >= p[1] and q[2] <= p[2] for q in ours)]
+    return not missed, missed
+
+
+def report(args, runs: list[dict], bare: dict) -> dict:
+    out = {"bare": bare, "runs": runs, "tools": {}}
+    table = Table("run", "params", "step s", *[f"s={s:g}" for s in args.strengths],
+                  title="held-out perplexity after training: style / neutral")
+    table.add_row("bare model", "-", "-", *[f"{bare['style']:.2f} / {bare['neutral']:.2f}"] * len(args.strengths))
+    for r in runs:
+        table.add_row(r["name"], f"{r['params'] / 1e6:.2f} M", f"{r['step_seconds']:.2f}",
+                      *[f"{a:.2f} / {b:.2f}" for a, b in zip(r["style"], r["neutral"])])
+    console.print(table)
+    fronts, curves = {}, {}
+    for tool in sorted({r["tool_name"] for r in runs}):
+        pts = [(0.0, 0.0, 0.0, 0.0)]  # strength 0: the bare model, which every tool has
+        for r in (r for r in runs if r["tool_name"] == tool):
+            pts += [(s, g, c, r["lr"]) for s, g, c in
+                    points(r["strengths"], r["style"], r["neutral"], bare["style"], bare["neutral"])]
+        front = pareto_front(pts)
+        best = recommend(pts, args.max_neutral_cost)
+        fronts[tool] = pts
+        curves[tool] = [(100 * c, 100 * g) for _, g, c, *_ in front]
+        t = Table("lr", "strength", "style gain", "neutral cost", title=f"{tool}: Pareto front over its lr grid")
+        for s, g, c, lr in front:
+            t.add_row(f"{lr:g}", f"{s:g}", f"{g:+.1%}", f"{c:+.1%}")
+        console.print(t)
+        rec = {"strength": best[0], "style_gain": best[1], "neutral_cost": best[2],
+               "lr": best[3] if len(best) > 3 else None}
+        print(f"{tool}: recommended (neutral cost <= {args.max_neutral_cost:.0%}): lr {rec['lr']}, strength "
+              f"{rec['strength']:g}: style perplexity {-rec['style_gain']:+.1%}, neutral {rec['neutral_cost']:+.1%}")
+        out["tools"][tool] = {"front": [dict(zip(("strength", "style_gain", "neutral_cost", "lr"), p)) for p in front],
+                              "recommended": rec}
+    comparisons = [("hnkit+preserve", "lora"), ("hnkit+preserve", "lora+preserve"), ("hnkit", "lora")]
+    out["dominance"] = {}
+    for ours, theirs in comparisons:
+        if ours in fronts and theirs in fronts:
+            ok, missed = dominates(fronts[ours], fronts[theirs])
+            useful = [p for p in fronts[theirs] if p[2] <= args.max_neutral_cost]
+            ok_useful, _ = dominates(fronts[ours], useful)
+            out["dominance"][f"{ours} vs {theirs}"] = {"all_points": ok, "points_within_max_neutral_cost": ok_useful}
+            print(f"{ours} dominates {theirs}: {'yes' if ok else 'no'} over all its points; "
+                  f"{'yes' if ok_useful else 'no'} over its points with neutral cost <= {args.max_neutral_cost:.0%}"
+                  + ("" if ok else "; not beaten: " + ", ".join(
+                      f"lr {p[3]:g} s={p[0]:g} (gain {p[1]:+.1%}, cost {p[2]:+.1%})" for p in missed[:4])))
+    # hnkit at one lr (a default is one lr) against each LoRA's front over its whole lr grid
+    for r in (r for r in runs if r["tool_name"] == "hnkit+preserve"):
+        ours = [(0.0, 0.0, 0.0, 0.0)] + [(st, g, c, r["lr"]) for st, g, c in
+                                          points(r["strengths"], r["style"], r["neutral"], bare["style"], bare["neutral"])]
+        for theirs in ("lora", "lora+preserve"):
+            if theirs in fronts:
+                ok, missed = dominates(ours, fronts[theirs])
+                ok_useful, _ = dominates(ours, [p for p in fronts[theirs] if p[2] <= args.max_neutral_cost])
+                out["dominance"][f"hnkit+preserve lr {r['lr']:g} vs {theirs}"] = {
+                    "all_points": ok, "points_within_max_neutral_cost": ok_useful}
+                print(f"hnkit+preserve at lr {r['lr']:g} alone dominates {theirs} (all lrs): all points "
+                      f"{'yes' if ok else 'no'} ({len(missed)} not beaten), within the cost limit "
+                      f"{'yes' if ok_useful else 'no'}")
+    # Step times: one 100-step run each, on a shared machine (bench_text.py times steps properly).
+    steps = {}
+    for r in runs:
+        steps.setdefault((r["tool"], r["preserve"]), []).append(r["step_seconds"])
+    med = {k: sorted(v)[len(v) // 2] for k, v in steps.items()}
+    for preserve in (False, True):
+        if ("hnkit", preserve) in med and ("lora", preserve) in med:
+            ratio = out[f"step_ratio_vs_lora{'_preserve' if preserve else ''}"] = \
+                med[("hnkit", preserve)] / med[("lora", preserve)]
+            print(f"step time, hnkit / same-size LoRA{' (both with preservation)' if preserve else ''}: "
+                  f"{ratio:.3f} (median of the lr runs)")
+    for tool in ("hnkit", "lora"):
+        if (tool, True) in med and (tool, False) in med:
+            ratio = out[f"preserve_step_ratio_{tool}"] = med[(tool, True)] / med[(tool, False)]
+            print(f"step time with preservation / without ({tool}): {ratio:.3f}")
+    path = line_plot(curves, Path(args.out) / "quality-front.png",
+                     title="Pareto fronts: style gain % (up) against neutral cost % (right), best of each lr grid")
+    print(f"wrote {path} and {Path(args.out) / 'quality.json'}")
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="transformers folder (default: SmolLM2-135M-Instruct in the cache)")
+    p.add_argument("--tiny", action="store_true", help="a small random Llama built from a config (smoke run)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="the lr grid of every tool")
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.5])
+    p.add_argument("--preserve-weight", type=float, default=1.0)
+    p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks measured per corpus")
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--max-neutral-cost", type=float, default=0.03)
+    p.add_argument("--only", nargs="+", default=None,
+                   help="tools to run: hnkit+preserve, lora, lora+preserve, hnkit (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out", default="runs/bench-quality", help="folder for the runs' JSON, the table and the PNG")
+    p.add_argument("--fresh", action="store_true", help="ignore kept runs")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = prepare_corpora()
+    model, tokenizer = load_model(args)
+    blocks = {name: tokenized_blocks(path, tokenizer, args.block_size) for name, path in paths.items()}
+    data = {"style-train": blocks["style-train"],
+            "style-test": blocks["style-test"][:args.eval_blocks],
+            "neutral-test": blocks["neutral-test"][:args.eval_blocks]}
+    print(", ".join(f"{k}: {len(v)} blocks of {args.block_size}" for k, v in blocks.items()))
+    neutral_train = blocks["neutral-train"][:len(data["style-train"])]  # as train-text: one per style block
+    bare = {"style": perplexity(model, data["style-test"], args.eval_batch),
+            "neutral": perplexity(model, data["neutral-test"], args.eval_batch)}
+    hn_params = n_params(hnkit.Hypernetwork.for_model(model, hnkit_default_config()))
+    rank = lora_rank_for(hn_params, model)
+    print(f"bare model: style ppl {bare['style']:.2f}, neutral ppl {bare['neutral']:.2f}; hnkit default "
+          f"{hn_params / 1e6:.2f} M parameters, LoRA rank {rank} on k_proj, v_proj")
+    tools = {"hnkit+preserve": ("hnkit", True), "lora": ("lora", False), "lora+preserve": ("lora", True),
+             "hnkit": ("hnkit", False)}
+    setting = {k: getattr(args, k) for k in ("steps", "batch_size", "block_size", "strengths", "eval_blocks",
+                                              "preserve_weight", "seed", "tiny", "model")}
+    runs = []
+    for tool_name in args.only or tools:
+        tool, preserve = tools[tool_name]
+        for lr in args.lrs:
+            name = f"{tool_name} lr {lr:g}"
+            kept = out / f"{name.replace(' ', '_')}.json"
+            if kept.exists() and json.loads(kept.read_text())["setting"] == setting:
+                runs.append(json.loads(kept.read_text())["run"])
+                continue
+            variant = {"name": name, "tool_name": tool_name, "tool": tool, "preserve": preserve, "lr": lr, "rank": rank}
+            if preserve and "teacher" not in data:  # the bare model's distributions, once, when first needed
+                data["teacher"] = Teacher(model, neutral_train)
+            started = time.perf_counter()
+            run = train_and_sweep(args, variant, data)
+            kept.write_text(json.dumps({"setting": setting, "run": run}, indent=1))
+            print(f"{name}: {time.perf_counter() - started:.0f} s; style {[round(v, 2) for v in run['style']]}, "
+                  f"neutral {[round(v, 2) for v in run['neutral']]}", flush=True)
+            runs.append(run)
+    result = report(args, runs, bare)
+    (out / "quality.json").write_text(json.dumps({"setting": setting, **result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
