@@ -1,17 +1,21 @@
 """A training run's output folder: which checkpoints in it are complete, how a checkpoint is
 removed without ever leaving a partial one under its real name, what killed runs leave behind and
 how it is tidied, whether a fresh run would overwrite anything, and the lock that keeps one run per
-folder. The trainer (:mod:`hnkit.trainer`) writes checkpoints; this file only reads and tidies."""
+folder, and the checkpoint's state files (plain tensors and numbers, never a pickle that runs). The
+trainer (:mod:`hnkit.trainer`) decides when to write a checkpoint; this file names and checks its parts."""
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import shutil
 from pathlib import Path
 
 import torch
 
-from .errors import HnkitError
+from .checkpoint import load_plain
+from .errors import HnkitError, first_line
 
 
 def complete_checkpoints(output: Path) -> list[Path]:
@@ -50,6 +54,39 @@ def clean_leftovers(output: Path) -> None:
             _delete(path)
 
 
+TRAINING_STATE = "training_state.pt"  # the optimizer's, the scheduler's and the grad scaler's state
+
+
+def rng_state() -> dict:
+    """Every random generator training draws from, as tensors and numbers only (loadable with
+    weights_only=True): the CPU's and each GPU's torch generator, and Python's."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def read_state(path: Path, kind: type):
+    """A checkpoint's state file, never unpickling code: one line naming the file if it is missing,
+    damaged or not what it should be."""
+    if not path.is_file():
+        raise HnkitError(f"{path}: missing from the checkpoint")
+    try:
+        data = load_plain(path)
+    except Exception as exc:  # an unpickler refusal, a cut-off zip, noise: all mean a damaged file
+        raise HnkitError(f"{path}: damaged or not plain tensors and numbers ({first_line(exc)})") from None
+    if not isinstance(data, kind):
+        raise HnkitError(f"{path}: holds a {type(data).__name__}, expected a {kind.__name__}")
+    return data
+
+
+def write_error(output: Path, exc: Exception, where: Path) -> HnkitError:
+    """A failed checkpoint write as one line; a full disk is said so, whatever library raised it."""
+    kept = complete_checkpoints(output)
+    last = f"the last complete checkpoint is {kept[-1]}" if kept else "no complete checkpoint exists yet"
+    full = getattr(exc, "errno", None) == errno.ENOSPC or shutil.disk_usage(output).free < 1 << 20
+    reason = "no space left on device" if full else f"{type(exc).__name__}: {first_line(exc)}"
+    return HnkitError(f"{reason} while writing {where.parent / where.name.strip('.').removesuffix('.tmp')}; {last}")
+
+
 def existing_run(output: Path, name: str) -> str | None:
     """What in ``output`` a fresh run would overwrite: a complete checkpoint or a final network."""
     output = Path(output)
@@ -58,6 +95,14 @@ def existing_run(output: Path, name: str) -> str | None:
     if (output / f"{name}.safetensors").exists():
         return f"already holds a trained network ({name}.safetensors)"
     return None
+
+
+def refuse_existing_run(output: Path, name: str) -> None:
+    """One line if a fresh run would overwrite a run in ``output`` (the caller decides about --force)."""
+    found = existing_run(output, name)
+    if found:
+        raise HnkitError(f"{output}: {found}; continue it with --resume {output}, choose another --output, "
+                         "or start over with --force")
 
 
 class OutputLock:

@@ -21,7 +21,6 @@ just (epoch, offset): resume replays nothing and skips nothing.
 
 from __future__ import annotations
 
-import errno
 import importlib.util
 import json
 import math
@@ -41,12 +40,12 @@ from accelerate.utils import send_to_device, set_seed
 from torch import nn
 
 from .attach import attach
-from .checkpoint import load, load_plain, save
+from .checkpoint import load, save
 from .errors import HnkitError, first_line
 from .models import enable_gradient_checkpointing
 from .train_config import TrainConfig, lr_at, make_optimizer
-from .run_folder import (OutputLock, clean_leftovers, complete_checkpoints, existing_run,
-                          finite_weights, remove)
+from .run_folder import (TRAINING_STATE, OutputLock, clean_leftovers, complete_checkpoints, finite_weights,
+                         read_state, refuse_existing_run, remove, rng_state, write_error)
 from .util import atomic_write
 
 
@@ -93,30 +92,6 @@ class _StopOnCtrlC:
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
-
-
-TRAINING_STATE = "training_state.pt"  # the optimizer's, the scheduler's and the grad scaler's state
-
-
-def _rng_state() -> dict:
-    """Every random generator training draws from, as tensors and numbers only (loadable with
-    weights_only=True): the CPU's and each GPU's torch generator, and Python's."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _read_state(path: Path, kind: type):
-    """A checkpoint's state file, never unpickling code: one line naming the file if it is missing,
-    damaged or not what it should be."""
-    if not path.is_file():
-        raise HnkitError(f"{path}: missing from the checkpoint")
-    try:
-        data = load_plain(path)
-    except Exception as exc:  # an unpickler refusal, a cut-off zip, noise: all mean a damaged file
-        raise HnkitError(f"{path}: damaged or not plain tensors and numbers ({first_line(exc)})") from None
-    if not isinstance(data, kind):
-        raise HnkitError(f"{path}: holds a {type(data).__name__}, expected a {kind.__name__}")
-    return data
 
 
 class TrainingStopped(HnkitError):
@@ -174,8 +149,6 @@ class Trainer:
         acc, bs = self.accelerator, self.config.batch_size
         n = len(self.task.train_dataset)
         world = bs * acc.num_processes
-        if n < world:
-            raise HnkitError(f"the training set has {n} example{'' if n == 1 else 's'}, fewer than one batch of {world}")
         if self.offset + world > n:  # the tail that does not fill a batch is dropped
             self.epoch, self.offset = self.epoch + 1, 0
         order = epoch_order(n, self.config.seed, self.epoch)
@@ -203,7 +176,7 @@ class Trainer:
             if acc.is_main_process:
                 tmp.mkdir(parents=True)
             acc.wait_for_everyone()
-            torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")  # each process its own
+            torch.save(rng_state(), tmp / f"rng_state_{acc.process_index}.pt")  # each process its own
             if acc.is_main_process:
                 hn = self.task.hypernetwork
                 hn.step = self.step
@@ -216,7 +189,7 @@ class Trainer:
                 atomic_write(tmp / "trainer_state.json", lambda f: f.write(json.dumps(state, indent=1).encode()))
         except (OSError, RuntimeError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise self._write_error(exc, tmp) from None
+            raise write_error(self.output, exc, tmp) from None
         if acc.is_main_process:
             swapped = final.with_name(f".{final.name}.old")  # the same step saved again: keep it whole
             if final.exists():  # until the new one is in place (clean_leftovers puts it back if killed)
@@ -229,14 +202,6 @@ class Trainer:
                 remove(old)
         acc.wait_for_everyone()
         return final
-
-    def _write_error(self, exc: Exception, where: Path) -> Exception:
-        """A failed checkpoint write as one line; a full disk is said so, whatever library raised it."""
-        kept = complete_checkpoints(self.output)
-        last = f"the last complete checkpoint is {kept[-1]}" if kept else "no complete checkpoint exists yet"
-        full = getattr(exc, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.output).free < 1 << 20
-        reason = "no space left on device" if full else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        return HnkitError(f"{reason} while writing {where.parent / where.name.strip('.').removesuffix('.tmp')}; {last}")
 
     def resume(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
@@ -265,7 +230,7 @@ class Trainer:
         if hn.keys() != self.task.hypernetwork.keys() or hn.config != self.task.hypernetwork.config:
             raise HnkitError(f"{folder / 'hypernetwork.safetensors'}: not the network this run trains")
         training_file, rng_file = folder / TRAINING_STATE, folder / f"rng_state_{self.accelerator.process_index}.pt"
-        training, rng = _read_state(training_file, dict), _read_state(rng_file, dict)
+        training, rng = read_state(training_file, dict), read_state(rng_file, dict)
         with torch.no_grad():
             for mine, saved in zip(self.task.hypernetwork.parameters(), hn.parameters()):
                 mine.copy_(saved)
@@ -343,10 +308,8 @@ class Trainer:
     def _start_fresh(self) -> None:
         """A run from step 0 owns the folder: what a killed or (with ``force``) a finished earlier
         run left there goes, so checkpoints and metrics are this run's alone."""
-        found = existing_run(self.output, self.config.name)
-        if found and not self.config.force:
-            raise HnkitError(f"{self.output}: {found}; continue it with --resume {self.output}, choose another "
-                             "--output, or start over with --force")
+        if not self.config.force:
+            refuse_existing_run(self.output, self.config.name)
         shutil.rmtree(self.output / "checkpoints", ignore_errors=True)
         (self.output / "metrics.jsonl").unlink(missing_ok=True)
         clean_leftovers(self.output)

@@ -139,13 +139,11 @@ def resolve_options(args: argparse.Namespace, options: dict, required=("model", 
 def check_output(opts: dict) -> Path:
     """The output folder; an existing run there is continued only with --resume and replaced only
     with --force, never overwritten by accident (checked again by the trainer, under its lock)."""
-    from ..trainer import existing_run
+    from ..run_folder import refuse_existing_run
 
     output = Path(opts["output"])
-    found = existing_run(output, opts["name"])
-    if opts["resume"] is None and not opts["force"] and found:
-        raise HnkitError(f"{output}: {found}; continue it with --resume {output}, choose another --output, "
-                         "or start over with --force")
+    if opts["resume"] is None and not opts["force"]:
+        refuse_existing_run(output, opts["name"])
     probe = output
     while not probe.exists():
         probe = probe.parent
