@@ -27,7 +27,7 @@ import torch
 
 from .errors import HnkitError
 from .hypernetwork import Hypernetwork
-from .kernels import Collapsed, Memo, Strengths, make_kernel
+from .kernels import Collapsed, Memo, PerRow, Strengths, make_kernel
 from .passes import Passes
 from .targets import find_target
 from .targets.base import token_input
@@ -69,18 +69,18 @@ class Attachment:
                              f"not a {type(model).__name__}")
         self.model = model
         self.hypernetworks = [hn for hn, _ in entries]
-        self._strengths = Strengths([finite(s, "strength") for _, s in entries])
         self.blend = blend
         self.schedule = schedule
         target = find_target(model)
+        self.device = _device_of(model)
+        self._strengths = Strengths([strength_value(s, self.device) for _, s in entries])
         self.family = target.family
         for hn in self.hypernetworks:
             check_fits(hn, target.sites, self.family)
         self.layer_factors = layer_factors(layers, len(target.sites))
-        device = _device_of(model)
         for hn in self.hypernetworks:
-            if device is not None:
-                hn.to(device)
+            if self.device is not None:
+                hn.to(self.device)
         # The base is frozen while attached; remove() gives back the flags it had.
         self._unfrozen = [p for p in model.parameters() if p.requires_grad]
         for p in self._unfrozen:
@@ -123,14 +123,15 @@ class Attachment:
 
     # strengths ------------------------------------------------------------------------------
     @property
-    def strengths(self) -> list[float]:
-        return list(self._strengths.values)
+    def strengths(self) -> list:
+        """One strength per network: a float, or a ``[B]`` tensor where it is given per row."""
+        return [v.s if isinstance(v, PerRow) else v for v in self._strengths.values]
 
     @property
-    def strength(self) -> float:
+    def strength(self):
         if len(self.hypernetworks) != 1:
             raise HnkitError("several hypernetworks are attached: use strengths / set_strength(s, index)")
-        return self._strengths.values[0]
+        return self.strengths[0]
 
     @strength.setter
     def strength(self, value: float) -> None:
@@ -138,14 +139,15 @@ class Attachment:
 
     def set_strength(self, value: float, index: int | Hypernetwork | None = None) -> None:
         """Change a strength in place (no re-attaching). ``index`` picks the network when several
-        are attached: its position or the Hypernetwork object itself."""
+        are attached: its position or the Hypernetwork object itself. ``value`` is a number, or one
+        per batch row (a list or a 1-D tensor: see :func:`attach`)."""
         if index is None:
             if len(self.hypernetworks) != 1:
                 raise HnkitError("several hypernetworks are attached: name which one with index=")
             index = 0
         elif isinstance(index, Hypernetwork):
             index = next(i for i, hn in enumerate(self.hypernetworks) if hn is index)
-        self._strengths.values[index] = finite(value, "strength")
+        self._strengths.values[index] = strength_value(value, self.device)
 
     # the root hooks -------------------------------------------------------------------------
     def _before_pass(self, module, args, kwargs) -> None:
@@ -193,7 +195,8 @@ class Attachment:
         self.remove()
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{hn.name}@{s:g}" for hn, s in zip(self.hypernetworks, self._strengths.values))
+        names = ", ".join(f"{hn.name}@{s:g}" if not isinstance(s, torch.Tensor) else f"{hn.name}@{s.tolist()}"
+                          for hn, s in zip(self.hypernetworks, self.strengths))
         extra = "" if self.blend == "chain" else f", blend={self.blend}"
         extra += ", per-layer factors" if any(f != 1.0 for f in self.layer_factors) else ""
         extra += ", scheduled" if self.schedule is not None else ""
@@ -208,6 +211,22 @@ def finite(value, what: str) -> float:
     if not math.isfinite(value):
         raise HnkitError(f"{what} must be a finite number, got {value}")
     return value
+
+
+def strength_value(value, device=None):
+    """A checked strength: a number, or one per batch row (a list, tuple or 1-D tensor), kept as a
+    :class:`hnkit.kernels.PerRow` on ``device``."""
+    if not isinstance(value, (list, tuple, torch.Tensor)):
+        return finite(value, "strength")
+    try:
+        s = torch.as_tensor(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise HnkitError(f"per-row strengths must be numbers, got {value!r}") from None
+    if s.dim() != 1 or len(s) == 0:
+        raise HnkitError(f"per-row strengths are one number per batch row (a 1-D list), got shape {list(s.shape)}")
+    if not torch.isfinite(s).all():
+        raise HnkitError(f"per-row strengths must be finite numbers, got {s.tolist()}")
+    return PerRow(s, device)
 
 
 def check_blend(blend: str) -> None:
@@ -291,7 +310,10 @@ def attach(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", 
     ``blend="chain"`` (default) applies the networks one after the other, as the web UI does;
     ``blend="sum"`` adds their residuals to the same input. ``layers`` multiplies the strengths per
     attention layer (a list in model order or a function of the layer index); ``schedule``
-    multiplies them per generated token (see :class:`Attachment`). Returns an :class:`Attachment`;
+    multiplies them per generated token (see :class:`Attachment`). A strength is a number, or one
+    per batch row (a list or 1-D tensor of B numbers): one forward pass then serves rows with
+    different styles and strengths, each network computed only on the rows that use it, and a row
+    whose strengths are all 0 runs the bare model bit for bit. Returns an :class:`Attachment`;
     use it as a context manager or call ``remove()``. The hypernetworks are moved to the model's
     device and never registered inside it."""
     entries = as_entries(hypernetwork, strength)

@@ -23,16 +23,62 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import HnkitError
 from .module import HypernetworkModule
 
 
 class Strengths:
     """The values the kernels of one attachment read at call time, changed in place: one strength
-    per network (``values``) and the schedule's factor for the current forward pass (``scale``)."""
+    per network (``values``: a float, or a :class:`PerRow` for a strength per batch row) and the
+    schedule's factor for the current forward pass (``scale``)."""
 
-    def __init__(self, values: list[float]):
+    def __init__(self, values: list):
         self.values = values
         self.scale = 1.0
+
+
+class PerRow:
+    """A strength per batch row: ``s`` (``[B]``, float32, on the model's device) and the rows whose
+    strength is not 0 (``rows``; None when all are), worked out once when the strengths are set, so a
+    kernel never asks the device which rows are active. Rows at 0 are never computed: they leave the
+    site bit-identical to the bare model."""
+
+    def __init__(self, s: torch.Tensor, device=None):
+        active = (s != 0).nonzero().flatten()  # on the CPU, once
+        values = s[active]
+        self.s = s.to(device) if device is not None else s
+        self.rows = None if len(active) == len(s) else active.to(self.s.device)
+        self.empty = len(active) == 0
+        # the active rows' strengths: one number when they share it (no per-row multiply), else [n]
+        self.same = float(values[0]) if len(values) and bool((values == values[0]).all()) else None
+        self.active = values.to(self.s.device)
+
+    def scaled(self, factor: float, dims: int):
+        """The active rows' strengths times ``factor``: a number, or a tensor shaped to broadcast
+        against a ``dims``-dimensional input (``[n, 1, ..., 1]``)."""
+        if self.same is not None:
+            return self.same * factor
+        return (self.active * factor).view(-1, *[1] * (dims - 1))
+
+
+def check_rows(strength: PerRow, x: torch.Tensor) -> None:
+    if len(strength.s) != x.shape[0]:
+        raise HnkitError(f"per-row strengths are given for {len(strength.s)} rows, but the batch has "
+                         f"{x.shape[0]} (num_return_sequences, beams and classifier-free guidance "
+                         "multiply the rows: give a strength for each)")
+
+
+def run_rows(module: HypernetworkModule, x: torch.Tensor, strength: PerRow, factor: float) -> torch.Tensor:
+    """``module.forward`` on the rows of ``x`` whose strength is not 0, each at its own strength
+    times ``factor``; the other rows are returned untouched (gathered and scattered, as multi-LoRA
+    servers do)."""
+    check_rows(strength, x)
+    if strength.empty or factor == 0:
+        return x
+    s = strength.scaled(factor, x.dim())
+    if strength.rows is None:
+        return module.forward(x, s)
+    return x.index_copy(0, strength.rows, module.forward(x.index_select(0, strength.rows), s))
 
 
 class Chain:
@@ -45,6 +91,9 @@ class Chain:
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
         values, scale = self.strengths.values, self.strengths.scale
         for i, pair, factor in self.entries:
+            if isinstance(values[i], PerRow):
+                x = run_rows(pair[which], x, values[i], factor * scale)
+                continue
             s = values[i] * factor * scale
             if s != 0:
                 x = pair[which].forward(x, s)  # forward(): no nn.Module.__call__ at every layer and token
@@ -57,6 +106,8 @@ class Sum(Chain):
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
         values, scale = self.strengths.values, self.strengths.scale
+        if any(isinstance(values[i], PerRow) for i, _, _ in self.entries):
+            return self.per_row(x, which)
         active = [(pair[which], values[i] * factor * scale) for i, pair, factor in self.entries]
         active = [(module, s) for module, s in active if s != 0]
         if not active:
@@ -67,6 +118,38 @@ class Sum(Chain):
         for module, s in active:
             y = module.residual(h if module.dtype == dtype else h.to(module.dtype))
             out = torch.add(out, y if y.dtype == dtype else y.to(dtype), alpha=s)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def per_row(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """As above with some strengths given per row: each network's residual is computed on the
+        rows that use it and added to those rows only."""
+        values, scale = self.strengths.values, self.strengths.scale
+        dtype = self.entries[0][1][which].dtype
+        h = x if x.dtype == dtype else x.to(dtype)
+        out = None  # a copy of h, made when a first residual is added to it
+        for i, pair, factor in self.entries:
+            module, v, f = pair[which], values[i], factor * scale
+            if isinstance(v, PerRow):
+                check_rows(v, x)
+                if v.empty or f == 0:
+                    continue
+                s, rows = v.scaled(f, x.dim()), v.rows
+            elif v * f != 0:
+                s, rows = v * f, None
+            else:
+                continue
+            hm = h if module.dtype == dtype else h.to(module.dtype)
+            y = module.residual(hm if rows is None else hm.index_select(0, rows))
+            y = y if y.dtype == dtype else y.to(dtype)
+            out = h.clone() if out is None else out
+            if isinstance(s, torch.Tensor):
+                y, s = y * s, 1.0
+            if rows is None:
+                out.add_(y, alpha=s)
+            else:
+                out.index_add_(0, rows, y, alpha=s)
+        if out is None:
+            return x
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -106,6 +189,8 @@ class Collapsed(Chain):
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
         (i, pair, factor), = self.entries
+        if isinstance(self.strengths.values[i], PerRow):
+            return Chain.__call__(self, x, which)  # the layers row by row: the products serve one strength
         s = self.strengths.values[i] * factor * self.strengths.scale
         if s == 0:
             return x

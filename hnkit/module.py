@@ -158,10 +158,15 @@ class HypernetworkModule(nn.Module):
             h = layer.forward(h)  # forward(): runs at every layer and token, no nn.Module.__call__ per child
         return h
 
-    def forward(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """``x + strength * mlp(x)``; ``strength`` a number, or a tensor broadcast against ``x``
+        (a strength per row: ``[B, 1, ..., 1]``)."""
         # Weights stay in their own dtype (fp32); cast at the edges so a half-precision base works.
         h = x if x.dtype == self.dtype else x.to(self.dtype)
-        out = torch.add(h, self.residual(h), alpha=strength)
+        if isinstance(strength, torch.Tensor):
+            out = torch.addcmul(h, strength.to(self.dtype), self.residual(h))
+        else:
+            out = torch.add(h, self.residual(h), alpha=strength)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def affine(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,73 @@ def build_tiny_lm(folder: str | Path, n_topics: int = 40) -> dict:
     return {"model": root / "model", "corpus": corpus}
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def build_tiny_styles(folder: str | Path, names=("noir", "whimsy", "gothic")) -> dict:
+    """``build_tiny_lm`` with a chat template, and a folder ``styles`` of random (non-zero) [1, 2, 1]
+    ReLU hypernetworks for it, one per name (seeds 0, 1, ...), with a perplexity-front PNG beside the
+    first. Returns ``{"model": folder, "styles": folder}``."""
+    import hnkit
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .plot import line_plot
+
+    lm = build_tiny_lm(folder)
+    tokenizer = AutoTokenizer.from_pretrained(lm["model"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(lm["model"])
+    styles = Path(folder) / "styles"
+    styles.mkdir(exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(lm["model"])
+    config = hnkit.HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", weight_init="XavierNormal")
+    for i, name in enumerate(names):
+        torch.manual_seed(i)
+        hnkit.save(hnkit.Hypernetwork.for_model(model, config, name=name), styles / f"{name}.safetensors")
+    line_plot({names[0]: [(0, 0), (1, 20), (3, 35)]}, styles / f"{names[0]}.png", title="front", size=(320, 200))
+    return {"model": lm["model"], "styles": styles}
+
+
+class ServerThread:
+    """``hnkit serve`` as the command builds it, run by uvicorn in a thread on a free port of
+    127.0.0.1: ``url``, ``engine``, ``lines`` (the request log), ``close()``. The engine runs in a
+    thread of its own, unless ``engine_thread=False``: then the caller runs
+    ``engine.serve_forever()`` (as ``hnkit serve`` does, in the thread that loaded the model)."""
+
+    def __init__(self, model, styles, api_key=None, max_batch=8, name="tiny", device="cpu", engine_thread=True):
+        import argparse
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        from .commands.serve import build
+        from .server import create_app
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        args = argparse.Namespace(model=str(model), styles=str(styles), host="127.0.0.1", port=port,
+                                  api_key=api_key, name=name, max_batch=max_batch, device=device)
+        self.engine, self.base, fronts = build(args, thread=engine_thread)
+        self.lines: list[str] = []
+        app = create_app(self.engine, self.base, api_key=api_key, fronts=fronts, log=self.lines.append)
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.close()
+
+
 KINDS = ("sd1", "sd2v", "sdxl")
 MAX_TOKENS = 77  # as real CLIP text encoders: prompts are padded to 77 tokens
 LATENT_SIZE = 16

@@ -175,6 +175,9 @@ def split_blocks(blocks: torch.Tensor, val_fraction: float, seed: int) -> tuple[
 
 
 # -- the task ----------------------------------------------------------------------------------
+NEUTRAL_SHARE = 4  # style blocks per neutral block in a preservation step: the step costs <= 1.25x the rows
+
+
 class _Paired:
     """Training blocks, each paired with a neutral block (prior preservation): block ``i`` with
     neutral block ``i mod n``. A pair depends on nothing but ``i``, so a resumed run sees the same
@@ -194,7 +197,7 @@ class TextTask:
     """Causal-LM loss on packed blocks; previews are greedy continuations of fixed prompts.
 
     With ``preserve`` (a :class:`hnkit.preserve.Teacher` of neutral blocks), a training step also
-    runs half as many neutral blocks as style blocks in the same forward pass and adds
+    runs one neutral block per ``NEUTRAL_SHARE`` style blocks (at least one) in the same forward pass and adds
     ``preserve_weight * KL(bare || attached)`` on them to the style's cross-entropy."""
 
     def __init__(self, model, tokenizer, hypernetwork, train_blocks, eval_blocks=None,
@@ -215,7 +218,7 @@ class TextTask:
     def collate(self, examples) -> dict:
         if not isinstance(examples[0], tuple):  # validation blocks, or no preservation
             return {"input_ids": torch.stack(list(examples))}
-        neutral = [j for _, j in examples][:max(1, len(examples) // 2)]
+        neutral = [j for _, j in examples][:max(1, len(examples) // NEUTRAL_SHARE)]
         t = self.preserve
         return {"input_ids": torch.stack([block for block, _ in examples]), "preserve_ids": t.blocks[neutral],
                 "teacher_logp": t.values[neutral], "teacher_index": t.indices[neutral], "teacher_rest": t.rest[neutral]}

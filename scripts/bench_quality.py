@@ -48,7 +48,7 @@ from hnkit.commands.train_text import OPTIONS as TRAIN_TEXT  # noqa: E402
 from hnkit.front import pareto_front, points, recommend  # noqa: E402
 from hnkit.plot import line_plot  # noqa: E402
 from hnkit.preserve import Teacher  # noqa: E402
-from hnkit.text import TextTask, perplexity, tokenized_blocks  # noqa: E402
+from hnkit.text import NEUTRAL_SHARE, TextTask, perplexity, tokenized_blocks  # noqa: E402
 from hnkit.train_config import make_optimizer  # noqa: E402
 from hnkit.trainer import epoch_order  # noqa: E402
 from hnkit.util import cache_root  # noqa: E402
@@ -373,13 +373,18 @@ def main(argv=None) -> None:
              "hnkit": ("hnkit", False)}
     setting = {k: getattr(args, k) for k in ("steps", "batch_size", "block_size", "strengths", "eval_blocks",
                                               "preserve_weight", "seed", "tiny", "model")}
+    setting["neutral_share"] = NEUTRAL_SHARE
+
+    def run_setting(preserve: bool) -> dict:  # what a run depends on: a plain run not on preservation's knobs
+        return setting if preserve else {k: v for k, v in setting.items() if k not in ("preserve_weight", "neutral_share")}
     runs = []
     for tool_name in args.only or tools:
         tool, preserve = tools[tool_name]
         for lr in args.lrs:
             name = f"{tool_name} lr {lr:g}"
-            kept = out / f"{name.replace(' ', '_')}.json"
-            if kept.exists() and json.loads(kept.read_text())["setting"] == setting:
+            key = f"{zlib.crc32(json.dumps(run_setting(preserve), sort_keys=True).encode()):08x}"
+            kept = out / f"{name.replace(' ', '_')}_{key}.json"  # a run per setting: a new one never overwrites
+            if kept.exists() and json.loads(kept.read_text())["setting"] == run_setting(preserve):
                 runs.append(json.loads(kept.read_text())["run"])
                 continue
             variant = {"name": name, "tool_name": tool_name, "tool": tool, "preserve": preserve, "lr": lr, "rank": rank}
@@ -387,7 +392,7 @@ def main(argv=None) -> None:
                 data["teacher"] = Teacher(model, neutral_train)
             started = time.perf_counter()
             run = train_and_sweep(args, variant, data)
-            kept.write_text(json.dumps({"setting": setting, "run": run}, indent=1))
+            kept.write_text(json.dumps({"setting": run_setting(preserve), "run": run}, indent=1))
             print(f"{name}: {time.perf_counter() - started:.0f} s; style {[round(v, 2) for v in run['style']]}, "
                   f"neutral {[round(v, 2) for v in run['neutral']]}", flush=True)
             runs.append(run)

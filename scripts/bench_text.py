@@ -14,6 +14,8 @@ Needs PEFT for the LoRA baseline: pip install -e ".[bench]"
    (b) the classic web UI hypernetwork [1, 2, 1] (one (k, v) pair shared by all layers of a width),
        against a LoRA whose rank is chosen to match its size.
 2. hypernetwork training step vs a no-grad forward of the same batch.
+4. per-site training step with prior preservation (train-text --preserve-data: neutral rows in the
+   same forward and a KL term against cached bare-model outputs) vs the same step without.
 3. greedy generate() tokens/s (KV cache on, batch 1) with a hypernetwork attached vs without:
    (a) per-site, (b) shared [1, 2, 1], both with --activation; and a linear shared [1, 2, 1] (the
    SmolLM2 demo recipe's network) (c) attached and (d) fused into the K/V weights (hnkit.fuse).
@@ -43,7 +45,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
+from hnkit.preserve import Teacher  # noqa: E402
 from hnkit.targets import find_sites  # noqa: E402
+from hnkit.text import TextTask  # noqa: E402
 from hnkit.train_config import make_optimizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -318,7 +322,25 @@ def main(argv=None) -> int:
     linear = hn_variant("hnkit shared [1, 2, 1] linear (Collapsed)", hn_linear_train)
     linear_layers = hn_variant("hnkit shared [1, 2, 1] linear, layers at every site (Chain)", hn_linear_train)
     linear_layers.context = lambda: layers_only(lambda: hnkit.attach(model, hn_linear_train))
-    train_variants = [no_grad, site, lora_site, shared, lora_shared, linear, linear_layers]
+    # Prior preservation (train-text --preserve-data): the same step with the neutral rows and the KL
+    # term that TextTask adds, against cached teacher outputs computed before anything is attached.
+    torch.manual_seed(3)
+    neutral = torch.randint(3, vocab, (args.batch_size, args.seq_len), device=device)
+    task = TextTask(model, None, None, ids.cpu(), preserve=Teacher(model, neutral))
+    preserve_batch = {k: v.to(device) for k, v in task.collate([task.train_dataset[i] for i in range(len(ids))]).items()}
+    preserve_optimizer = make_optimizer(hn_site.parameters(), lr=1e-4)
+
+    def preserve_step():
+        with autocast():
+            loss = task.loss(preserve_batch)
+        scaler.scale(loss).backward()
+        scaler.step(preserve_optimizer)
+        scaler.update()
+        preserve_optimizer.zero_grad(set_to_none=True)
+
+    site_preserve = Variant(f"{site.name} + preservation ({len(preserve_batch['preserve_ids'])} neutral rows)",
+                            preserve_step, context=lambda: hnkit.attach(model, hn_site))
+    train_variants = [no_grad, site, lora_site, shared, lora_shared, linear, linear_layers, site_preserve]
 
     params = Table("setup", "trainable parameters", "vs its LoRA", title="Trainable parameters")
     for v, ref in ((site, lora_site), (lora_site, None), (shared, lora_shared), (lora_shared, None)):
@@ -393,6 +415,8 @@ def main(argv=None) -> int:
             ratio(lora_site, no_grad), 2.3, spread=middle_half(lora_site, no_grad))
         row("1c train step: linear [1, 2, 1] Collapsed vs its layers (Chain)", linear.median,
             linear_layers.median, ratio(linear, linear_layers), 0.95, spread=middle_half(linear, linear_layers))
+        row("4 train step: per-site with prior preservation vs without", site_preserve.median, site.median,
+            ratio(site_preserve, site), 1.5, spread=middle_half(site_preserve, site))
     for label, v, target in (("3a generate: per-site attached vs none", gen_site, 1.06),
                              ("3b generate: shared [1, 2, 1] attached vs none", gen_shared, 1.05),
                              ("3c generate: linear [1, 2, 1] attached vs none", gen_linear, 1.05),

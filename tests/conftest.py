@@ -129,3 +129,15 @@ def grads_of(model, hn, ids):
     out = model(inputs_embeds=embeds, labels=ids)
     out.loss.backward()
     return [out.logits.detach(), embeds.grad] + [p.grad.clone() for p in hn.parameters()]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """``hnkit serve`` on a tiny GPT-2 with three random styles (noir, whimsy, gothic), in a thread."""
+    pytest.importorskip("uvicorn", reason="hnkit serve needs fastapi and uvicorn (pip install -e .)")
+    from hnkit.testing import ServerThread, build_tiny_styles
+
+    built = build_tiny_styles(tmp_path_factory.mktemp("serve"))
+    server = ServerThread(built["model"], built["styles"])
+    yield {"server": server, "model": built["model"], "styles": built["styles"], "url": server.url}
+    server.close()

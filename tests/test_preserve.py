@@ -101,8 +101,9 @@ def test_the_kl_term_is_zero_at_strength_0_and_for_an_identity_network(task):
 
 
 def test_the_loss_adds_the_weighted_term_to_the_style_cross_entropy(task):
-    batch = task.collate([task.train_dataset[i] for i in range(4)])
-    assert len(batch["preserve_ids"]) == 2  # half as many neutral blocks as style blocks
+    batch = task.collate([task.train_dataset[i] for i in range(8)])
+    assert len(batch["preserve_ids"]) == 2  # one neutral block per NEUTRAL_SHARE (4) style blocks
+    assert len(task.collate([task.train_dataset[i] for i in range(3)])["preserve_ids"]) == 1  # at least one
     with torch.no_grad(), hnkit.attach(task.model, task.hypernetwork):
         style = task.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
         kl = coarse_kl(batch["teacher_logp"], batch["teacher_index"], batch["teacher_rest"],

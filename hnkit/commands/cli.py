@@ -62,6 +62,7 @@ COMMANDS = {
     "generate-image": ("commands.generate_image", "generate images with a Stable Diffusion pipeline and hypernetworks"),
     "eval-text": ("commands.eval_text", "perplexity on a style and a neutral corpus across strengths, with a plot"),
     "merge": ("merge", "merge weighted hypernetworks into one file (their sum blend, exactly)"),
+    "serve": ("commands.serve", "serve a folder of styles: an OpenAI-compatible API and a studio page"),
 }
 
 
@@ -104,7 +105,7 @@ def quiet_libraries() -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command.startswith(("train", "generate", "eval")):
+        if args.command.startswith(("train", "generate", "eval", "serve")):
             quiet_libraries()
         args.func(args)
     except HnkitError as exc:

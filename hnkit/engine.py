@@ -1,0 +1,267 @@
+"""Batched generation with a style mix per row: what ``hnkit serve`` runs.
+
+Every style of a :class:`hnkit.StyleLibrary` is attached once (``blend="sum"``: a row's styles add
+their residuals to the same input, so the order in which a request names them does not matter).
+Requests wait in a queue; a worker thread takes all that are waiting (up to ``max_batch`` rows),
+left-pads their prompts into one batch, sets each style's strength per row and decodes them together
+with the KV cache. Requests that arrive while a batch runs join the next one. Each row samples with
+its own temperature, top-p and seed, and leaves the batch (its KV rows are dropped) when it ends:
+at the end-of-text token, a stop string, ``max_tokens`` or its client's cancellation.
+
+A row's tokens are those of the same request run alone (greedy; sampling too, with the same seed):
+a style absent from a row is skipped for it (:class:`hnkit.kernels.PerRow`), so a row without styles
+is the bare model's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .attach import attach
+from .errors import HnkitError
+from .text import context_length
+
+MAX_STRENGTH = 4.0  # a strength's bound in requests: beyond it a style is noise
+
+
+@dataclass
+class Job:
+    """One row to generate. ``emit(text, done, finish_reason)`` is called from the worker thread
+    with each new piece of text; the last call has ``done=True``."""
+    prompt_ids: list[int]
+    styles: dict[str, float]
+    max_tokens: int
+    emit: object
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False  # generate max_tokens tokens whatever they are (benchmarks; vLLM's field)
+    cancelled: bool = False
+    # filled by the engine
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    finish_reason: str | None = None
+    started: float = 0.0
+    ended: float = 0.0
+
+
+class Engine:
+    """A causal LM with a library of styles, generating batches of :class:`Job`.
+
+    One thread runs the model: :meth:`serve_forever` (``hnkit serve`` calls it in the main thread,
+    which loaded the model), or, with ``thread=True``, a thread of the engine's own (tests). Torch
+    work spread over two threads that each use intra-op parallelism (two OpenMP thread teams) ran
+    about 2x slower on a 2-core CPU than in the thread that loaded the model (docs/benchmarks.md)."""
+
+    def __init__(self, model, tokenizer, library, max_batch: int = 8, window: float = 0.05, thread: bool = False):
+        self.model, self.tokenizer, self.library = model, tokenizer, library
+        self.names = list(library)
+        self.max_batch = max_batch
+        self.window = window  # seconds a new batch waits for more requests (those sent together run together)
+        self.device = next(model.parameters()).device
+        self.context = context_length(model) or 2048
+        self.eos = set(_as_list(getattr(model.generation_config, "eos_token_id", None))
+                       or _as_list(tokenizer.eos_token_id))
+        # the KV cache's keyword: ``cache`` since transformers 5, ``past_key_values`` before
+        self.cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        entries = [(library[name], 0.0) for name in self.names]
+        self.attachment = attach(model, entries, blend="sum") if entries else None
+        self.waiting: list = []  # Jobs submitted, not yet in a batch (and Engine.call's functions)
+        self._changed = threading.Condition()
+        self.busy = threading.Lock()  # held while a batch is taken and run: holding it queues requests up
+        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0}  # what the batches were
+        self._stop = threading.Event()
+        self._thread = None
+        if thread:
+            self._thread = threading.Thread(target=self.serve_forever, name="hnkit-engine", daemon=True)
+            self._thread.start()
+
+    # -- requests --------------------------------------------------------------------------------
+    def check(self, styles: dict[str, float], n_prompt: int, max_tokens: int) -> None:
+        """Refuse what a batch could not run: unknown styles, bad strengths, prompts past the context."""
+        for name, s in styles.items():
+            if name not in self.library:
+                raise HnkitError(f"unknown style {name!r}; styles: {', '.join(self.names) or 'none'}")
+            if not isinstance(s, (int, float)) or isinstance(s, bool) or not -MAX_STRENGTH <= s <= MAX_STRENGTH:
+                raise HnkitError(f"strength of {name!r} must be a number in [{-MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got {s!r}")
+        if n_prompt == 0:
+            raise HnkitError("the prompt is empty")
+        if n_prompt + max_tokens > self.context:
+            raise HnkitError(f"the prompt has {n_prompt} tokens and max_tokens is {max_tokens}: more than "
+                             f"the model's context of {self.context} tokens")
+
+    def submit(self, job: Job) -> None:
+        self.check(job.styles, len(job.prompt_ids), job.max_tokens)
+        with self._changed:
+            self.waiting.append(job)
+            self._changed.notify()
+
+    def call(self, fn):
+        """Run ``fn()`` in the engine's thread between batches and return its result (benchmarks
+        time ``generate()`` there, in the same thread as the batches)."""
+        done, result = threading.Event(), {}
+
+        def job():
+            try:
+                result["value"] = fn()
+            except BaseException as exc:  # handed to the caller
+                result["error"] = exc
+            done.set()
+
+        with self._changed:
+            self.waiting.append(job)
+            self._changed.notify()
+        done.wait()
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def close(self) -> None:
+        """Stop serving (the loop ends after the batch it runs) and take the styles off the model."""
+        with self._changed:
+            self._stop.set()
+            self._changed.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.attachment is not None:
+            self.attachment.remove()
+            self.attachment = None
+
+    # -- the worker ------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Take and run batches until :meth:`close`."""
+        while True:
+            with self._changed:
+                while not self.waiting and not self._stop.is_set():
+                    self._changed.wait()
+                deadline = time.monotonic() + self.window
+                while len(self.waiting) < self.max_batch and not self._stop.is_set() and time.monotonic() < deadline:
+                    self._changed.wait(deadline - time.monotonic())
+            if self._stop.is_set():
+                return
+            with self.busy:  # everything waiting when the engine is free goes into one batch
+                with self._changed:
+                    call = self.waiting.pop(0) if callable(self.waiting[0]) else None  # Engine.call
+                    jobs = [] if call else [j for j in self.waiting if isinstance(j, Job)][:self.max_batch]
+                    self.waiting[:] = [j for j in self.waiting if not any(j is b for b in jobs)]
+                if call:
+                    call()
+                    continue
+                batch = [j for j in jobs if not j.cancelled]
+                if not batch:
+                    continue
+                try:
+                    self.run(batch)
+                except Exception as exc:  # a failed batch ends its requests with the error, not the server
+                    for j in batch:
+                        if j.finish_reason is None:
+                            j.finish_reason = "error"
+                            j.emit(f"{type(exc).__name__}: {exc}", True, "error")
+
+    @torch.no_grad()
+    def run(self, jobs: list[Job]) -> None:
+        """Generate every job to its end in one batch."""
+        now = time.perf_counter()
+        for j in jobs:
+            j.started = now
+        self.stats.update(batches=self.stats["batches"] + 1, rows=self.stats["rows"] + len(jobs),
+                          largest=max(self.stats["largest"], len(jobs)))
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [torch.Generator().manual_seed(j.seed if j.seed is not None else
+                                                    int(torch.randint(0, 2**62, ()).item())) for j in jobs]
+        live = list(range(len(jobs)))  # the batch's rows, as indices into jobs
+        self._set_strengths([jobs[i] for i in live])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = getattr(out, self.cache_key)
+        logits = out.logits[:, -1]
+        while True:
+            tokens = [self._sample(logits[r], jobs[i], generators[i]) for r, i in enumerate(live)]
+            keep = []
+            for r, (i, token) in enumerate(zip(live, tokens)):
+                if self._advance(jobs[i], token):
+                    keep.append(r)
+            if not keep:
+                return
+            if len(keep) < len(live):  # ended rows leave the batch
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                tokens = [tokens[r] for r in keep]
+                live = [live[r] for r in keep]
+                self._set_strengths([jobs[i] for i in live])
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            step = torch.tensor(tokens, device=self.device).unsqueeze(1)
+            out = self.model(input_ids=step, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{self.cache_key: cache})
+            cache, logits = getattr(out, self.cache_key), out.logits[:, -1]
+
+    def _set_strengths(self, jobs: list[Job]) -> None:
+        if self.attachment is None:
+            return
+        for index, name in enumerate(self.names):
+            column = [j.styles.get(name, 0.0) for j in jobs]
+            self.attachment.set_strength(column if any(column) else 0.0, index)
+
+    def _sample(self, logits: torch.Tensor, job: Job, generator: torch.Generator) -> int:
+        if job.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float().cpu() / job.temperature, dim=-1)
+        if job.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p >= job.top_p  # keep the smallest head reaching top_p
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def _advance(self, job: Job, token: int) -> bool:
+        """Take ``token`` into ``job``, emit what can be sent; False when the job has ended."""
+        if job.cancelled:
+            self.stats["cancelled"] += 1
+            job.finish_reason = "cancelled"
+            job.ended = time.perf_counter()
+            return False
+        ended = None
+        if token in self.eos and not job.ignore_eos:
+            ended = "stop"
+        else:
+            job.tokens.append(token)
+            job.text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+            cut = min((k for k in (job.text.find(s) for s in job.stop) if k >= 0), default=-1)
+            if cut >= 0:
+                job.text, ended = job.text[:cut], "stop"
+            elif len(job.tokens) >= job.max_tokens:
+                ended = "length"
+        if ended is None:
+            # hold back a possible start of a stop string, and a character still being decoded
+            hold = max((len(s) - 1 for s in job.stop), default=0)
+            ready = len(job.text) - hold
+            while ready > job.sent and job.text[ready - 1] == "\ufffd":
+                ready -= 1
+            if ready > job.sent:
+                job.emit(job.text[job.sent:ready], False, None)
+                job.sent = ready
+            return True
+        job.finish_reason = ended
+        job.ended = time.perf_counter()
+        job.emit(job.text[job.sent:], True, ended)
+        job.sent = len(job.text)
+        return False
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
