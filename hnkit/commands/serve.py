@@ -60,6 +60,7 @@ def build(args, thread: bool = False):
 
 
 def run(args: argparse.Namespace) -> None:
+    import signal
     import threading
     import time
 
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> None:
         raise HnkitError(f"cannot listen on {args.host}:{args.port} (is the port in use, or the address not this machine's?)")
     console.print(f"hnkit serve: {base} with {len(engine.names)} styles ({', '.join(engine.names) or 'none'}) "
                   f"on http://{args.host}:{args.port}/ (API: /v1); Ctrl-C stops")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: as Ctrl-C
     try:
         engine.serve_forever()
     finally:
