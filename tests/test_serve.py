@@ -259,3 +259,8 @@ def test_bad_command_lines_are_one_line(served, tmp_path):
         build(args(styles=str(tmp_path)))
     with pytest.raises(HnkitError, match="--max-batch"):
         build(args(max_batch=0))
+    from hnkit.commands.serve import run
+
+    taken = int(served["url"].rsplit(":", 1)[1])
+    with pytest.raises(HnkitError, match=f"cannot listen on 127.0.0.1:{taken}"):
+        run(args(port=taken))

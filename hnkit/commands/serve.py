@@ -75,7 +75,14 @@ def run(args: argparse.Namespace) -> None:
                      log=lambda line: console.log(line, highlight=False))
     # HTTP in a thread; the model in this one, which loaded it (Engine: one thread runs torch)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="critical"))
-    http = threading.Thread(target=server.run, name="hnkit-http", daemon=True)
+
+    def listen():
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind: said below, in one line
+            pass
+
+    http = threading.Thread(target=listen, name="hnkit-http", daemon=True)
     http.start()
     while not server.started and http.is_alive():
         time.sleep(0.02)
