@@ -216,7 +216,7 @@ def finite(value, what: str) -> float:
 def strength_value(value, device=None):
     """A checked strength: a number, or one per batch row (a list, tuple or 1-D tensor), kept as a
     :class:`hnkit.kernels.PerRow` on ``device``."""
-    if not isinstance(value, (list, tuple, torch.Tensor)):
+    if not isinstance(value, (list, tuple, torch.Tensor)) or isinstance(value, torch.Tensor) and value.dim() == 0:
         return finite(value, "strength")
     try:
         s = torch.as_tensor(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=torch.float32)

@@ -70,7 +70,10 @@ class Engine:
         self.eos = set(_as_list(getattr(model.generation_config, "eos_token_id", None))
                        or _as_list(tokenizer.eos_token_id))
         # the KV cache's keyword: ``cache`` since transformers 5, ``past_key_values`` before
-        self.cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_key = "cache" if "cache" in parameters else "past_key_values"
+        # the prompt pass needs the last position's logits only, not [B, T, vocab]
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         entries = [(library[name], 0.0) for name in self.names]
         self.attachment = attach(model, entries, blend="sum") if entries else None
@@ -183,8 +186,12 @@ class Engine:
                                                     int(torch.randint(0, 2**62, ()).item())) for j in jobs]
         live = list(range(len(jobs)))  # the batch's rows, as indices into jobs
         self._set_strengths([jobs[i] for i in live])
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self.last_only)
         cache = getattr(out, self.cache_key)
+        if not hasattr(cache, "batch_select_indices"):  # a legacy tuple cache (older transformers)
+            from transformers import DynamicCache
+
+            cache = DynamicCache.from_legacy_cache(cache)
         logits = out.logits[:, -1]
         while True:
             tokens = [self._sample(logits[r], jobs[i], generators[i]) for r, i in enumerate(live)]

@@ -23,6 +23,7 @@ from .errors import HnkitError
 
 STUDIO = Path(__file__).parent / "studio"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_MAX_TOKENS = 512  # a chat request without max_tokens: a batch runs until its longest row ends
 NUMBER = (int, float)
 
 
@@ -30,6 +31,7 @@ class RequestError(Exception):
     def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
+        self.kind = "server_error" if status >= 500 else "invalid_request_error"
 
 
 def error_body(message: str, param=None, code=None, kind="invalid_request_error") -> dict:
@@ -63,10 +65,17 @@ def request_styles(body: dict, base: str, engine: Engine) -> dict[str, float]:
         if not isinstance(extra, dict):
             raise RequestError("hypernetworks must be an object {style: strength}", "hypernetworks")
         styles.update(extra)
+    out = {}
     for name, s in styles.items():
-        if not isinstance(s, NUMBER) or isinstance(s, bool) or not math.isfinite(s):
-            raise RequestError(f"strength of style {name!r} must be a finite number, got {s!r}", "hypernetworks")
-    return {k: float(v) for k, v in styles.items() if v != 0}
+        try:
+            value = float(s) if isinstance(s, NUMBER) and not isinstance(s, bool) else math.nan
+        except OverflowError:  # an integer too large for a float
+            value = math.nan
+        if not math.isfinite(value):
+            raise RequestError(f"strength of style {name!r} must be a finite number, got {str(s)[:40]}", "hypernetworks")
+        if value != 0:
+            out[name] = value
+    return out
 
 
 def number(body: dict, key: str, default, low: float, high: float, integer: bool = False):
@@ -114,17 +123,21 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
 
     @app.exception_handler(RequestError)
     async def _request_error(request, exc: RequestError):
-        return JSONResponse(error_body(exc.message, exc.param, exc.code), status_code=exc.status)
+        return JSONResponse(error_body(exc.message, exc.param, exc.code, exc.kind), status_code=exc.status)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith(("/v1/", "/hnkit/")):
+        path = request.url.path
+        if api_key and path.startswith(("/v1/", "/hnkit/")) and not path.endswith("/front.png"):  # an <img> sends no key
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return JSONResponse(error_body("invalid API key", code="invalid_api_key"), status_code=401)
         return await call_next(request)
 
     async def read_body(request: Request) -> dict:
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            # a form or text/plain POST is what another web page could send to this machine unasked
+            raise RequestError("the request body must be JSON with Content-Type: application/json")
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as exc:
@@ -166,8 +179,8 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise RequestError(f"max_tokens must be a positive integer, got {limit!r}", "max_tokens")
 
-        def max_tokens_for(ids):  # no max_tokens (chat): up to the end of the context
-            return limit if limit is not None else max(1, engine.context - len(ids))
+        def max_tokens_for(ids):  # no max_tokens (chat): up to CHAT_MAX_TOKENS, within the context
+            return limit if limit is not None else max(1, min(CHAT_MAX_TOKENS, engine.context - len(ids)))
 
         for ids in prompts:
             try:
@@ -181,7 +194,7 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
             for k in range(n):
                 index = len(jobs)
                 max_tokens = max_tokens_for(ids)
-                seed = None if opts["seed"] is None else opts["seed"] + k
+                seed = None if opts["seed"] is None else (opts["seed"] + k) % 2**63  # any integer is a seed
 
                 def emit(text, done, reason, index=index):
                     loop.call_soon_threadsafe(events.put_nowait, (index, text, done, reason))
@@ -201,7 +214,7 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
                 f"new={tokens} {time.perf_counter() - started:.2f}s")
 
         def usage() -> dict:
-            prompt_tokens = sum(len(p) for p in prompts) * n
+            prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, as OpenAI counts it
             completion = sum(len(j.tokens) for j in jobs)
             return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                     "total_tokens": prompt_tokens + completion}
@@ -250,7 +263,13 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
         pending = len(jobs)
         try:
             while pending:
-                index, text, done, reason = await events.get()
+                try:
+                    index, text, done, reason = await asyncio.wait_for(events.get(), 1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():  # the client hung up: its rows leave the batch
+                        finish_log("disconnected")
+                        return JSONResponse({}, status_code=499)
+                    continue
                 if reason == "error":
                     raise RequestError(f"generation failed: {text}", status=500, code="server_error")
                 texts[index] += text
@@ -279,6 +298,8 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
             raise RequestError("prompt must be a string or a list of strings", "prompt")
+        if len(prompt) > engine.max_batch:
+            raise RequestError(f"{len(prompt)} prompts: at most {engine.max_batch} per request", "prompt")
         ids = [engine.tokenizer(p, add_special_tokens=True).input_ids for p in prompt]
         return await generate(request, body, ids, chat=False)
 
@@ -292,8 +313,11 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
             raise RequestError("messages must be a list of {role, content} objects with string content", "messages")
         if not getattr(engine.tokenizer, "chat_template", None):
             raise RequestError("this model has no chat template: use /v1/completions", "messages")
-        ids = engine.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
-                                                   add_generation_prompt=True, tokenize=True)
+        try:
+            ids = engine.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                                       add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # templates raise on what they refuse (roles that do not alternate, ...)
+            raise RequestError(f"the model's chat template refused the messages: {exc}", "messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return await generate(request, body, [list(ids)], chat=True)

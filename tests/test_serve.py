@@ -87,11 +87,12 @@ def test_concurrent_requests_are_batched_and_each_row_equals_running_alone(serve
     engine = served["server"].engine
     requests = [("The grammar of", {"noir": 1.0}), ("A statement", {"whimsy": 0.7, "gothic": -0.4}),
                 ("Identifiers are", {}), ("The grammar of", {"gothic": 1.5}), ("Lambda forms", {"noir": 0.5})]
+    lengths = [10, 3, 7, 10, 5]  # rows leave the batch at different steps
     results = [None] * len(requests)
     before = dict(engine.stats)
 
     def ask(i, prompt, styles):
-        results[i] = post(served["url"], "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 10,
+        results[i] = post(served["url"], "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": lengths[i],
                                                               "temperature": 0, "hypernetworks": styles}).json()
 
     with engine.busy:  # all five queue up while the engine is busy, then run as one batch
@@ -103,8 +104,8 @@ def test_concurrent_requests_are_batched_and_each_row_equals_running_alone(serve
     for t in threads:
         t.join()
     assert engine.stats["batches"] == before["batches"] + 1 and engine.stats["largest"] >= len(requests)
-    for (prompt, styles), out in zip(requests, results):
-        assert out["choices"][0]["text"] == alone(served, prompt, styles, 10), (prompt, styles)
+    for (prompt, styles), n, out in zip(requests, lengths, results):
+        assert out["choices"][0]["text"] == alone(served, prompt, styles, n), (prompt, styles)
 
 
 def test_sampling_with_a_seed_is_the_same_batched_or_alone(served):
@@ -176,15 +177,24 @@ def test_chat_completions_use_the_chat_template(served):
     ("/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt must be"),
     ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "empty"),
     ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400, "messages must be"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "hypernetworks": {"noir": 10**400}}, 400, "finite number"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["x"] * 50}, 400, "at most 8"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "{{ nope"}],
+                              "max_tokens": 2, "seed": 2**70}, 200, ""),
     ("/v1/completions", "not json", 400, "not valid JSON"),
+    ("/v1/completions", "text/plain", 400, "Content-Type: application/json"),
     ("/v1/completions", [1, 2], 400, "JSON object"),
 ])
 def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(served, path, body, status, words):
     if body == "not json":
         r = httpx.post(served["url"] + path, content=b"{nope", headers={"content-type": "application/json"})
+    elif body == "text/plain":  # what another web page could POST to this machine without a preflight
+        r = httpx.post(served["url"] + path, content=b'{"model": "tiny", "prompt": "x"}', headers={"content-type": "text/plain"})
     else:
         r = post(served["url"], path, body)
     assert r.status_code == status, r.text
+    if status == 200:  # a huge seed is a seed; message text is never a template
+        return
     error = r.json()["error"]
     assert words in error["message"] and error["type"] == "invalid_request_error"
     ok = post(served["url"], "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
@@ -264,3 +274,14 @@ def test_bad_command_lines_are_one_line(served, tmp_path):
     taken = int(served["url"].rsplit(":", 1)[1])
     with pytest.raises(HnkitError, match=f"cannot listen on 127.0.0.1:{taken}"):
         run(args(port=taken))
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(served):
+    tokenizer = served["server"].engine.tokenizer
+    kept = tokenizer.chat_template
+    tokenizer.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must alternate') }}{% endif %}x"
+    try:
+        r = post(served["url"], "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "system", "content": "a"}]})
+    finally:
+        tokenizer.chat_template = kept
+    assert r.status_code == 400 and "roles must alternate" in r.json()["error"]["message"]
