@@ -201,7 +201,7 @@ class TextTask:
     ``preserve_weight * KL(bare || attached)`` on them to the style's cross-entropy."""
 
     def __init__(self, model, tokenizer, hypernetwork, train_blocks, eval_blocks=None,
-                 sample_prompts=(), sample_tokens: int = 48, preserve=None, preserve_weight: float = 1.0):
+                 sample_prompts=(), sample_tokens: int = 48, preserve=None, preserve_weight: float | None = None):
         self.model, self.tokenizer, self.hypernetwork = model, tokenizer, hypernetwork
         self.train_dataset, self.eval_dataset = train_blocks, eval_blocks
         self.sample_prompts, self.sample_tokens = list(sample_prompts), sample_tokens
@@ -209,10 +209,13 @@ class TextTask:
         if preserve is not None:
             self.use_preservation(preserve, preserve_weight)
 
-    def use_preservation(self, teacher, weight: float = 1.0) -> None:
+    def use_preservation(self, teacher, weight: float | None = None) -> None:
         """Train with prior preservation from now on (``teacher``: a :class:`hnkit.preserve.Teacher`
-        made from the model as training runs it, on its device and in its dtype)."""
-        self.preserve, self.preserve_weight = teacher, weight
+        made from the model as training runs it, on its device and in its dtype); ``weight``: the KL
+        term's (default :data:`hnkit.preserve.WEIGHT`)."""
+        from .preserve import WEIGHT
+
+        self.preserve, self.preserve_weight = teacher, WEIGHT if weight is None else weight
         self.train_dataset = _Paired(getattr(self.train_dataset, "blocks", self.train_dataset), len(teacher))
 
     def collate(self, examples) -> dict:

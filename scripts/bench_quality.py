@@ -47,7 +47,7 @@ import hnkit  # noqa: E402
 from hnkit.commands.train_text import OPTIONS as TRAIN_TEXT  # noqa: E402
 from hnkit.front import pareto_front, points, recommend  # noqa: E402
 from hnkit.plot import line_plot  # noqa: E402
-from hnkit.preserve import Teacher  # noqa: E402
+from hnkit.preserve import WEIGHT as PRESERVE_WEIGHT, Teacher  # noqa: E402
 from hnkit.text import NEUTRAL_SHARE, TextTask, perplexity, tokenized_blocks  # noqa: E402
 from hnkit.train_config import make_optimizer  # noqa: E402
 from hnkit.trainer import epoch_order  # noqa: E402
@@ -335,7 +335,7 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="the lr grid of every tool")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.5])
-    p.add_argument("--preserve-weight", type=float, default=1.0)
+    p.add_argument("--preserve-weight", type=float, default=PRESERVE_WEIGHT, help="default: train-text's")
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks measured per corpus")
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--max-neutral-cost", type=float, default=0.03)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import HnkitError
+from ..preserve import WEIGHT as PRESERVE_WEIGHT
 from . import options as shared
 from .options import MODULE, TEXTS, TRAINING
 
@@ -23,7 +24,7 @@ OPTIONS = {
     "text_field": (str, "text", "field holding the text in .jsonl / datasets input"),
     "preserve_data": (str, None, "neutral text (same forms as --data) whose next-token distributions the "
                                  "style should keep: adds a KL term to the loss (prior preservation)"),
-    "preserve_weight": (float, 1.0, "weight of the prior-preservation KL term"),
+    "preserve_weight": (float, PRESERVE_WEIGHT, "weight of the prior-preservation KL term"),
     # text's default network, chosen by scripts/bench_quality.py (docs/benchmarks.md): one small
     # bottleneck per attention layer, starting as the identity; the web UI's classic network is
     # recipes/webui_classic.yaml
