@@ -48,8 +48,6 @@ class Job:
     text: str = ""
     sent: int = 0
     finish_reason: str | None = None
-    started: float = 0.0
-    ended: float = 0.0
 
 
 class Engine:
@@ -172,9 +170,6 @@ class Engine:
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> None:
         """Generate every job to its end in one batch."""
-        now = time.perf_counter()
-        for j in jobs:
-            j.started = now
         self.stats.update(batches=self.stats["batches"] + 1, rows=self.stats["rows"] + len(jobs),
                           largest=max(self.stats["largest"], len(jobs)))
         width = max(len(j.prompt_ids) for j in jobs)
@@ -238,7 +233,6 @@ class Engine:
         if job.cancelled:
             self.stats["cancelled"] += 1
             job.finish_reason = "cancelled"
-            job.ended = time.perf_counter()
             return False
         ended = None
         if token in self.eos and not job.ignore_eos:
@@ -262,7 +256,6 @@ class Engine:
                 job.sent = ready
             return True
         job.finish_reason = ended
-        job.ended = time.perf_counter()
         job.emit(job.text[job.sent:], True, ended)
         job.sent = len(job.text)
         return False
