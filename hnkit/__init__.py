@@ -7,6 +7,7 @@ from .fuse import Fusion, fuse, unfuse
 from .hypernetwork import Hypernetwork, HypernetworkConfig
 from .merge import merge
 from .module import HypernetworkModule
+from .stack import Stack
 from .steer import StyleLibrary, after, fade_in, fade_out, steer
 from .targets import supported_families
 
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Attachment", "HnkitError", "Hypernetwork", "HypernetworkConfig", "HypernetworkModule",
     "attach", "load", "save", "supported_families", "__version__",
-    "Fusion", "StyleLibrary", "after", "fade_in", "fade_out", "fuse", "merge", "steer", "unfuse",
+    "Fusion", "Stack", "StyleLibrary", "after", "fade_in", "fade_out", "fuse", "merge", "steer", "unfuse",
 ]

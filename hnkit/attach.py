@@ -27,8 +27,9 @@ import torch
 
 from .errors import HnkitError
 from .hypernetwork import Hypernetwork
-from .kernels import Collapsed, Memo, PerRow, Strengths, make_kernel
+from .kernels import Collapsed, Members, Memo, PerRow, Strengths, make_kernel
 from .passes import Passes
+from .stack import Stack
 from .targets import find_target
 from .targets.base import token_input
 
@@ -73,7 +74,11 @@ class Attachment:
         self.schedule = schedule
         target = find_target(model)
         self.device = _device_of(model)
-        self._strengths = Strengths([strength_value(s, self.device) for _, s in entries])
+        self.stack = entries[0][0] if isinstance(entries[0][0], Stack) else None
+        if self.stack is not None:
+            self._strengths = Strengths([member_strengths(self.stack, entries[0][1], self.device)])
+        else:
+            self._strengths = Strengths([strength_value(s, self.device) for _, s in entries])
         self.family = target.family
         for hn in self.hypernetworks:
             check_fits(hn, target.sites, self.family)
@@ -124,12 +129,15 @@ class Attachment:
     # strengths ------------------------------------------------------------------------------
     @property
     def strengths(self) -> list:
-        """One strength per network: a float, or a ``[B]`` tensor where it is given per row."""
+        """One strength per network: a float, or a ``[B]`` tensor where it is given per row (for a
+        stack, one per member)."""
+        if self.stack is not None:
+            return list(self._strengths.values[0].values)
         return [v.s if isinstance(v, PerRow) else v for v in self._strengths.values]
 
     @property
     def strength(self):
-        if len(self.hypernetworks) != 1:
+        if len(self.hypernetworks) != 1 or self.stack is not None:
             raise HnkitError("several hypernetworks are attached: use strengths / set_strength(s, index)")
         return self.strengths[0]
 
@@ -140,7 +148,17 @@ class Attachment:
     def set_strength(self, value: float, index: int | Hypernetwork | None = None) -> None:
         """Change a strength in place (no re-attaching). ``index`` picks the network when several
         are attached: its position or the Hypernetwork object itself. ``value`` is a number, or one
-        per batch row (a list or a 1-D tensor: see :func:`attach`)."""
+        per batch row (a list or a 1-D tensor: see :func:`attach`). For a stack, ``index`` is a
+        member's position or name, or ``value`` a dict ``{member: value}`` setting several at once."""
+        if self.stack is not None:
+            if index is not None:
+                value = {self.stack.names[self.stack.index(index)]: value}
+            if not isinstance(value, dict):
+                raise HnkitError("a stack has a strength per member: set_strength(value, member) or "
+                                 "set_strength({member: value, ...})")
+            current = dict(zip(self.stack.names, self._strengths.values[0].values))
+            self._strengths.values[0] = member_strengths(self.stack, {**current, **value}, self.device)
+            return
         if index is None:
             if len(self.hypernetworks) != 1:
                 raise HnkitError("several hypernetworks are attached: name which one with index=")
@@ -195,6 +213,8 @@ class Attachment:
         self.remove()
 
     def __repr__(self) -> str:
+        if self.stack is not None:
+            return f"Attachment({self.family}, {self.num_sites} sites, {self.stack!r}, blend=sum)"
         names = ", ".join(f"{hn.name}@{s:g}" if not isinstance(s, torch.Tensor) else f"{hn.name}@{s.tolist()}"
                           for hn, s in zip(self.hypernetworks, self.strengths))
         extra = "" if self.blend == "chain" else f", blend={self.blend}"
@@ -227,6 +247,25 @@ def strength_value(value, device=None):
     if not torch.isfinite(s).all():
         raise HnkitError(f"per-row strengths must be finite numbers, got {s.tolist()}")
     return PerRow(s, device)
+
+
+def member_strengths(stack: Stack, value, device=None) -> Members:
+    """A stack's strengths from one number (every member), a list (one per member) or a dict
+    ``{member name or position: value}`` (members not named are 0); each value a number or one
+    per batch row."""
+    if isinstance(value, dict):
+        values = [0.0] * len(stack.names)
+        for member, v in value.items():
+            values[stack.index(member)] = v
+    elif isinstance(value, (list, tuple)):
+        if len(value) != len(stack.names):
+            raise HnkitError(f"{len(value)} strengths for a stack of {len(stack.names)} members "
+                             "(give one per member, or a dict {member: strength})")
+        values = list(value)
+    else:
+        values = [value] * len(stack.names)
+    values = [strength_value(v) for v in values]  # on the CPU: Members works the rows out once
+    return Members([v.s if isinstance(v, PerRow) else v for v in values], device)
 
 
 def check_blend(blend: str) -> None:
@@ -313,10 +352,17 @@ def attach(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", 
     multiplies them per generated token (see :class:`Attachment`). A strength is a number, or one
     per batch row (a list or 1-D tensor of B numbers): one forward pass then serves rows with
     different styles and strengths, each network computed only on the rows that use it, and a row
-    whose strengths are all 0 runs the bare model bit for bit. Returns an :class:`Attachment`;
+    whose strengths are all 0 runs the bare model bit for bit. A :class:`hnkit.Stack` attaches
+    alone, with ``blend="sum"``, at a strength per member (a dict ``{name: strength}``, a list, or
+    one number for all). Returns an :class:`Attachment`;
     use it as a context manager or call ``remove()``. The hypernetworks are moved to the model's
     device and never registered inside it."""
-    entries = as_entries(hypernetwork, strength)
+    if isinstance(hypernetwork, Stack):
+        if blend != "sum":
+            raise HnkitError("a stack's members add their residuals: attach it with blend='sum'")
+        entries = [(hypernetwork, strength)]
+    else:
+        entries = as_entries(hypernetwork, strength)
     if model in fused_models:
         raise HnkitError("this model has a hypernetwork fused into its weights: unfuse(model) first "
                          "(attaching on top of a fused network would apply a style twice)")

@@ -1,7 +1,9 @@
 """Batched generation with a style mix per row: what ``hnkit serve`` runs.
 
 Every style of a :class:`hnkit.StyleLibrary` is attached once (``blend="sum"``: a row's styles add
-their residuals to the same input, so the order in which a request names them does not matter).
+their residuals to the same input, so the order in which a request names them does not matter): as
+one :class:`hnkit.Stack` when they share a shape (two matrix products per site for any mix of
+styles), else network by network.
 Requests wait in a queue; a worker thread takes all that are waiting (up to ``max_batch`` rows),
 left-pads their prompts into one batch, sets each style's strength per row and decodes them together
 with the KV cache. Requests that arrive while a batch runs join the next one. Each row samples with
@@ -24,6 +26,7 @@ import torch
 
 from .attach import attach
 from .errors import HnkitError
+from .stack import Stack
 from .text import context_length
 
 MAX_STRENGTH = 4.0  # a strength's bound in requests: beyond it a style is noise
@@ -73,8 +76,12 @@ class Engine:
         # the prompt pass needs the last position's logits only, not [B, T, vocab]
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
-        entries = [(library[name], 0.0) for name in self.names]
-        self.attachment = attach(model, entries, blend="sum") if entries else None
+        networks = [library[name] for name in self.names]
+        try:  # chosen once: a stack when the styles share a shape
+            self.stack = Stack(networks, self.names) if networks else None
+        except HnkitError:
+            self.stack = None
+        self.attachment = self.attach_styles()
         self.waiting: list = []  # Jobs submitted, not yet in a batch (and Engine.call's functions)
         self._changed = threading.Condition()
         self.busy = threading.Lock()  # held while a batch is taken and run: holding it queues requests up
@@ -84,6 +91,13 @@ class Engine:
         if thread:
             self._thread = threading.Thread(target=self.serve_forever, name="hnkit-engine", daemon=True)
             self._thread.start()
+
+    def attach_styles(self):
+        """Attach every style at strength 0 (the stack, or each network); None without styles."""
+        if self.stack is not None:
+            return attach(self.model, self.stack, 0.0, blend="sum")
+        entries = [(self.library[name], 0.0) for name in self.names]
+        return attach(self.model, entries, blend="sum") if entries else None
 
     # -- requests --------------------------------------------------------------------------------
     def check(self, styles: dict[str, float], n_prompt: int, max_tokens: int) -> None:
@@ -213,9 +227,13 @@ class Engine:
     def _set_strengths(self, jobs: list[Job]) -> None:
         if self.attachment is None:
             return
+        columns = {name: [j.styles.get(name, 0.0) for j in jobs] for name in self.names}
+        columns = {name: column if any(column) else 0.0 for name, column in columns.items()}
+        if self.stack is not None:
+            self.attachment.set_strength(columns)
+            return
         for index, name in enumerate(self.names):
-            column = [j.styles.get(name, 0.0) for j in jobs]
-            self.attachment.set_strength(column if any(column) else 0.0, index)
+            self.attachment.set_strength(columns[name], index)
 
     def _sample(self, logits: torch.Tensor, job: Job, generator: torch.Generator) -> int:
         if job.temperature <= 0:

@@ -11,6 +11,8 @@ pass. The kind of kernel is chosen once, when attaching (:func:`make_kernel`):
 - :class:`Collapsed`: one linear network whose layers widen its input (the web UI's ``[1, 2, 1]``
   linear): in a forward pass with enough rows, ``mlp(x) = x @ M.T + c`` with ``M`` multiplied out
   once for the whole pass (:mod:`hnkit.passes`), a quarter of the arithmetic at every row;
+- :class:`Stacked`: the members of a :class:`hnkit.stack.Stack`, summed with two matrix products
+  over the members that some row uses (strengths per member: :class:`Members`);
 - :class:`Memo` wraps the kernel of a site fed the model call's context (the SD UNet's
   cross-attention): its result for that tensor is computed once per pass (:mod:`hnkit.passes`).
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 
 from .errors import HnkitError
 from .module import HypernetworkModule
+from .stack import StackedModule
 
 
 class Strengths:
@@ -61,9 +64,33 @@ class PerRow:
         return (self.active * factor).view(-1, *[1] * (dims - 1))
 
 
-def check_rows(strength: PerRow, x: torch.Tensor) -> None:
-    if len(strength.s) != x.shape[0]:
-        raise HnkitError(f"per-row strengths are given for {len(strength.s)} rows, but the batch has "
+class Members:
+    """The strengths of a stack's members (:class:`hnkit.stack.Stack`): a number, or a ``[B]``
+    float32 CPU tensor (one per row), each. Worked out once when they are set: ``lo..hi-1``, the
+    members some row uses; ``s``, their strengths on the rows that use any (``[n, hi - lo]``, or
+    ``[1, hi - lo]`` when no strength is per row), on the model's device; ``rows``, those rows (None
+    when all are); ``batch``, the rows the per-row strengths are given for (None when none are)."""
+
+    def __init__(self, values: list, device=None):
+        self.values = values
+        lengths = sorted({len(v) for v in values if isinstance(v, torch.Tensor)})
+        if len(lengths) > 1:
+            raise HnkitError(f"per-row strengths of a stack's members must be given for the same rows, got "
+                             f"{' and '.join(map(str, lengths))} rows (set them together, as a dict)")
+        self.batch = lengths[0] if lengths else None
+        full = torch.stack([v if isinstance(v, torch.Tensor) else torch.full((self.batch or 1,), float(v))
+                            for v in values], dim=1)  # [rows, members], on the CPU, once
+        used = (full != 0).any(0).nonzero().flatten()
+        self.empty = len(used) == 0
+        self.lo, self.hi = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
+        active = (full != 0).any(1).nonzero().flatten()
+        self.rows = None if self.batch is None or len(active) == self.batch else active.to(device)
+        self.s = (full if self.rows is None else full[active])[:, self.lo:self.hi].to(device)
+
+
+def check_rows(n: int, x: torch.Tensor) -> None:
+    if n != x.shape[0]:
+        raise HnkitError(f"per-row strengths are given for {n} rows, but the batch has "
                          f"{x.shape[0]} (num_return_sequences, beams and classifier-free guidance "
                          "multiply the rows: give a strength for each)")
 
@@ -72,7 +99,7 @@ def run_rows(module: HypernetworkModule, x: torch.Tensor, strength: PerRow, fact
     """``module.forward`` on the rows of ``x`` whose strength is not 0, each at its own strength
     times ``factor``; the other rows are returned untouched (gathered and scattered, as multi-LoRA
     servers do)."""
-    check_rows(strength, x)
+    check_rows(len(strength.s), x)
     if strength.empty or factor == 0:
         return x
     s = strength.scaled(factor, x.dim())
@@ -130,7 +157,7 @@ class Sum(Chain):
         for i, pair, factor in self.entries:
             module, v, f = pair[which], values[i], factor * scale
             if isinstance(v, PerRow):
-                check_rows(v, x)
+                check_rows(len(v.s), x)
                 if v.empty or f == 0:
                     continue
                 s, rows = v.scaled(f, x.dim()), v.rows
@@ -203,6 +230,30 @@ class Collapsed(Chain):
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+class Stacked:
+    """A stack's members at a site: ``x + f * sum_i s_i * mlp_i(x)`` on the rows that use any member,
+    with ``f`` the layer factor times the schedule's; the other rows are returned untouched."""
+
+    def __init__(self, entries, strengths: Strengths):
+        (self.index, self.pair, self.factor), = entries
+        self.entries = entries
+        self.strengths = strengths
+
+    def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        members, f = self.strengths.values[self.index], self.factor * self.strengths.scale
+        if members.empty or f == 0:
+            return x
+        if members.batch is not None:
+            check_rows(members.batch, x)
+        module = self.pair[which]
+        h = x if x.dtype == module.dtype else x.to(module.dtype)
+        part = h if members.rows is None else h.index_select(0, members.rows)
+        out = torch.add(part, module.mix(part, members.s, members.lo, members.hi), alpha=f)
+        if members.rows is not None:
+            out = h.index_copy(0, members.rows, out)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 class Memo:
     """The kernel of a site fed the model call's context. Its value for a pass (:mod:`hnkit.passes`)
     is ``(context, (k_input, v_input))``, returned when the site's input *is* that tensor; any other
@@ -231,6 +282,8 @@ class Memo:
 
 def make_kernel(entries, strengths: Strengths, blend: str) -> Chain:
     """The kernel for a site's ``[(index, (k_module, v_module), factor)]``, chosen once."""
+    if isinstance(entries[0][1][0], StackedModule):
+        return Stacked(entries, strengths)
     if len(entries) > 1:
         return Sum(entries, strengths) if blend == "sum" else Chain(entries, strengths)
     (_, (k, v), _), = entries

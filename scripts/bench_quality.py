@@ -15,7 +15,7 @@ repository, they are written under ~/.cache/hnkit/corpora):
 - neutral: the Python reference manual's topics (``pydoc_data.topics``, PSF license), one document per
   topic; the topics hashing to 0 mod 2 are held out for measuring, the others feed prior preservation.
 
-Each variant trains from the same seed, then sweeps the strength; a point is (style gain = 1 -
+Each variant trains from the same seed (--seed: initial weights and data order), then sweeps the strength; a point is (style gain = 1 -
 style ppl / bare style ppl, neutral cost = neutral ppl / bare neutral ppl - 1). Printed: every run's
 sweep, each tool's front over its lr grid (a tool is judged at its best lr), the recommended strength
 (largest gain at a neutral cost of at most --max-neutral-cost), and whether hnkit's front dominates
@@ -158,8 +158,8 @@ def n_params(module) -> int:
 
 
 class HnkitAdapter:
-    def __init__(self, model, config):
-        torch.manual_seed(0)
+    def __init__(self, model, config, seed: int):
+        torch.manual_seed(seed)
         self.model, self.hn = model, hnkit.Hypernetwork.for_model(model, config, name="bench")
         self.handle = hnkit.attach(model, self.hn, strength=1.0)
 
@@ -174,12 +174,12 @@ class HnkitAdapter:
 
 
 class LoraAdapter:
-    def __init__(self, model, rank: int):
+    def __init__(self, model, rank: int, seed: int):
         from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraLayer
 
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["k_proj", "v_proj"])
         self.model = get_peft_model(model, config)
         self.layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
@@ -208,9 +208,9 @@ def lora_rank_for(hn_params: int, model) -> int:
 def train_and_sweep(args, variant: dict, data: dict) -> dict:
     model, tokenizer = load_model(args)
     if variant["tool"] == "hnkit":
-        adapter = HnkitAdapter(model, hnkit_default_config())
+        adapter = HnkitAdapter(model, hnkit_default_config(), args.seed)
     else:
-        adapter = LoraAdapter(model, variant["rank"])
+        adapter = LoraAdapter(model, variant["rank"], args.seed)
     params = adapter.params()
     task = TextTask(model, tokenizer, None, data["style-train"])
     if variant["preserve"]:
@@ -341,7 +341,7 @@ def parse_args(argv=None):
     p.add_argument("--max-neutral-cost", type=float, default=0.03)
     p.add_argument("--only", nargs="+", default=None,
                    help="tools to run: hnkit+preserve, lora, lora+preserve, hnkit (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and data order (runs are kept per seed)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default="runs/bench-quality", help="folder for the runs' JSON, the table and the PNG")
     p.add_argument("--fresh", action="store_true", help="ignore kept runs")

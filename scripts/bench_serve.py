@@ -166,8 +166,7 @@ def run(args, console, server, names) -> int:
             assert out.shape[1] == ids.shape[1] + args.tokens
             return time.perf_counter() - started
         finally:
-            engine.attachment = hnkit.attach(engine.model, [(engine.library[n], 0.0) for n in engine.names],
-                                             blend="sum")
+            engine.attachment = engine.attach_styles()
 
     def direct() -> float:
         return engine.call(generate_alone)  # in the engine's thread, between batches

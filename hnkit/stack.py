@@ -1,0 +1,143 @@
+"""Several styles of one shape as one network, for serving them to different batch rows at once.
+
+A :class:`Stack` copies N hypernetworks with the same two-layer modules (``[1, m, 1]``, an
+element-wise activation between the layers, no layer norm) into one tensor per layer and site:
+``w1 [N, H, D]``, ``b1 [N, H]``, ``w2 [N, H, D]`` (the second layer transposed) and ``b2 [N, D]``.
+Attached with ``blend="sum"``, a site then computes ``x + sum_i s_i * mlp_i(x)`` for every row and
+member with two matrix products over the active members, instead of two small products per member
+(:class:`hnkit.kernels.Stacked`): the cost of 8 styles on 8 rows approaches that of one network
+8 times as wide (docs/benchmarks.md, Serving).
+
+The stack owns its weights: it is a copy, made once, and reads nothing of the networks it was made
+from afterwards (change one of those and make a new stack). Dropout layers of the members are left
+out, as at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import HnkitError
+from .hypernetwork import Hypernetwork
+from .module import HypernetworkModule, is_linear_activation, make_activation
+
+
+# Activations that act on each number alone and hold no parameters: they may run over all members'
+# hidden units at once (softmax, GLU or PReLU may not).
+ELEMENTWISE = {"relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish", "softplus",
+               "hardtanh", "relu6", "selu", "celu", "softsign", "tanhshrink", "hardsigmoid", "logsigmoid",
+               "hardswish", "softshrink", "hardshrink"}
+
+
+def check_stackable(networks: list[Hypernetwork], names: list[str]) -> None:
+    """Refuse networks that cannot share one stack, saying which and why."""
+    if not networks:
+        raise HnkitError("a stack needs at least one hypernetwork")
+    if len(set(names)) != len(names):
+        raise HnkitError(f"stack members need distinct names, got {names}")
+    first = networks[0]
+    c = first.config
+    if len(c.layer_structure) != 3 or c.layer_norm or c.activate_output:
+        raise HnkitError(f"hypernetwork {names[0]!r} cannot be stacked: only two-layer networks ([1, m, 1]) "
+                         "without layer norm or an activated output can")
+    if not (is_linear_activation(c.activation) or c.activation in ELEMENTWISE):
+        raise HnkitError(f"hypernetwork {names[0]!r} cannot be stacked: its activation {c.activation!r} does "
+                         "not act on each hidden unit alone")
+    for name, hn in zip(names, networks):
+        if not isinstance(hn, Hypernetwork):
+            raise HnkitError(f"a stack is made of Hypernetwork objects, got {type(hn).__name__}")
+        h = hn.config
+        same = (h.layer_structure == c.layer_structure and h.activation == c.activation and not h.layer_norm
+                and not h.activate_output and h.per_site == c.per_site and hn.keys() == first.keys()
+                and all(hn.width_of(k) == first.width_of(k) for k in first.keys())
+                and {(p.dtype, p.device) for p in hn.parameters()} == {(p.dtype, p.device) for p in first.parameters()})
+        if not same:
+            raise HnkitError(f"hypernetwork {name!r} cannot share a stack with {names[0]!r}: their layer "
+                             "structures, activations, sites, dtypes or devices differ")
+
+
+class StackedModule(nn.Module):
+    """One site's K (or V) modules of N networks, stacked; ``mix`` computes their weighted sum."""
+
+    def __init__(self, modules: list[HypernetworkModule], activation: str | None):
+        super().__init__()
+        linears = [[m for m in module.linear if isinstance(m, nn.Linear)] for module in modules]
+        with torch.no_grad():
+            self.w1 = nn.Parameter(torch.stack([a.weight for a, _ in linears]).clone())  # [N, H, D]
+            self.b1 = nn.Parameter(torch.stack([a.bias for a, _ in linears]).clone())  # [N, H]
+            self.w2 = nn.Parameter(torch.stack([b.weight.t() for _, b in linears]).contiguous())  # [N, H, D]
+            self.b2 = nn.Parameter(torch.stack([b.bias for _, b in linears]).clone())  # [N, D]
+        self.activation = None if is_linear_activation(activation) else make_activation(activation)
+        self.dim = modules[0].dim
+
+    has_dropout = False  # left out of a stack, as at inference
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w1.dtype
+
+    def mix(self, h: torch.Tensor, s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``sum_i s[:, i] * mlp_{lo + i}(h)`` over members ``lo..hi-1``, for ``h`` ``[M, ..., D]`` in
+        the module's dtype and ``s`` ``[M, hi - lo]`` (or ``[1, hi - lo]``: the same for every row)."""
+        k, width = hi - lo, self.w1.shape[1]
+        a = F.linear(h, self.w1[lo:hi].view(k * width, -1), self.b1[lo:hi].view(-1))  # every member at once
+        if self.activation is not None:
+            a = self.activation(a)
+        row_shape = (s.shape[0],) + (1,) * (h.dim() - 2)
+        a = (a.view(*a.shape[:-1], k, width) * s.view(*row_shape, k, 1)).view(*a.shape[:-1], k * width)
+        y = torch.matmul(a, self.w2[lo:hi].view(k * width, -1))  # sums over the members
+        return y + (s @ self.b2[lo:hi]).view(*row_shape, -1)
+
+
+class Stack(nn.Module):
+    """N hypernetworks of one shape, copied into stacked tensors (see the module's docstring).
+
+    ``Stack([noir, whimsy])`` names the members by ``hn.name``; ``names=`` overrides. It has the
+    keys and ``pair_for(site)`` of a :class:`Hypernetwork`, so :func:`hnkit.attach` installs it like
+    one; its strength is one per member (see :class:`hnkit.kernels.Members`)."""
+
+    def __init__(self, networks: list[Hypernetwork], names: list[str] | None = None):
+        super().__init__()
+        networks = list(networks)
+        names = [hn.name for hn in networks] if names is None else list(names)
+        if len(names) != len(networks):
+            raise HnkitError(f"{len(names)} names for {len(networks)} stack members")
+        check_stackable(networks, names)
+        first = networks[0]
+        self.names = names
+        self.name = "stack(" + ", ".join(names) + ")"
+        self.config = first.config
+        self._keys = first.keys()
+        self._widths = {key: first.width_of(key) for key in self._keys}
+        self.pairs = nn.ModuleDict()
+        for key in self._keys:
+            self.pairs[Hypernetwork._module_name(key)] = nn.ModuleList(
+                [StackedModule([hn[key][which] for hn in networks], self.config.activation) for which in (0, 1)])
+
+    def keys(self) -> list:
+        return list(self._keys)
+
+    def width_of(self, key) -> int:
+        return self._widths[key]
+
+    def pair_for(self, site):
+        key = site.key if self.config.per_site else site.width
+        if key not in self._widths:
+            return None
+        k, v = self.pairs[Hypernetwork._module_name(key)]
+        return k, v
+
+    def index(self, member: int | str) -> int:
+        """A member's position from its position or name."""
+        if isinstance(member, str):
+            if member not in self.names:
+                raise HnkitError(f"the stack has no member {member!r}; members: {', '.join(self.names)}")
+            return self.names.index(member)
+        if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < len(self.names):
+            raise HnkitError(f"stack member {member!r} is out of range: the stack has {len(self.names)}")
+        return member
+
+    def __repr__(self) -> str:
+        return f"Stack({len(self.names)} members: {', '.join(self.names)})"
