@@ -137,7 +137,9 @@ class Attachment:
 
     @property
     def strength(self):
-        if len(self.hypernetworks) != 1 or self.stack is not None:
+        if self.stack is not None:
+            raise HnkitError("a stack has a strength per member: use strengths / set_strength(s, member)")
+        if len(self.hypernetworks) != 1:
             raise HnkitError("several hypernetworks are attached: use strengths / set_strength(s, index)")
         return self.strengths[0]
 
@@ -150,14 +152,13 @@ class Attachment:
         are attached: its position or the Hypernetwork object itself. ``value`` is a number, or one
         per batch row (a list or a 1-D tensor: see :func:`attach`). For a stack, ``index`` is a
         member's position or name, or ``value`` a dict ``{member: value}`` setting several at once."""
-        if self.stack is not None:
+        if self.stack is not None:  # members named (by index, or a dict) keep the others' strengths
             if index is not None:
-                value = {self.stack.names[self.stack.index(index)]: value}
-            if not isinstance(value, dict):
-                raise HnkitError("a stack has a strength per member: set_strength(value, member) or "
-                                 "set_strength({member: value, ...})")
-            current = dict(zip(self.stack.names, self._strengths.values[0].values))
-            self._strengths.values[0] = member_strengths(self.stack, {**current, **value}, self.device)
+                value = {self.stack.index(index): value}
+            if isinstance(value, dict):
+                current = dict(enumerate(self._strengths.values[0].values))
+                value = {**current, **{self.stack.index(k): v for k, v in value.items()}}
+            self._strengths.values[0] = member_strengths(self.stack, value, self.device)
             return
         if index is None:
             if len(self.hypernetworks) != 1:
@@ -213,10 +214,9 @@ class Attachment:
         self.remove()
 
     def __repr__(self) -> str:
-        if self.stack is not None:
-            return f"Attachment({self.family}, {self.num_sites} sites, {self.stack!r}, blend=sum)"
-        names = ", ".join(f"{hn.name}@{s:g}" if not isinstance(s, torch.Tensor) else f"{hn.name}@{s.tolist()}"
-                          for hn, s in zip(self.hypernetworks, self.strengths))
+        labels = self.stack.names if self.stack is not None else [hn.name for hn in self.hypernetworks]
+        names = ", ".join(f"{name}@{s:g}" if not isinstance(s, torch.Tensor) else f"{name}@{s.tolist()}"
+                          for name, s in zip(labels, self.strengths))
         extra = "" if self.blend == "chain" else f", blend={self.blend}"
         extra += ", per-layer factors" if any(f != 1.0 for f in self.layer_factors) else ""
         extra += ", scheduled" if self.schedule is not None else ""

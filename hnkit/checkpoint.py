@@ -49,6 +49,9 @@ def save(hn: Hypernetwork, path: str | os.PathLike, format: str | None = None) -
     """Write ``hn`` to ``path``: ``format="hnkit"`` (``.safetensors``) or ``"a1111"`` (the web UI's
     ``.pt``). Without ``format`` the suffix decides (``.pt``/``.pth``/``.ckpt`` mean a1111)."""
     path = Path(path)
+    if not isinstance(hn, Hypernetwork):
+        raise HnkitError(f"{path}: save() writes a Hypernetwork, got a {type(hn).__name__} (a Stack is a "
+                         "serving copy: save the networks it was made from)")
     by_suffix = WRITE_SUFFIXES.get(path.suffix)
     if by_suffix is None:
         raise HnkitError(f"{path}: unknown extension {path.suffix or '(none)'}; use .safetensors (hnkit's format) "

@@ -1,12 +1,15 @@
 """A training run's output folder: which checkpoints in it are complete, how a checkpoint is
 removed without ever leaving a partial one under its real name, what killed runs leave behind and
 how it is tidied, whether a fresh run would overwrite anything, and the lock that keeps one run per
-folder, and the checkpoint's state files (plain tensors and numbers, never a pickle that runs). The
-trainer (:mod:`hnkit.trainer`) decides when to write a checkpoint; this file names and checks its parts."""
+folder, and the checkpoint's state files (plain tensors and numbers, never a pickle that runs): how a
+checkpoint is written into place whole, which one a resume reads, and its data position. The trainer
+(:mod:`hnkit.trainer`) decides when to write a checkpoint and what goes into it; this file names,
+places and checks its parts."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -55,6 +58,70 @@ def clean_leftovers(output: Path) -> None:
 
 
 TRAINING_STATE = "training_state.pt"  # the optimizer's, the scheduler's and the grad scaler's state
+TRAINER_STATE = "trainer_state.json"  # step, data position, processes, options: a checkpoint's last file
+
+
+def write_checkpoint(output: Path, step: int, keep_last: int, acc, write) -> Path:
+    """Write checkpoint ``step`` of the run in ``output``: ``write(folder)`` (called in every process
+    of ``acc``, an accelerate Accelerator) fills a hidden folder, which is renamed into place only
+    when complete, so a ``step-N`` folder is always whole; old ones are pruned only after that
+    (all but the last ``keep_last``), each renamed out of sight before it is deleted."""
+    final = output / "checkpoints" / f"step-{step:07d}"
+    tmp = output / "checkpoints" / f".step-{step:07d}.tmp"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    try:
+        if acc.is_main_process:
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        write(tmp)
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(output, exc, tmp) from None
+    if acc.is_main_process:
+        swapped = final.with_name(f".{final.name}.old")  # the same step saved again: keep it whole
+        if final.exists():  # until the new one is in place (clean_leftovers puts it back if killed)
+            shutil.rmtree(swapped, ignore_errors=True)
+            os.replace(final, swapped)
+        os.replace(tmp, final)
+        remove(swapped)
+        kept = complete_checkpoints(output)
+        for old in kept[: max(0, len(kept) - max(1, keep_last))]:
+            remove(old)
+    acc.wait_for_everyone()
+    return final
+
+
+def checkpoint_to_resume(folder: Path) -> Path:
+    """The checkpoint ``--resume FOLDER`` names: the folder itself, or an output folder's latest
+    complete checkpoint."""
+    if (folder / "checkpoints").is_dir():
+        found = complete_checkpoints(folder)
+        if not found:
+            raise HnkitError(f"{folder}: no checkpoints to resume from")
+        folder = found[-1]
+    if not (folder / TRAINER_STATE).is_file():
+        raise HnkitError(f"{folder}: not a training checkpoint (no {TRAINER_STATE})")
+    return folder
+
+
+def read_position(folder: Path, num_processes: int) -> tuple[int, int, int]:
+    """A checkpoint's ``(step, epoch, offset)``, refused when it was saved by another number of
+    processes (the data order would change)."""
+    path = folder / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text())
+        position = tuple(state[k] for k in ("step", "epoch", "offset"))
+        if not all(type(v) is int and v >= 0 for v in position):
+            raise ValueError("step, epoch and offset must be non-negative integers")
+        processes = state.get("num_processes", 1)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise HnkitError(f"{path}: unreadable trainer state ({first_line(exc)})") from None
+    if processes != num_processes:
+        raise HnkitError(f"{folder}: saved with {processes} processes, resumed with {num_processes}; "
+                         "the data order would change")
+    return position
 
 
 def rng_state() -> dict:
@@ -62,6 +129,17 @@ def rng_state() -> dict:
     weights_only=True): the CPU's and each GPU's torch generator, and Python's."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(rng: dict, path: Path) -> None:
+    """Put back what :func:`rng_state` saved (read from ``path``): one line naming it if damaged."""
+    try:
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        raise HnkitError(f"{path}: damaged random state ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def read_state(path: Path, kind: type):

@@ -31,10 +31,17 @@ ELEMENTWISE = {"relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "
                "hardswish", "softshrink", "hardshrink"}
 
 
+def _activation(config) -> str | None:
+    return None if is_linear_activation(config.activation) else config.activation  # None and "linear" alike
+
+
 def check_stackable(networks: list[Hypernetwork], names: list[str]) -> None:
     """Refuse networks that cannot share one stack, saying which and why."""
     if not networks:
         raise HnkitError("a stack needs at least one hypernetwork")
+    for hn in networks:
+        if not isinstance(hn, Hypernetwork):
+            raise HnkitError(f"a stack is made of Hypernetwork objects, got {type(hn).__name__}")
     if len(set(names)) != len(names):
         raise HnkitError(f"stack members need distinct names, got {names}")
     first = networks[0]
@@ -46,10 +53,8 @@ def check_stackable(networks: list[Hypernetwork], names: list[str]) -> None:
         raise HnkitError(f"hypernetwork {names[0]!r} cannot be stacked: its activation {c.activation!r} does "
                          "not act on each hidden unit alone")
     for name, hn in zip(names, networks):
-        if not isinstance(hn, Hypernetwork):
-            raise HnkitError(f"a stack is made of Hypernetwork objects, got {type(hn).__name__}")
         h = hn.config
-        same = (h.layer_structure == c.layer_structure and h.activation == c.activation and not h.layer_norm
+        same = (h.layer_structure == c.layer_structure and _activation(h) == _activation(c) and not h.layer_norm
                 and not h.activate_output and h.per_site == c.per_site and hn.keys() == first.keys()
                 and all(hn.width_of(k) == first.width_of(k) for k in first.keys())
                 and {(p.dtype, p.device) for p in hn.parameters()} == {(p.dtype, p.device) for p in first.parameters()})
@@ -82,6 +87,7 @@ class StackedModule(nn.Module):
         """``sum_i s[:, i] * mlp_{lo + i}(h)`` over members ``lo..hi-1``, for ``h`` ``[M, ..., D]`` in
         the module's dtype and ``s`` ``[M, hi - lo]`` (or ``[1, hi - lo]``: the same for every row)."""
         k, width = hi - lo, self.w1.shape[1]
+        s = s if s.dtype == self.w1.dtype else s.to(self.w1.dtype)
         a = F.linear(h, self.w1[lo:hi].view(k * width, -1), self.b1[lo:hi].view(-1))  # every member at once
         if self.activation is not None:
             a = self.activation(a)
@@ -101,7 +107,7 @@ class Stack(nn.Module):
     def __init__(self, networks: list[Hypernetwork], names: list[str] | None = None):
         super().__init__()
         networks = list(networks)
-        names = [hn.name for hn in networks] if names is None else list(names)
+        names = [getattr(hn, "name", None) for hn in networks] if names is None else list(names)
         if len(names) != len(networks):
             raise HnkitError(f"{len(names)} names for {len(networks)} stack members")
         check_stackable(networks, names)
@@ -135,7 +141,9 @@ class Stack(nn.Module):
             if member not in self.names:
                 raise HnkitError(f"the stack has no member {member!r}; members: {', '.join(self.names)}")
             return self.names.index(member)
-        if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < len(self.names):
+        if isinstance(member, bool) or not isinstance(member, int):
+            raise HnkitError(f"name a stack member by its name or position, not a {type(member).__name__}")
+        if not 0 <= member < len(self.names):
             raise HnkitError(f"stack member {member!r} is out of range: the stack has {len(self.names)}")
         return member
 

@@ -25,7 +25,6 @@ import importlib.util
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import threading
@@ -44,8 +43,9 @@ from .checkpoint import load, save
 from .errors import HnkitError, first_line
 from .models import enable_gradient_checkpointing
 from .train_config import TrainConfig, lr_at, make_optimizer
-from .run_folder import (TRAINING_STATE, OutputLock, clean_leftovers, complete_checkpoints, finite_weights,
-                         read_state, refuse_existing_run, remove, rng_state, write_error)
+from .run_folder import (TRAINER_STATE, TRAINING_STATE, OutputLock, checkpoint_to_resume, clean_leftovers,
+                         complete_checkpoints, finite_weights, read_position, read_state, refuse_existing_run, rng_state, set_rng_state,
+                         write_checkpoint)
 from .util import atomic_write
 
 
@@ -158,74 +158,32 @@ class Trainer:
         return send_to_device(self.task.collate(examples), acc.device)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def checkpoint_dir(self, step: int) -> Path:
-        return self.output / "checkpoints" / f"step-{step:07d}"
-
     def save_checkpoint(self) -> Path:
         """The hypernetwork, the optimizer/scheduler/scaler state, every process's RNG state and the
-        data position (docs/design.md, "The run folder"). The folder is written under
-        a hidden name and renamed into place only when complete (``trainer_state.json`` is its last
-        file), so a ``step-N`` folder is always whole; old ones are pruned only after that, each
-        renamed out of sight before it is deleted."""
+        data position (docs/design.md, "The run folder"), put in place whole by
+        :func:`hnkit.run_folder.write_checkpoint`."""
         acc = self.accelerator
-        final, tmp = self.checkpoint_dir(self.step), self.output / "checkpoints" / f".step-{self.step:07d}.tmp"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        try:
-            if acc.is_main_process:
-                tmp.mkdir(parents=True)
-            acc.wait_for_everyone()
-            torch.save(rng_state(), tmp / f"rng_state_{acc.process_index}.pt")  # each process its own
+
+        def write(folder: Path) -> None:
+            torch.save(rng_state(), folder / f"rng_state_{acc.process_index}.pt")  # each process its own
             if acc.is_main_process:
                 hn = self.task.hypernetwork
                 hn.step = self.step
-                save(hn, tmp / "hypernetwork.safetensors")
+                save(hn, folder / "hypernetwork.safetensors")
                 torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None},
-                           tmp / TRAINING_STATE)
+                           folder / TRAINING_STATE)
                 state = {"step": self.step, "epoch": self.epoch, "offset": self.offset,
                          "num_processes": acc.num_processes, "config": asdict(self.config)}
-                atomic_write(tmp / "trainer_state.json", lambda f: f.write(json.dumps(state, indent=1).encode()))
-        except (OSError, RuntimeError) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise write_error(self.output, exc, tmp) from None
-        if acc.is_main_process:
-            swapped = final.with_name(f".{final.name}.old")  # the same step saved again: keep it whole
-            if final.exists():  # until the new one is in place (clean_leftovers puts it back if killed)
-                shutil.rmtree(swapped, ignore_errors=True)
-                os.replace(final, swapped)
-            os.replace(tmp, final)
-            remove(swapped)
-            kept = complete_checkpoints(self.output)
-            for old in kept[: max(0, len(kept) - max(1, self.config.keep_last))]:
-                remove(old)
-        acc.wait_for_everyone()
-        return final
+                atomic_write(folder / TRAINER_STATE, lambda f: f.write(json.dumps(state, indent=1).encode()))
+
+        return write_checkpoint(self.output, self.step, self.config.keep_last, acc, write)
 
     def resume(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
         if self.accelerator.is_main_process:
             clean_leftovers(self.output)
-        if (folder / "checkpoints").is_dir():  # an output folder: take its latest complete checkpoint
-            found = complete_checkpoints(folder)
-            if not found:
-                raise HnkitError(f"{folder}: no checkpoints to resume from")
-            folder = found[-1]
-        state_file = folder / "trainer_state.json"
-        if not state_file.is_file():
-            raise HnkitError(f"{folder}: not a training checkpoint (no trainer_state.json)")
-        try:
-            state = json.loads(state_file.read_text())
-            self.step, self.epoch, self.offset = (state[k] for k in ("step", "epoch", "offset"))
-            if not all(type(v) is int and v >= 0 for v in (self.step, self.epoch, self.offset)):
-                raise ValueError("step, epoch and offset must be non-negative integers")
-            processes = state.get("num_processes", 1)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise HnkitError(f"{state_file}: unreadable trainer state ({first_line(exc)})") from None
-        if processes != self.accelerator.num_processes:
-            raise HnkitError(f"{folder}: saved with {processes} processes, resumed with "
-                             f"{self.accelerator.num_processes}; the data order would change")
+        folder = checkpoint_to_resume(Path(folder))
+        self.step, self.epoch, self.offset = read_position(folder, self.accelerator.num_processes)
         hn = load(folder / "hypernetwork.safetensors")  # checked like any network file: one line if damaged
         if hn.keys() != self.task.hypernetwork.keys() or hn.config != self.task.hypernetwork.config:
             raise HnkitError(f"{folder / 'hypernetwork.safetensors'}: not the network this run trains")
@@ -241,13 +199,7 @@ class Trainer:
                 self.accelerator.scaler.load_state_dict(training["scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
             raise HnkitError(f"{training_file}: damaged training state ({type(exc).__name__}: {first_line(exc)})") from None
-        try:
-            torch.set_rng_state(rng["torch"])
-            if torch.cuda.is_available() and rng["cuda"]:
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            random.setstate(rng["python"])
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
-            raise HnkitError(f"{rng_file}: damaged random state ({type(exc).__name__}: {first_line(exc)})") from None
+        set_rng_state(rng, rng_file)
         self.task.hypernetwork.step = self.step
         self.resumed = True
         self._load_metrics()

@@ -124,8 +124,6 @@ def test_refusals_are_one_clear_line(load_tiny, ids):
         handle.set_strength({"s0": [1.0, 0.0, 0.5], "s1": 0.0})
         with pytest.raises(HnkitError, match="3 rows, but the batch has 2"):
             logits(model, ids)
-        with pytest.raises(HnkitError, match="per member"):
-            handle.set_strength(1.0)
 
 
 @pytest.mark.parametrize("mixed_shapes", [False, True])
@@ -157,3 +155,37 @@ def test_the_engine_stacks_styles_of_one_shape_and_rows_equal_running_alone(tiny
             engine.run([one])
             assert one.tokens == done.tokens and len(one.tokens) == n
     engine.close()
+
+
+def test_a_half_precision_stack_equals_its_plain_sum(load_tiny, ids):
+    model = load_tiny("llama")
+    nets = [hn.to(torch.bfloat16) for hn in styles(model, n=2)]
+    with hnkit.attach(model, [(nets[0], [1.0, 0.0]), (nets[1], [0.5, 1.0])], blend="sum"):
+        plain = logits(model, ids)
+    with hnkit.attach(model, Stack(nets), {"s0": [1.0, 0.0], "s1": [0.5, 1.0]}, blend="sum"):
+        torch.testing.assert_close(logits(model, ids), plain, rtol=2e-2, atol=2e-2)
+
+
+def test_set_strength_takes_what_attach_takes(load_tiny, ids, tmp_path):
+    model = load_tiny("llama")
+    nets = styles(model, n=2)
+    stack = Stack(nets)
+    with hnkit.attach(model, stack, 0.0, blend="sum") as handle:
+        handle.set_strength([0.4, [1.0, 0.0]])
+        assert handle.strengths[0] == 0.4 and handle.strengths[1].tolist() == [1.0, 0.0]
+        assert "s0@0.4" in repr(handle) and "s1@[1.0, 0.0]" in repr(handle)
+        first = logits(model, ids)
+        handle.strength = 0.0
+        handle.set_strength({1: [1.0, 0.0], "s0": 0.4})
+        torch.testing.assert_close(logits(model, ids), first, rtol=0, atol=0)
+        for call, words in [(lambda: handle.strength, "strength per member"),
+                            (lambda: handle.set_strength(1.0, nets[0]), "by its name or position"),
+                            (lambda: hnkit.save(stack, tmp_path / "x.safetensors"), "writes a Hypernetwork"),
+                            (lambda: Stack(["a"]), "made of Hypernetwork objects"),
+                            (lambda: handle.set_strength([1.0]), "1 strengths for a stack of 2")]:
+            with pytest.raises(HnkitError, match=words):
+                call()
+    assert not (tmp_path / "x.safetensors").exists()
+    linear = Hypernetwork.for_model(model, HypernetworkConfig(layer_structure=[1, 2, 1], activation="linear"), name="a")
+    plain = Hypernetwork.for_model(model, HypernetworkConfig(layer_structure=[1, 2, 1], activation=None), name="b")
+    assert Stack([linear, plain]).names == ["a", "b"]  # "linear" and None are the same activation
