@@ -1,7 +1,8 @@
 """Tiny models built from configs, for tests, demos and stress runs on a machine without a hub.
 
 ``build_tiny_lm(folder)`` writes a 2-layer GPT-2 with a small byte-level BPE tokenizer trained on
-Python's reference manual (``pydoc_data``), and that text as a corpus.
+Python's reference manual (``pydoc_data``), and that text as a corpus. ``build_tiny_llama(folder,
+tokenizer_folder)`` writes a 2-layer Llama with another model's tokenizer (the benchmarks' smoke runs).
 
 Tiny Stable Diffusion pipelines:
 
@@ -60,6 +61,23 @@ def build_tiny_lm(folder: str | Path, n_topics: int = 40) -> dict:
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def build_tiny_llama(folder: str | Path, tokenizer_folder: str | Path) -> Path:
+    """A 2-layer Llama with random weights (seed 0) and the tokenizer of ``tokenizer_folder``, saved
+    to ``folder`` unless already there. Returns ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
 
 
 def build_tiny_styles(folder: str | Path, names=("noir", "whimsy", "gothic")) -> dict:

@@ -42,12 +42,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
+from bench_text import lora_rank_for  # noqa: E402
 from hnkit.commands.train_text import OPTIONS as TRAIN_TEXT  # noqa: E402
 from hnkit.front import pareto_front, points, recommend  # noqa: E402
 from hnkit.plot import line_plot  # noqa: E402
 from hnkit.preserve import WEIGHT as PRESERVE_WEIGHT, Teacher  # noqa: E402
+from hnkit.testing import build_tiny_llama  # noqa: E402
 from hnkit.text import NEUTRAL_SHARE, TextTask, perplexity, tokenized_blocks  # noqa: E402
 from hnkit.train_config import make_optimizer  # noqa: E402
 from hnkit.trainer import epoch_order  # noqa: E402
@@ -125,22 +128,13 @@ def prepare_corpora() -> dict[str, Path]:
 def load_model(args):
     """The model, fresh from its folder (every run starts from the same weights), and its tokenizer.
     ``--tiny``: a 2-layer Llama with SmolLM2's tokenizer, built from a config and saved once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(args.model or cache_root() / "SmolLM2-135M-Instruct").expanduser()
     if not folder.exists():
         sys.exit(f"{folder}: no such model; run: python scripts/prepare_smollm2.py")
     if args.tiny:
-        tiny = Path(args.out) / "tiny-model"
-        if not (tiny / "config.json").exists():
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(LlamaConfig(
-                vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).save_pretrained(tiny)
-            tokenizer.save_pretrained(tiny)
-        folder = tiny
+        folder = build_tiny_llama(Path(args.out) / "tiny-model", folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     model.requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(folder)
@@ -195,13 +189,11 @@ class LoraAdapter:
         pass  # no dropout; the base stays in eval mode
 
 
-def lora_rank_for(hn_params: int, model) -> int:
+def lora_rank(hn_params: int, model) -> int:
     """The LoRA rank on k_proj and v_proj of every layer with about ``hn_params`` parameters."""
     cfg = model.config
-    d, heads = cfg.hidden_size, cfg.num_attention_heads
-    kv = cfg.num_key_value_heads * getattr(cfg, "head_dim", None) if getattr(cfg, "head_dim", None) else \
-        d // heads * cfg.num_key_value_heads
-    return max(1, round(hn_params / (2 * cfg.num_hidden_layers * (d + kv))))
+    kv = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    return lora_rank_for(hn_params, cfg.hidden_size, kv, kv, cfg.num_hidden_layers)
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -366,7 +358,7 @@ def main(argv=None) -> None:
     bare = {"style": perplexity(model, data["style-test"], args.eval_batch),
             "neutral": perplexity(model, data["neutral-test"], args.eval_batch)}
     hn_params = n_params(hnkit.Hypernetwork.for_model(model, hnkit_default_config()))
-    rank = lora_rank_for(hn_params, model)
+    rank = lora_rank(hn_params, model)
     print(f"bare model: style ppl {bare['style']:.2f}, neutral ppl {bare['neutral']:.2f}; hnkit default "
           f"{hn_params / 1e6:.2f} M parameters, LoRA rank {rank} on k_proj, v_proj")
     tools = {"hnkit+preserve": ("hnkit", True), "lora": ("lora", False), "lora+preserve": ("lora", True),

@@ -34,7 +34,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
-from hnkit.testing import ServerThread  # noqa: E402
+from hnkit.testing import ServerThread, build_tiny_llama  # noqa: E402
 from hnkit.util import cache_root  # noqa: E402
 
 PROMPTS = ["The lighthouse keeper opened the door and", "In the year of the long winter, the village",
@@ -55,21 +55,10 @@ def parse_args(argv=None):
 
 
 def model_folder(args, root: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
     folder = Path(args.model or cache_root() / "SmolLM2-135M-Instruct").expanduser()
     if not folder.exists():
         sys.exit(f"{folder}: no such model; run: python scripts/prepare_smollm2.py")
-    if not args.tiny:
-        return folder
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id)).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    return root / "tiny"
+    return build_tiny_llama(root / "tiny", folder) if args.tiny else folder
 
 
 def write_styles(folder: Path, model_dir: Path, n: int) -> list[str]:
