@@ -163,13 +163,16 @@ class Engine:
             if self._stop.is_set():
                 return
             with self.busy:  # everything waiting when the engine is free goes into one batch
-                with self._changed:
-                    call = self.waiting.pop(0) if callable(self.waiting[0]) else None  # Engine.call
-                    jobs = [] if call else [j for j in self.waiting if isinstance(j, Job)][:self.max_batch]
-                    self.waiting[:] = [j for j in self.waiting if not any(j is b for b in jobs)]
-                if call:
-                    call()
+                with self._changed:  # the leading jobs, up to max_batch, or one Engine.call function
+                    n = 0
+                    while n < min(len(self.waiting), self.max_batch) and isinstance(self.waiting[n], Job):
+                        n += 1
+                    taken = self.waiting[:max(n, 1)]
+                    del self.waiting[:max(n, 1)]
+                if n == 0:
+                    taken[0]()
                     continue
+                jobs = taken
                 batch = [j for j in jobs if not j.cancelled]
                 if not batch:
                     continue
