@@ -69,11 +69,11 @@ class StackedModule(nn.Module):
     def __init__(self, modules: list[HypernetworkModule], activation: str | None):
         super().__init__()
         linears = [[m for m in module.linear if isinstance(m, nn.Linear)] for module in modules]
-        with torch.no_grad():
-            self.w1 = nn.Parameter(torch.stack([a.weight for a, _ in linears]).clone())  # [N, H, D]
-            self.b1 = nn.Parameter(torch.stack([a.bias for a, _ in linears]).clone())  # [N, H]
-            self.w2 = nn.Parameter(torch.stack([b.weight.t() for _, b in linears]).contiguous())  # [N, H, D]
-            self.b2 = nn.Parameter(torch.stack([b.bias for _, b in linears]).clone())  # [N, D]
+        with torch.no_grad():  # torch.stack copies: the stack owns its weights
+            self.w1 = nn.Parameter(torch.stack([a.weight for a, _ in linears]))  # [N, H, D]
+            self.b1 = nn.Parameter(torch.stack([a.bias for a, _ in linears]))  # [N, H]
+            self.w2 = nn.Parameter(torch.stack([b.weight.t() for _, b in linears]))  # [N, H, D], contiguous
+            self.b2 = nn.Parameter(torch.stack([b.bias for _, b in linears]))  # [N, D]
         self.activation = None if is_linear_activation(activation) else make_activation(activation)
         self.dim = modules[0].dim
 
