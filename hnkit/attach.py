@@ -236,6 +236,12 @@ def finite(value, what: str) -> float:
 def strength_value(value, device=None):
     """A checked strength: a number, or one per batch row (a list, tuple or 1-D tensor), kept as a
     :class:`hnkit.kernels.PerRow` on ``device``."""
+    checked = checked_strength(value)
+    return checked if isinstance(checked, float) else PerRow(checked, device)
+
+
+def checked_strength(value) -> float | torch.Tensor:
+    """A strength checked: a finite number, or one per batch row as a 1-D float32 CPU tensor."""
     if not isinstance(value, (list, tuple, torch.Tensor)) or isinstance(value, torch.Tensor) and value.dim() == 0:
         return finite(value, "strength")
     try:
@@ -246,7 +252,7 @@ def strength_value(value, device=None):
         raise HnkitError(f"per-row strengths are one number per batch row (a 1-D list), got shape {list(s.shape)}")
     if not torch.isfinite(s).all():
         raise HnkitError(f"per-row strengths must be finite numbers, got {s.tolist()}")
-    return PerRow(s, device)
+    return s
 
 
 def member_strengths(stack: Stack, value, device=None) -> Members:
@@ -264,8 +270,7 @@ def member_strengths(stack: Stack, value, device=None) -> Members:
         values = list(value)
     else:
         values = [value] * len(stack.names)
-    values = [strength_value(v) for v in values]  # on the CPU: Members works the rows out once
-    return Members([v.s if isinstance(v, PerRow) else v for v in values], device)
+    return Members([checked_strength(v) for v in values], device)  # on the CPU: Members works the rows out once
 
 
 def check_blend(blend: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import HnkitError, first_line
+from .preserve import WEIGHT as PRESERVE_WEIGHT
 from .util import cache_root, check_hub_model
 
 
@@ -213,9 +214,7 @@ class TextTask:
         """Train with prior preservation from now on (``teacher``: a :class:`hnkit.preserve.Teacher`
         made from the model as training runs it, on its device and in its dtype); ``weight``: the KL
         term's (default :data:`hnkit.preserve.WEIGHT`)."""
-        from .preserve import WEIGHT
-
-        self.preserve, self.preserve_weight = teacher, WEIGHT if weight is None else weight
+        self.preserve, self.preserve_weight = teacher, PRESERVE_WEIGHT if weight is None else weight
         self.train_dataset = _Paired(getattr(self.train_dataset, "blocks", self.train_dataset), len(teacher))
 
     def collate(self, examples) -> dict:

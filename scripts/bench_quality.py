@@ -15,8 +15,9 @@ repository, they are written under ~/.cache/hnkit/corpora):
 - neutral: the Python reference manual's topics (``pydoc_data.topics``, PSF license), one document per
   topic; the topics hashing to 0 mod 2 are held out for measuring, the others feed prior preservation.
 
-Each variant trains from the same seed (--seed: initial weights and data order), then sweeps the strength; a point is (style gain = 1 -
-style ppl / bare style ppl, neutral cost = neutral ppl / bare neutral ppl - 1). Printed: every run's
+Each variant trains from the same seed (--seed: initial weights and data order), then sweeps the
+strength; a point is (style gain = 1 - style ppl / bare style ppl, neutral cost = neutral ppl / bare
+neutral ppl - 1). Printed: every run's
 sweep, each tool's front over its lr grid (a tool is judged at its best lr), the recommended strength
 (largest gain at a neutral cost of at most --max-neutral-cost), and whether hnkit's front dominates
 LoRA's (for every LoRA point an hnkit point with at least its gain at no more cost). The fronts are
