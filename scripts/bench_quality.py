@@ -4,7 +4,8 @@ loop on the same batches for the same steps. Nothing here asserts a figure; it p
 
     python scripts/bench_quality.py                    # SmolLM2-135M, 100 steps, batch 4 x 128, CPU
     python scripts/bench_quality.py --tiny             # a small random Llama: a smoke run in a minute
-    python scripts/bench_quality.py --only lora-plain  # some variants (results are kept per run)
+    python scripts/bench_quality.py --only lora        # some tools (results are kept per run)
+    python scripts/bench_quality.py --only hnkit+preserve --lrs 1e-3 --hnkit-module activation=gelu  # a study
 
 Needs PEFT: pip install -e ".[bench]". SmolLM2 comes from scripts/prepare_smollm2.py.
 
@@ -46,12 +47,12 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hnkit  # noqa: E402
+from bench_serve import model_folder  # noqa: E402
 from bench_text import lora_rank_for  # noqa: E402
 from hnkit.commands.train_text import OPTIONS as TRAIN_TEXT  # noqa: E402
 from hnkit.front import pareto_front, points, recommend  # noqa: E402
 from hnkit.plot import line_plot  # noqa: E402
 from hnkit.preserve import WEIGHT as PRESERVE_WEIGHT, Teacher  # noqa: E402
-from hnkit.testing import build_tiny_llama  # noqa: E402
 from hnkit.text import NEUTRAL_SHARE, TextTask, perplexity, tokenized_blocks  # noqa: E402
 from hnkit.train_config import make_optimizer  # noqa: E402
 from hnkit.trainer import epoch_order  # noqa: E402
@@ -131,21 +132,33 @@ def load_model(args):
     ``--tiny``: a 2-layer Llama with SmolLM2's tokenizer, built from a config and saved once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(args.model or cache_root() / "SmolLM2-135M-Instruct").expanduser()
-    if not folder.exists():
-        sys.exit(f"{folder}: no such model; run: python scripts/prepare_smollm2.py")
-    if args.tiny:
-        folder = build_tiny_llama(Path(args.out) / "tiny-model", folder)
+    folder = model_folder(args, Path(args.out))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     model.requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def hnkit_default_config():
-    """The module ``hnkit train-text`` builds when given no module option."""
+def hnkit_default_config(changes: dict | None = None):
+    """The module ``hnkit train-text`` builds when given no module option, with ``changes`` (module
+    options, as ``--hnkit-module`` gives them) applied."""
     from hnkit.commands.options import module_config
 
-    return module_config({name: TRAIN_TEXT[name][1] for name in hnkit.commands.options.MODULE})
+    changes = {k: v for k, v in (changes or {}).items() if k in hnkit.commands.options.MODULE}
+    return module_config({name: TRAIN_TEXT[name][1] for name in hnkit.commands.options.MODULE} | changes)
+
+
+def module_changes(texts: list[str]) -> dict:
+    """``["weight_init=KaimingUniform", "layer_structure=[1, 0.25, 1]"]`` -> a dict of module options."""
+    import yaml
+
+    out = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep or name not in [*hnkit.commands.options.MODULE, "tie_kv", "out_lr_ratio"]:
+            sys.exit(f"--hnkit-module {text}: expected NAME=VALUE with NAME one of "
+                     f"{', '.join(hnkit.commands.options.MODULE)}, tie_kv, out_lr_ratio")
+        out[name] = yaml.safe_load(value)
+    return out
 
 
 def n_params(module) -> int:
@@ -153,13 +166,23 @@ def n_params(module) -> int:
 
 
 class HnkitAdapter:
-    def __init__(self, model, config, seed: int):
+    def __init__(self, model, config, seed: int, tie_kv: bool = False):
         torch.manual_seed(seed)
         self.model, self.hn = model, hnkit.Hypernetwork.for_model(model, config, name="bench")
+        if tie_kv:  # study: one module per site feeds both K and V
+            for name, pair in self.hn.pairs.items():
+                self.hn.pairs[name] = torch.nn.ModuleList([pair[0], pair[0]])
         self.handle = hnkit.attach(model, self.hn, strength=1.0)
 
     def params(self):
         return list(self.hn.parameters())
+
+    def groups(self, lr: float, out_lr_ratio: float) -> list[dict]:
+        """study: the output layers' lr ``out_lr_ratio`` times the others' (as LoRA+ does for B)."""
+        last = {id(p) for m in self.hn.modules() if isinstance(m, hnkit.module.HypernetworkModule)
+                for p in [l for l in m.linear if isinstance(l, torch.nn.Linear)][-1].parameters()}
+        return [{"params": [p for p in self.params() if id(p) not in last], "lr": lr},
+                {"params": [p for p in self.params() if id(p) in last], "lr": lr * out_lr_ratio}]
 
     def set_strength(self, s: float) -> None:
         self.handle.strength = s
@@ -201,14 +224,16 @@ def lora_rank(hn_params: int, model) -> int:
 def train_and_sweep(args, variant: dict, data: dict) -> dict:
     model, tokenizer = load_model(args)
     if variant["tool"] == "hnkit":
-        adapter = HnkitAdapter(model, hnkit_default_config(), args.seed)
+        adapter = HnkitAdapter(model, hnkit_default_config(variant["module"]), args.seed,
+                               variant["module"].get("tie_kv", False))
     else:
         adapter = LoraAdapter(model, variant["rank"], args.seed)
     params = adapter.params()
     task = TextTask(model, tokenizer, None, data["style-train"])
     if variant["preserve"]:
         task.use_preservation(data["teacher"], args.preserve_weight)
-    optimizer = make_optimizer(params, lr=variant["lr"])
+    ratio = variant.get("module", {}).get("out_lr_ratio")
+    optimizer = make_optimizer(adapter.groups(variant["lr"], ratio) if ratio else params, lr=variant["lr"])
     adapter.train(True)
     started, step, epoch, offset = time.perf_counter(), 0, 0, 0
     n = len(task.train_dataset)
@@ -334,6 +359,10 @@ def parse_args(argv=None):
     p.add_argument("--max-neutral-cost", type=float, default=0.03)
     p.add_argument("--only", nargs="+", default=None,
                    help="tools to run: hnkit+preserve, lora, lora+preserve, hnkit (default: all)")
+    p.add_argument("--hnkit-module", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="hnkit runs with module options other than train-text's defaults, or the study knobs "
+                        "tie_kv=true (one module per attention layer feeds K and V) and out_lr_ratio=R (the "
+                        "output layers' lr R times the others'); the LoRA rank still matches the default size")
     p.add_argument("--seed", type=int, default=0, help="initial weights and data order (runs are kept per seed)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default="runs/bench-quality", help="folder for the runs' JSON, the table and the PNG")
@@ -368,24 +397,28 @@ def main(argv=None) -> None:
                                               "preserve_weight", "seed", "tiny", "model")}
     setting["neutral_share"] = NEUTRAL_SHARE
 
-    def run_setting(preserve: bool) -> dict:  # what a run depends on: a plain run not on preservation's knobs
-        return setting if preserve else {k: v for k, v in setting.items() if k not in ("preserve_weight", "neutral_share")}
+    changes = module_changes(args.hnkit_module)
+
+    def run_setting(tool: str, preserve: bool) -> dict:  # what a run depends on: a plain run not on preservation's knobs
+        out = setting if preserve else {k: v for k, v in setting.items() if k not in ("preserve_weight", "neutral_share")}
+        return out | {"hnkit_module": changes} if tool == "hnkit" and changes else out
     runs = []
     for tool_name in args.only or tools:
         tool, preserve = tools[tool_name]
         for lr in args.lrs:
-            name = f"{tool_name} lr {lr:g}"
-            key = f"{zlib.crc32(json.dumps(run_setting(preserve), sort_keys=True).encode()):08x}"
-            kept = out / f"{name.replace(' ', '_')}_{key}.json"  # a run per setting: a new one never overwrites
-            if kept.exists() and json.loads(kept.read_text())["setting"] == run_setting(preserve):
+            name = f"{tool_name} lr {lr:g}" + "".join(f" {t}" for t in args.hnkit_module if tool == "hnkit")
+            key = f"{zlib.crc32(json.dumps(run_setting(tool, preserve), sort_keys=True).encode()):08x}"
+            kept = out / f"{tool_name}_lr_{lr:g}_{key}.json"  # a run per setting: a new one never overwrites
+            if kept.exists() and json.loads(kept.read_text())["setting"] == run_setting(tool, preserve):
                 runs.append(json.loads(kept.read_text())["run"])
                 continue
-            variant = {"name": name, "tool_name": tool_name, "tool": tool, "preserve": preserve, "lr": lr, "rank": rank}
+            variant = {"name": name, "tool_name": tool_name, "tool": tool, "preserve": preserve, "lr": lr, "rank": rank,
+                       "module": changes if tool == "hnkit" else {}}
             if preserve and "teacher" not in data:  # the bare model's distributions, once, when first needed
                 data["teacher"] = Teacher(model, neutral_train)
             started = time.perf_counter()
             run = train_and_sweep(args, variant, data)
-            kept.write_text(json.dumps({"setting": run_setting(preserve), "run": run}, indent=1))
+            kept.write_text(json.dumps({"setting": run_setting(tool, preserve), "run": run}, indent=1))
             print(f"{name}: {time.perf_counter() - started:.0f} s; style {[round(v, 2) for v in run['style']]}, "
                   f"neutral {[round(v, 2) for v in run['neutral']]}", flush=True)
             runs.append(run)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,20 @@ def test_loss_falls_and_outputs_are_written(tiny_lm, tmp_path):
     assert (out / "loss.png").stat().st_size > 1000
     assert "### continuation" in (out / "samples" / "step-0000040.txt").read_text()
     assert (out / "checkpoints" / "step-0000040" / "trainer_state.json").exists()
+
+
+def test_defaults_are_the_measured_ones():
+    """train-text with only --model --data --output gets the configuration bench_quality.py chose
+    (docs/benchmarks.md): the per-site ReLU bottleneck, lr 1e-3, preservation weight 0.3."""
+    from hnkit.commands.cli import build_parser
+    from hnkit.commands.options import module_config, resolve_options, train_config
+    from hnkit.commands.train_text import OPTIONS
+
+    args = build_parser().parse_args(["train-text", "--model", "m", "--data", "d", "--output", "o"])
+    o = resolve_options(args, OPTIONS)
+    assert train_config(o, Path("o")).lr == 1e-3 and o["preserve_weight"] == 0.3
+    c = module_config(o)
+    assert (c.layer_structure, c.activation, c.zero_init_last, c.per_site) == ([1, 0.125, 1], "relu", True, True)
 
 
 RESUME_OPTS = ("--max-steps", 8, "--grad-accum", 2, "--lr", "3e-3", "--lr-schedule", "cosine", "--warmup-steps", 2,
@@ -243,8 +258,6 @@ def test_tokenized_blocks_are_cached(tiny_lm, tmp_path):
 
 
 def test_every_recipe_is_valid_and_shows_its_command():
-    from pathlib import Path
-
     from hnkit.commands import train_image, train_text
     from hnkit.commands.options import read_recipe
 
