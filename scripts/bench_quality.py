@@ -180,7 +180,7 @@ class HnkitAdapter:
     def groups(self, lr: float, out_lr_ratio: float) -> list[dict]:
         """study: the output layers' lr ``out_lr_ratio`` times the others' (as LoRA+ does for B)."""
         last = {id(p) for m in self.hn.modules() if isinstance(m, hnkit.module.HypernetworkModule)
-                for p in [l for l in m.linear if isinstance(l, torch.nn.Linear)][-1].parameters()}
+                for p in [x for x in m.linear if isinstance(x, torch.nn.Linear)][-1].parameters()}
         return [{"params": [p for p in self.params() if id(p) not in last], "lr": lr},
                 {"params": [p for p in self.params() if id(p) in last], "lr": lr * out_lr_ratio}]
 
