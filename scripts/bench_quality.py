@@ -147,6 +147,9 @@ def hnkit_default_config(changes: dict | None = None):
     return module_config({name: TRAIN_TEXT[name][1] for name in hnkit.commands.options.MODULE} | changes)
 
 
+STUDY_KNOBS = ("tie_kv", "out_lr_ratio")  # --hnkit-module names that are not module options
+
+
 def module_changes(texts: list[str]) -> dict:
     """``["weight_init=KaimingUniform", "layer_structure=[1, 0.25, 1]"]`` -> a dict of module options."""
     import yaml
@@ -154,9 +157,9 @@ def module_changes(texts: list[str]) -> dict:
     out = {}
     for text in texts:
         name, sep, value = text.partition("=")
-        if not sep or name not in [*hnkit.commands.options.MODULE, "tie_kv", "out_lr_ratio"]:
+        if not sep or name not in [*hnkit.commands.options.MODULE, *STUDY_KNOBS]:
             sys.exit(f"--hnkit-module {text}: expected NAME=VALUE with NAME one of "
-                     f"{', '.join(hnkit.commands.options.MODULE)}, tie_kv, out_lr_ratio")
+                     f"{', '.join([*hnkit.commands.options.MODULE, *STUDY_KNOBS])}")
         out[name] = yaml.safe_load(value)
     return out
 
@@ -232,7 +235,7 @@ def train_and_sweep(args, variant: dict, data: dict) -> dict:
     task = TextTask(model, tokenizer, None, data["style-train"])
     if variant["preserve"]:
         task.use_preservation(data["teacher"], args.preserve_weight)
-    ratio = variant.get("module", {}).get("out_lr_ratio")
+    ratio = variant["module"].get("out_lr_ratio")
     optimizer = make_optimizer(adapter.groups(variant["lr"], ratio) if ratio else params, lr=variant["lr"])
     adapter.train(True)
     started, step, epoch, offset = time.perf_counter(), 0, 0, 0
@@ -406,7 +409,7 @@ def main(argv=None) -> None:
     for tool_name in args.only or tools:
         tool, preserve = tools[tool_name]
         for lr in args.lrs:
-            name = f"{tool_name} lr {lr:g}" + "".join(f" {t}" for t in args.hnkit_module if tool == "hnkit")
+            name = " ".join([tool_name, f"lr {lr:g}", *(args.hnkit_module if tool == "hnkit" else [])])
             key = f"{zlib.crc32(json.dumps(run_setting(tool, preserve), sort_keys=True).encode()):08x}"
             kept = out / f"{tool_name}_lr_{lr:g}_{key}.json"  # a run per setting: a new one never overwrites
             if kept.exists() and json.loads(kept.read_text())["setting"] == run_setting(tool, preserve):
