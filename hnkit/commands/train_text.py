@@ -15,7 +15,7 @@ OPTIONS = {
     "model": (str, None, "hub id or local folder of a causal LM"),
     "data": (str, None, ".txt file, folder of .txt files, .jsonl with a text field, or a saved datasets folder"),
     # lr 1e-3: the best of bench_quality.py's grid with --preserve-data; without it 3e-4 keeps more
-    # style within 3 % neutral cost, and 1e-3 still more than 1e-4 (docs/benchmarks.md)
+    # style within 3 % neutral cost, where 1e-3 and 1e-4 are at parity (docs/benchmarks.md)
     **shared.with_defaults(TRAINING, output="runs/text", lr="1e-3"),
     "batch_size": (int, 4, "blocks per step and process"),
     "block_size": (int, 256, "tokens per block"),
