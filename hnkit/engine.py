@@ -12,7 +12,12 @@ at the end-of-text token, a stop string, ``max_tokens`` or its client's cancella
 
 A row's tokens are those of the same request run alone (greedy; sampling too, with the same seed):
 a style absent from a row is skipped for it (:class:`hnkit.kernels.PerRow`), so a row without styles
-is the bare model's.
+is the bare model's. Only the styles some row of the batch uses are set and computed: a library of
+thousands of styles costs a batch no more than the few it uses.
+
+A row whose sampling or decoding fails ends alone with an error (``emit(message, True, "error")``);
+the rest of its batch goes on. :meth:`Engine.close` ends every row not finished, waiting or running,
+the same way with "the server is shutting down" (``finish_reason`` "shutdown").
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import torch
 from .attach import attach
 from .errors import HnkitError
 from .stack import Stack
+from .steer import MAX_STRENGTH
 from .text import context_length
 
-MAX_STRENGTH = 4.0  # a strength's bound in requests: beyond it a style is noise
+GREEDY_BELOW = 1e-5  # a lower temperature samples greedily: one-hot anyway, and dividing by a tinier one overflows
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass
@@ -64,6 +71,8 @@ class Engine:
     def __init__(self, model, tokenizer, library, max_batch: int = 8, window: float = 0.05, thread: bool = False):
         self.model, self.tokenizer, self.library = model, tokenizer, library
         self.names = list(library)
+        self.positions = {name: i for i, name in enumerate(self.names)}
+        self._set: set[str] = set()  # the styles the last batch set (every other one is at 0)
         self.max_batch = max_batch
         self.window = window  # seconds a new batch waits for more requests (those sent together run together)
         self.device = next(model.parameters()).device
@@ -100,13 +109,19 @@ class Engine:
         return attach(self.model, entries, blend="sum") if entries else None
 
     # -- requests --------------------------------------------------------------------------------
-    def check(self, styles: dict[str, float], n_prompt: int, max_tokens: int) -> None:
-        """Refuse what a batch could not run: unknown styles, bad strengths, prompts past the context."""
+    def check_styles(self, styles: dict[str, float]) -> None:
+        """Refuse unknown styles (at any strength, 0 too) and strengths out of bounds."""
         for name, s in styles.items():
-            if name not in self.library:
-                raise HnkitError(f"unknown style {name!r}; styles: {', '.join(self.names) or 'none'}")
+            if name not in self.positions:
+                more = f", ... ({len(self.names)} in all)" if len(self.names) > 20 else ""
+                known = ", ".join(self.names[:20]) + more
+                raise HnkitError(f"unknown style {name!r}; styles: {known or 'none'}")
             if not isinstance(s, (int, float)) or isinstance(s, bool) or not -MAX_STRENGTH <= s <= MAX_STRENGTH:
                 raise HnkitError(f"strength of {name!r} must be a number in [{-MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got {s!r}")
+
+    def check(self, styles: dict[str, float], n_prompt: int, max_tokens: int) -> None:
+        """Refuse what a batch could not run: unknown styles, bad strengths, prompts past the context."""
+        self.check_styles(styles)
         if n_prompt == 0:
             raise HnkitError("the prompt is empty")
         if n_prompt + max_tokens > self.context:
@@ -114,10 +129,14 @@ class Engine:
                              f"the model's context of {self.context} tokens")
 
     def submit(self, job: Job) -> None:
+        """Queue ``job``; on a closed engine it ends at once ("the server is shutting down")."""
         self.check(job.styles, len(job.prompt_ids), job.max_tokens)
         with self._changed:
-            self.waiting.append(job)
-            self._changed.notify()
+            if not self._stop.is_set():
+                self.waiting.append(job)
+                self._changed.notify()
+                return
+        self._end(job, "shutdown", SHUTTING_DOWN)
 
     def call(self, fn):
         """Run ``fn()`` in the engine's thread between batches and return its result (benchmarks
@@ -140,10 +159,15 @@ class Engine:
         return result["value"]
 
     def close(self) -> None:
-        """Stop serving (the loop ends after the batch it runs) and take the styles off the model."""
+        """Stop serving and take the styles off the model. Jobs still waiting, and the rows of the
+        batch running (at its next step), end with "the server is shutting down"."""
         with self._changed:
             self._stop.set()
+            queued = [job for job in self.waiting if isinstance(job, Job)]
+            self.waiting = [job for job in self.waiting if not isinstance(job, Job)]
             self._changed.notify()
+        for job in queued:
+            self._end(job, "shutdown", SHUTTING_DOWN)
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.attachment is not None:
@@ -163,6 +187,8 @@ class Engine:
             if self._stop.is_set():
                 return
             with self.busy:  # everything waiting when the engine is free goes into one batch
+                if self._stop.is_set() or not self.waiting:  # closed (or emptied) while busy was held
+                    continue
                 with self._changed:  # the leading jobs, up to max_batch, or one Engine.call function
                     n = 0
                     while n < min(len(self.waiting), self.max_batch) and isinstance(self.waiting[n], Job):
@@ -180,9 +206,11 @@ class Engine:
                     self.run(batch)
                 except Exception as exc:  # a failed batch ends its requests with the error, not the server
                     for j in batch:
-                        if j.finish_reason is None:
-                            j.finish_reason = "error"
-                            j.emit(f"{type(exc).__name__}: {exc}", True, "error")
+                        self._end(j, "error", f"{type(exc).__name__}: {exc}")
+                except BaseException:  # Ctrl-C or SIGTERM in this thread: the batch's clients are told
+                    for j in batch:
+                        self._end(j, "shutdown", SHUTTING_DOWN)
+                    raise
 
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> None:
@@ -206,11 +234,12 @@ class Engine:
             cache = DynamicCache.from_legacy_cache(cache)
         logits = out.logits[:, -1]
         while True:
-            tokens = [self._sample(logits[r], jobs[i], generators[i]) for r, i in enumerate(live)]
-            keep = []
-            for r, (i, token) in enumerate(zip(live, tokens)):
-                if self._advance(jobs[i], token):
-                    keep.append(r)
+            if self._stop.is_set():  # closed: the rows end now, not at max_tokens
+                for i in live:
+                    self._end(jobs[i], "shutdown", SHUTTING_DOWN)
+                return
+            tokens = [self._step(jobs[i], logits[r], generators[i]) for r, i in enumerate(live)]
+            keep = [r for r, token in enumerate(tokens) if token is not None]
             if not keep:
                 return
             if len(keep) < len(live):  # ended rows leave the batch
@@ -228,18 +257,43 @@ class Engine:
             cache, logits = getattr(out, self.cache_key), out.logits[:, -1]
 
     def _set_strengths(self, jobs: list[Job]) -> None:
+        """A column per row for each style the rows use, 0 for those the last batch set; the
+        others are 0 already (so the cost does not grow with the library)."""
         if self.attachment is None:
             return
-        columns = {name: [j.styles.get(name, 0.0) for j in jobs] for name in self.names}
+        used = {name for j in jobs for name in j.styles}
+        columns = {name: [j.styles.get(name, 0.0) for j in jobs] for name in sorted(used, key=self.positions.get)}
         columns = {name: column if any(column) else 0.0 for name, column in columns.items()}
+        columns.update({name: 0.0 for name in self._set - used})
+        self._set |= used  # should setting fail, the next batch resets these too
         if self.stack is not None:
-            self.attachment.set_strength(columns)
+            self.attachment.set_strength(columns)  # a dict: members not named keep their strength
+        else:
+            for name, column in columns.items():
+                self.attachment.set_strength(column, self.positions[name])
+        self._set = used
+
+    def _step(self, job: Job, logits: torch.Tensor, generator: torch.Generator) -> int | None:
+        """``job``'s next token, taken in; None when the row has ended. A failure ends this row alone."""
+        try:
+            token = self._sample(logits, job, generator)
+            return token if self._advance(job, token) else None
+        except Exception as exc:
+            self._end(job, "error", f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _end(self, job: Job, reason: str, message: str) -> None:
+        """End a job not finished with an error: ``finish_reason`` is ``reason``, ``emit`` gets ``message``."""
+        if job.finish_reason is not None:
             return
-        for index, name in enumerate(self.names):
-            self.attachment.set_strength(columns[name], index)
+        job.finish_reason = reason
+        try:
+            job.emit(message, True, "error")
+        except Exception:  # its client is gone (a closed event loop): nobody to tell
+            pass
 
     def _sample(self, logits: torch.Tensor, job: Job, generator: torch.Generator) -> int:
-        if job.temperature <= 0:
+        if job.temperature < GREEDY_BELOW:
             return int(logits.argmax())
         probs = torch.softmax(logits.float().cpu() / job.temperature, dim=-1)
         if job.top_p < 1.0:

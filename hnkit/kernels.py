@@ -36,8 +36,33 @@ class Strengths:
     schedule's factor for the current forward pass (``scale``)."""
 
     def __init__(self, values: list):
-        self.values = values
+        self.values = Values(values)
         self.scale = 1.0
+
+
+class Values(list):
+    """One strength per network, set by index, that knows which are not 0 (``nonzero``, their
+    indices): a kernel of many networks looks at those only, so its cost does not grow with the
+    networks at 0."""
+
+    def __init__(self, values: list):
+        super().__init__(values)
+        self.nonzero = {i for i, v in enumerate(self) if not is_zero(v)}
+
+    def __setitem__(self, index, value) -> None:
+        super().__setitem__(index, value)
+        if isinstance(index, slice):
+            self.nonzero = {i for i, v in enumerate(self) if not is_zero(v)}
+            return
+        index %= len(self)
+        if is_zero(value):
+            self.nonzero.discard(index)
+        else:
+            self.nonzero.add(index)
+
+
+def is_zero(value) -> bool:  # per-row strengths count as set: their rows are checked even at 0
+    return not isinstance(value, (PerRow, Members)) and value == 0
 
 
 class PerRow:
@@ -67,9 +92,11 @@ class PerRow:
 class Members:
     """The strengths of a stack's members (:class:`hnkit.stack.Stack`): a number, or a ``[B]``
     float32 CPU tensor (one per row), each. Worked out once when they are set: ``lo..hi-1``, the
-    members some row uses; ``s``, their strengths on the rows that use any (``[n, hi - lo]``, or
-    ``[1, hi - lo]`` when no strength is per row), on the model's device; ``rows``, those rows (None
-    when all are); ``batch``, the rows the per-row strengths are given for (None when none are)."""
+    members some row uses, and ``members``: None when all of ``lo..hi-1`` are used, else the used
+    ones' positions (the others are never computed, however many there are); ``s``, their strengths
+    on the rows that use any (``[n, used]``, or ``[1, used]`` when no strength is per row), on the
+    model's device; ``rows``, those rows (None when all are); ``batch``, the rows the per-row
+    strengths are given for (None when none are)."""
 
     def __init__(self, values: list, device=None):
         self.values = values
@@ -78,14 +105,17 @@ class Members:
             raise HnkitError(f"per-row strengths of a stack's members must be given for the same rows, got "
                              f"{' and '.join(map(str, lengths))} rows (set them together, as a dict)")
         self.batch = lengths[0] if lengths else None
-        full = torch.stack([v if isinstance(v, torch.Tensor) else torch.full((self.batch or 1,), float(v))
-                            for v in values], dim=1)  # [rows, members], on the CPU, once
-        used = (full != 0).any(0).nonzero().flatten()
-        self.empty = len(used) == 0
-        self.lo, self.hi = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
+        used = [i for i, v in enumerate(values) if (bool(v.any()) if isinstance(v, torch.Tensor) else v != 0)]
+        self.empty = not used
+        self.lo, self.hi = (used[0], used[-1] + 1) if used else (0, 0)
+        contiguous = len(used) == self.hi - self.lo
+        self.members = None if contiguous else torch.tensor(used, device=device)
+        columns = [values[i] if isinstance(values[i], torch.Tensor)
+                   else torch.full((self.batch or 1,), float(values[i])) for i in used]
+        full = torch.stack(columns, dim=1) if used else torch.zeros(self.batch or 1, 0)  # [rows, used], on the CPU
         active = (full != 0).any(1).nonzero().flatten()
         self.rows = None if self.batch is None or len(active) == self.batch else active.to(device)
-        self.s = (full if self.rows is None else full[active])[:, self.lo:self.hi].to(device)
+        self.s = (full if self.rows is None else full[active]).to(device)
 
 
 def check_rows(n: int, x: torch.Tensor) -> None:
@@ -114,10 +144,18 @@ class Chain:
     def __init__(self, entries, strengths: Strengths):
         self.entries = entries  # [(index of the network, (k_module, v_module), layer factor)]
         self.strengths = strengths
+        self.by_network = {entry[0]: entry for entry in entries}
+
+    def active(self) -> list:
+        """The entries whose strength is not 0, in order."""
+        nonzero = self.strengths.values.nonzero
+        if len(nonzero) >= len(self.entries):
+            return self.entries
+        return [self.by_network[i] for i in sorted(nonzero) if i in self.by_network]
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
         values, scale = self.strengths.values, self.strengths.scale
-        for i, pair, factor in self.entries:
+        for i, pair, factor in self.active():
             if isinstance(values[i], PerRow):
                 x = run_rows(pair[which], x, values[i], factor * scale)
                 continue
@@ -133,9 +171,10 @@ class Sum(Chain):
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
         values, scale = self.strengths.values, self.strengths.scale
-        if any(isinstance(values[i], PerRow) for i, _, _ in self.entries):
+        entries = self.active()
+        if any(isinstance(values[i], PerRow) for i, _, _ in entries):
             return self.per_row(x, which)
-        active = [(pair[which], values[i] * factor * scale) for i, pair, factor in self.entries]
+        active = [(pair[which], values[i] * factor * scale) for i, pair, factor in entries]
         active = [(module, s) for module, s in active if s != 0]
         if not active:
             return x
@@ -154,7 +193,7 @@ class Sum(Chain):
         dtype = self.entries[0][1][which].dtype
         h = x if x.dtype == dtype else x.to(dtype)
         out = None  # a copy of h, made when a first residual is added to it
-        for i, pair, factor in self.entries:
+        for i, pair, factor in self.active():
             module, v, f = pair[which], values[i], factor * scale
             if isinstance(v, PerRow):
                 check_rows(len(v.s), x)
@@ -248,7 +287,7 @@ class Stacked:
         module = self.pair[which]
         h = x if x.dtype == module.dtype else x.to(module.dtype)
         part = h if members.rows is None else h.index_select(0, members.rows)
-        out = torch.add(part, module.mix(part, members.s, members.lo, members.hi), alpha=f)
+        out = torch.add(part, module.mix(part, members.s, members.lo, members.hi, members.members), alpha=f)
         if members.rows is not None:
             out = h.index_copy(0, members.rows, out)
         return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -83,18 +83,25 @@ class StackedModule(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.w1.dtype
 
-    def mix(self, h: torch.Tensor, s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def mix(self, h: torch.Tensor, s: torch.Tensor, lo: int, hi: int, members: torch.Tensor | None = None
+            ) -> torch.Tensor:
         """``sum_i s[:, i] * mlp_{lo + i}(h)`` over members ``lo..hi-1``, for ``h`` ``[M, ..., D]`` in
-        the module's dtype and ``s`` ``[M, hi - lo]`` (or ``[1, hi - lo]``: the same for every row)."""
-        k, width = hi - lo, self.w1.shape[1]
-        s = s if s.dtype == self.w1.dtype else s.to(self.w1.dtype)
-        a = F.linear(h, self.w1[lo:hi].view(k * width, -1), self.b1[lo:hi].view(-1))  # every member at once
+        the module's dtype and ``s`` ``[M, hi - lo]`` (or ``[1, hi - lo]``: the same for every row).
+        With ``members`` (positions, on the weights' device), over those members instead, ``s``
+        ``[M, len(members)]``: only their weights are read (a few members of a large stack)."""
+        if members is None:
+            w1, b1, w2, b2 = self.w1[lo:hi], self.b1[lo:hi], self.w2[lo:hi], self.b2[lo:hi]
+        else:
+            w1, b1, w2, b2 = (p.index_select(0, members) for p in (self.w1, self.b1, self.w2, self.b2))
+        k, width = w1.shape[0], w1.shape[1]
+        s = s if s.dtype == w1.dtype else s.to(w1.dtype)
+        a = F.linear(h, w1.reshape(k * width, -1), b1.reshape(-1))  # every member at once
         if self.activation is not None:
             a = self.activation(a)
         row_shape = (s.shape[0],) + (1,) * (h.dim() - 2)
         a = (a.view(*a.shape[:-1], k, width) * s.view(*row_shape, k, 1)).view(*a.shape[:-1], k * width)
-        y = torch.matmul(a, self.w2[lo:hi].view(k * width, -1))  # sums over the members
-        return y + (s @ self.b2[lo:hi]).view(*row_shape, -1)
+        y = torch.matmul(a, w2.reshape(k * width, -1))  # sums over the members
+        return y + (s @ b2).view(*row_shape, -1)
 
 
 class Stack(nn.Module):
@@ -113,6 +120,7 @@ class Stack(nn.Module):
         check_stackable(networks, names)
         first = networks[0]
         self.names = names
+        self.positions = {name: i for i, name in enumerate(names)}
         self.name = "stack(" + ", ".join(names) + ")"
         self.config = first.config
         self._keys = first.keys()
@@ -138,9 +146,9 @@ class Stack(nn.Module):
     def index(self, member: int | str) -> int:
         """A member's position from its position or name."""
         if isinstance(member, str):
-            if member not in self.names:
+            if member not in self.positions:
                 raise HnkitError(f"the stack has no member {member!r}; members: {', '.join(self.names)}")
-            return self.names.index(member)
+            return self.positions[member]
         if isinstance(member, bool) or not isinstance(member, int):
             raise HnkitError(f"name a stack member by its name or position, not a {type(member).__name__}")
         if not 0 <= member < len(self.names):

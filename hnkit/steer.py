@@ -20,6 +20,16 @@ from .errors import HnkitError
 from .hypernetwork import Hypernetwork
 
 STYLE_SUFFIXES = (".safetensors", ".pt", ".pth")
+# The bound on a strength that hnkit's commands accept (``hnkit serve`` requests, ``generate-text``):
+# beyond it a style is noise. ``steer`` and ``attach`` take any strength.
+MAX_STRENGTH = 4.0
+
+
+def check_strength(value: float, what: str) -> None:
+    """Refuse a strength outside [-MAX_STRENGTH, MAX_STRENGTH], naming ``what`` it is."""
+    if not -MAX_STRENGTH <= value <= MAX_STRENGTH:
+        raise HnkitError(f"{what}: strength {value:g} is outside [{-MAX_STRENGTH:g}, {MAX_STRENGTH:g}] "
+                         "(beyond it a style is noise)")
 
 
 # -- schedules -----------------------------------------------------------------------------------
@@ -93,6 +103,11 @@ class StyleLibrary(Mapping):
             hn.name = name  # the library's name for it, whatever the file's metadata says
             self._loaded[name] = hn
         return self._loaded[name]
+
+    def discard(self, name: str) -> None:
+        """Leave a style out of this library (``hnkit serve`` drops the files it cannot use)."""
+        self._files.pop(name, None)
+        self._loaded.pop(name, None)
 
     def __iter__(self):
         return iter(self._files)

@@ -105,33 +105,39 @@ def build_tiny_styles(folder: str | Path, names=("noir", "whimsy", "gothic")) ->
 
 
 class ServerThread:
-    """``hnkit serve`` as the command builds it, run by uvicorn in a thread on a free port of
-    127.0.0.1: ``url``, ``engine``, ``lines`` (the request log), ``close()``. The engine runs in a
-    thread of its own, unless ``engine_thread=False``: then the caller runs
-    ``engine.serve_forever()`` (as ``hnkit serve`` does, in the thread that loaded the model)."""
+    """``hnkit serve`` as the command builds it, with its connection limits, run by uvicorn in a
+    thread on a free port of 127.0.0.1: ``url``, ``engine``, ``lines`` (the request log, and the
+    styles left out), ``close()``. The engine runs in a thread of its own, unless
+    ``engine_thread=False``: then the caller runs ``engine.serve_forever()`` (as ``hnkit serve``
+    does, in the thread that loaded the model). ``log`` replaces the request log's target."""
 
-    def __init__(self, model, styles, api_key=None, max_batch=8, name="tiny", device="cpu", engine_thread=True):
+    def __init__(self, model, styles, api_key=None, max_batch=8, name="tiny", device="cpu", engine_thread=True,
+                 header_timeout=None, max_connections=None, log=None):
         import argparse
-        import socket
         import threading
         import time
 
-        import uvicorn
-
-        from .commands.serve import build
+        from .commands import serve
         from .server import create_app
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        sock = serve.listen_socket("127.0.0.1", 0)
+        port = sock.getsockname()[1]
         args = argparse.Namespace(model=str(model), styles=str(styles), host="127.0.0.1", port=port,
                                   api_key=api_key, name=name, max_batch=max_batch, device=device)
-        self.engine, self.base, fronts = build(args, thread=engine_thread)
         self.lines: list[str] = []
-        app = create_app(self.engine, self.base, api_key=api_key, fronts=fronts, log=self.lines.append)
+        try:
+            self.engine, self.base, fronts = serve.build(args, thread=engine_thread, say=self.lines.append)
+        except BaseException:
+            sock.close()
+            raise
+        app = create_app(self.engine, self.base, api_key=api_key, fronts=fronts,
+                         log=serve.request_log(log or self.lines.append),
+                         allowed_hosts=serve.allowed_hosts("127.0.0.1"))
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.server = serve.uvicorn_server(app, sock, header_timeout=header_timeout or serve.HEADER_TIMEOUT,
+                                           max_connections=max_connections or serve.MAX_CONNECTIONS,
+                                           log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
         while not self.server.started and time.time() < deadline:

@@ -52,12 +52,18 @@ def parse_factors(text: str, option: str = "--strengths") -> list[float]:
     return values
 
 
-def load_styles(specs: list[str]):
-    """``[(Hypernetwork, strength)]`` from ``FILE[:STRENGTH]`` arguments; files checked before any model loads."""
+def load_styles(specs: list[str], factors: list[float] | None = None):
+    """``[(Hypernetwork, strength)]`` from ``FILE[:STRENGTH]`` arguments; files checked before any model loads.
+    Each strength applied (times each of ``factors``) is within ``hnkit serve``'s bound, MAX_STRENGTH."""
     from ..checkpoint import load
+    from ..steer import check_strength
     from ..util import parse_style_arg
 
     parsed = [parse_style_arg(spec) for spec in specs]
+    for spec, (_, strength) in zip(specs, parsed):
+        check_strength(strength, f"--hypernetwork {spec}")
+        for f in factors or []:
+            check_strength(strength * f, f"--hypernetwork {spec} with --strengths factor {f:g}")
     return [(load(path), strength) for path, strength in parsed]
 
 
@@ -154,7 +160,7 @@ def run(args: argparse.Namespace) -> list[str]:
     _check_options(args)
     factors = parse_factors(args.strengths) if args.strengths else None
     prompt = read_prompt(args)
-    styles = load_styles(args.hypernetwork)
+    styles = load_styles(args.hypernetwork, factors)
     device = choose_device(args.device)  # before the model loads: a wrong device is said at once
     model, tokenizer = load_causal_lm(args.model)
     model.eval()

@@ -1,58 +1,318 @@
 """``hnkit serve``: a folder of styles behind an OpenAI-compatible completion server, and a studio page.
 
     hnkit serve --model runs/base --styles styles/            # http://127.0.0.1:8000/ and /v1
-    hnkit serve --model runs/base --styles styles/ --host 0.0.0.0 --api-key "$KEY"
+    HNKIT_API_KEY=... hnkit serve --model runs/base --styles styles/ --host 0.0.0.0
 
 Point a front-end (SillyTavern, KoboldAI Lite, text-generation-webui, the ``openai`` client) at
 ``http://HOST:PORT/v1`` and pick a model ``BASE+style:strength``; or open the page. A PNG named like
 a style (``styles/noir.png`` beside ``styles/noir.safetensors``, as ``hnkit eval-text --plot`` draws
 it) is shown on the page as that style's perplexity front.
+
+Exposed beyond this machine, the server needs an API key (``HNKIT_API_KEY`` or ``--api-key-file``,
+which ``ps`` does not show), and it bounds its connections: a request's headers must arrive within
+``--header-timeout`` seconds, an idle connection closes after KEEP_ALIVE seconds, and at most
+``--max-connections`` stay open (a new one closes the one waiting longest for its request).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
 from pathlib import Path
 
 from ..errors import HnkitError
+
+KEY_VARIABLE = "HNKIT_API_KEY"
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}  # the Host headers a loopback server answers
+HEADER_TIMEOUT = 10.0  # seconds for a request's headers, from the connection or the previous response
+KEEP_ALIVE = 5  # seconds an idle connection stays open between requests (uvicorn's default)
+MAX_CONNECTIONS = 256  # open connections: well below the usual 1024 file descriptors
+BACKLOG = 128  # connections the kernel queues before they are accepted
+MAX_HEADER_BYTES = 16 * 1024  # a request's headers (h11's own default, stated)
+GRACEFUL_SHUTDOWN = 3  # seconds running requests get at Ctrl-C before they are cancelled
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local folder (or hub id) of a causal LM")
     parser.add_argument("--styles", required=True, help="folder of style files (.safetensors, .pt)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: 127.0.0.1, this machine only); any other address "
+                             "needs an API key or --allow-unauthenticated")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API")
-    parser.add_argument("--name", default=None, help="the base model's name in the API (default: the model folder's name)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on the API. Other users see it in ps: "
+                             f"prefer the environment variable {KEY_VARIABLE} or --api-key-file. "
+                             f"--api-key or --api-key-file (one of them) wins over {KEY_VARIABLE}")
+    parser.add_argument("--api-key-file", default=None, metavar="PATH",
+                        help="read the API key from the first line of PATH")
+    parser.add_argument("--allow-unauthenticated", action="store_true",
+                        help="serve an address other than this machine's loopback without an API key")
+    parser.add_argument("--name", default=None,
+                        help="the base model's name in the API (default: the model folder's name)")
     parser.add_argument("--max-batch", type=int, default=8, help="rows generated together (default: 8)")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                        help=f"open connections at most (default: {MAX_CONNECTIONS}); a new one closes the "
+                             "one waiting longest for its request")
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT, metavar="SECONDS",
+                        help=f"close a connection whose request headers take longer (default: {HEADER_TIMEOUT:g})")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
 
-def build(args, thread: bool = False):
+# -- who may connect -------------------------------------------------------------------------------
+def api_key(args) -> str | None:
+    """The API key from --api-key, --api-key-file or HNKIT_API_KEY (in that order); None without one.
+    An empty key (``--api-key "$KEY"`` with KEY unset) is refused, not taken as no key."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise HnkitError("--api-key and --api-key-file: give one of them")
+    if args.api_key_file is not None:
+        path = Path(args.api_key_file).expanduser()
+        try:
+            key, where = path.read_text(encoding="utf-8").partition("\n")[0].strip(), f"--api-key-file {path}"
+        except FileNotFoundError:
+            raise HnkitError(f"--api-key-file {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HnkitError(f"--api-key-file {path}: cannot read it ({exc})") from None
+    elif args.api_key is not None:
+        key, where = args.api_key, "--api-key"
+    elif KEY_VARIABLE in os.environ:
+        key, where = os.environ[KEY_VARIABLE], KEY_VARIABLE
+    else:
+        return None
+    if not key:
+        raise HnkitError(f"{where}: the API key is empty (an unset variable?); give a key, or none at all")
+    if not all(33 <= ord(c) < 127 for c in key):
+        raise HnkitError(f"{where}: the API key must be printable ASCII without spaces (it is sent in a header)")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` and 127.0.0.0/8, ::1: addresses only this machine can reach."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any address
+        return False
+
+
+def allowed_hosts(host: str) -> set[str] | None:
+    """The Host headers a server bound to ``host`` answers: the loopback names on a loopback address
+    (a page of another site that resolves its name to 127.0.0.1 gets no answer); any elsewhere."""
+    return LOOPBACK_NAMES | {host} if is_loopback(host) else None
+
+
+def check_access(args) -> str | None:
+    """The API key, with the address and options checked (before the model loads)."""
+    key = api_key(args)
+    if key is None and not is_loopback(args.host) and not args.allow_unauthenticated:
+        raise HnkitError(f"--host {args.host} lets other machines in: give an API key ({KEY_VARIABLE} or "
+                         "--api-key-file), or --allow-unauthenticated to serve anyone who reaches the port")
+    if not 0 < args.port < 65536:
+        raise HnkitError(f"--port must be in 1..65535, got {args.port}")
+    if not 1 <= args.max_connections <= 65536:
+        raise HnkitError(f"--max-connections must be in 1..65536, got {args.max_connections}")
+    if not 0 < args.header_timeout <= 3600:
+        raise HnkitError(f"--header-timeout must be in (0, 3600] seconds, got {args.header_timeout:g}")
+    return key
+
+
+# -- the connection side ---------------------------------------------------------------------------
+def listen_socket(host: str, port: int):
+    """A socket bound to ``host:port`` (uvicorn listens on it), taken before the model loads, so a
+    port in use is said at once."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise HnkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        if os.name != "nt":  # as asyncio does: a port in TIME_WAIT is free
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise HnkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is the port in use, or "
+                         "the address not this machine's?)") from None
+    return sock
+
+
+def raise_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; returns the soft limit."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 512
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):  # macOS refuses more than OPEN_MAX: keep the soft limit
+            pass
+    return soft
+
+
+class ErrorBudget:
+    """An event loop's exception handler that reports at most ``burst`` errors a minute (then how
+    many more came): out of file descriptors, asyncio reports a traceback per connection waiting
+    in the backlog, every second."""
+
+    def __init__(self, burst: int = 10, period: float = 60.0):
+        self.burst, self.period = burst, period
+        self.start, self.told, self.dropped = time.monotonic(), 0, 0
+
+    def __call__(self, loop, context) -> None:
+        now = time.monotonic()
+        if now - self.start >= self.period:
+            if self.dropped:
+                loop.default_exception_handler({"message": f"{self.dropped} more errors in the last "
+                                                           f"{self.period:g} s were not shown"})
+            self.start, self.told, self.dropped = now, 0, 0
+        if self.told < self.burst:
+            self.told += 1
+            loop.default_exception_handler(context)
+        else:
+            self.dropped += 1
+
+
+def quiet_loop():
+    """uvicorn's event loop, with a bounded error report (ErrorBudget)."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(ErrorBudget())
+    return loop
+
+
+def protocol_class(header_timeout: float, max_connections: int):
+    """uvicorn's h11 protocol with the two limits uvicorn lacks (its keep-alive timer starts only after
+    a response, and ``limit_concurrency`` answers 503 to requests but accepts any number of idle
+    connections): a request's headers must come within ``header_timeout`` seconds of the connection
+    or of the previous response, and at most ``max_connections`` stay open."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.header_timer = None
+            self.arm_header_timer()
+            open_now = [c for c in self.connections if not c.transport.is_closing()]
+            if len(open_now) > max_connections:  # close the one waiting longest for a request, else this
+                waiting = [c for c in open_now if c is not self and c.between_requests()]
+                min(waiting, key=lambda c: c.waiting_since, default=self).transport.close()
+
+        def between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def arm_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            self.waiting_since = self.loop.time()
+            self.header_timer = self.loop.call_later(header_timeout, self.header_timeout_handler)
+
+        def header_timeout_handler(self) -> None:
+            self.header_timer = None
+            if self.between_requests():  # no request's headers since the timer started
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            if not self.transport.is_closing():
+                self.arm_header_timer()  # before a pipelined request starts in super()
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
+def uvicorn_server(app, sock, *, header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
+                   log_level: str = "critical"):
+    """The uvicorn server for ``app`` on the bound ``sock`` (run it with ``server.run(sockets=[sock])``),
+    with every connection limit: ``hnkit serve`` and the tests' ServerThread both use this."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host=sock.getsockname()[0], port=sock.getsockname()[1], log_level=log_level,
+        http=protocol_class(header_timeout, max_connections), loop=quiet_loop, ws="none",
+        timeout_keep_alive=KEEP_ALIVE, backlog=BACKLOG, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN)
+    return uvicorn.Server(config)
+
+
+def request_log(write):
+    """``write`` for the request log, made unable to stop the server: the first failure (a full disk,
+    a closed terminal) ends the log, with one line on stderr where stderr still takes it."""
+    failed = False
+
+    def log(line: str) -> None:
+        nonlocal failed
+        if failed:
+            return
+        try:
+            write(line)
+        except (OSError, ValueError) as exc:  # ValueError: a closed file
+            failed = True
+            try:
+                print(f"hnkit serve: the request log stopped ({exc}); still serving", file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+
+    return log
+
+
+# -- the model and its styles ----------------------------------------------------------------------
+def usable_styles(library, model, say) -> None:
+    """Drop from ``library`` the styles that cannot be served (a damaged file, widths that fit no
+    layer of ``model``, a name with '+' or ':'), each with one line to ``say``."""
+    from .generate_text import check_styles_fit
+
+    for name in list(library):
+        reason = None
+        if "+" in name or ":" in name:
+            reason = "a style name cannot hold '+' or ':' (they separate styles and strengths in a model name)"
+        else:
+            try:
+                check_styles_fit(model, [(library[name], 1.0)])  # every file read and checked now
+            except (HnkitError, OSError) as exc:
+                reason = str(exc)
+        if reason is not None:
+            say(f"hnkit serve: skipped style {name!r} in {library.folder}: {reason}")
+            library.discard(name)
+
+
+def build(args, thread: bool = False, say=None):
     """The engine (its own thread with ``thread``; else the caller runs ``serve_forever``), the base
-    model's name and the styles' front pictures, with everything checked (shared with the tests)."""
+    model's name and the styles' front pictures, with everything checked (shared with the tests).
+    A style that cannot be served is left out with one line to ``say`` (default: stderr)."""
     import hnkit
 
     from ..engine import Engine
     from ..text import load_causal_lm
     from ..util import choose_device
 
+    say = say or (lambda line: print(line, file=sys.stderr))
     if not 1 <= args.max_batch <= 256:
         raise HnkitError(f"--max-batch must be in 1..256, got {args.max_batch}")
     if not 0 < args.port < 65536:
         raise HnkitError(f"--port must be in 1..65535, got {args.port}")
-    library = hnkit.StyleLibrary(args.styles)
-    for name in library:
-        library[name]  # every file read and checked now, not at the first request
-    device = choose_device(args.device)
-    model, tokenizer = load_causal_lm(args.model)
-    model.eval().to(device)
-    from .generate_text import check_styles_fit
-
-    check_styles_fit(model, [(library[name], 1.0) for name in library])
     base = args.name or Path(args.model.rstrip("/")).name
     if not base or "+" in base or ":" in base:
         raise HnkitError(f"--name {base!r}: a model name must be non-empty, without '+' or ':'")
+    library = hnkit.StyleLibrary(args.styles)
+    device = choose_device(args.device)
+    model, tokenizer = load_causal_lm(args.model)
+    model.eval().to(device)
+    usable_styles(library, model, say)
     fronts = {name: library.folder / f"{name}.png" for name in library
               if (library.folder / f"{name}.png").is_file()}
     engine = Engine(model, tokenizer, library, max_batch=args.max_batch, thread=thread)
@@ -62,39 +322,39 @@ def build(args, thread: bool = False):
 def run(args: argparse.Namespace) -> None:
     import signal
     import threading
-    import time
 
-    import uvicorn
     from rich.console import Console
 
     from ..server import create_app
 
+    key = check_access(args)
+    sock = listen_socket(args.host, args.port)
     console = Console(stderr=True)
-    engine, base, fronts = build(args)
-    app = create_app(engine, base, api_key=args.api_key, fronts=fronts,
-                     log=lambda line: console.log(line, highlight=False))
+    log = request_log(lambda line: console.log(line, highlight=False))
+    try:
+        limit = raise_file_limit()
+        engine, base, fronts = build(args, say=log)
+    except BaseException:
+        sock.close()
+        raise
+    app = create_app(engine, base, api_key=key, fronts=fronts, log=log, allowed_hosts=allowed_hosts(args.host))
     # HTTP in a thread; the model in this one, which loaded it (Engine: one thread runs torch)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="critical"))
-
-    def listen():
-        try:
-            server.run()
-        except SystemExit:  # uvicorn exits when it cannot bind: said below, in one line
-            pass
-
-    http = threading.Thread(target=listen, name="hnkit-http", daemon=True)
+    server = uvicorn_server(app, sock, header_timeout=args.header_timeout,
+                            max_connections=min(args.max_connections, max(limit // 4, 16)))
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hnkit-http", daemon=True)
     http.start()
     while not server.started and http.is_alive():
         time.sleep(0.02)
     if not server.started:
         engine.close()
-        raise HnkitError(f"cannot listen on {args.host}:{args.port} (is the port in use, or the address not this machine's?)")
-    console.print(f"hnkit serve: {base} with {len(engine.names)} styles ({', '.join(engine.names) or 'none'}) "
-                  f"on http://{args.host}:{args.port}/ (API: /v1); Ctrl-C stops")
+        raise HnkitError(f"cannot listen on {args.host}:{args.port}")
+    where = f"[{args.host}]" if ":" in args.host else args.host
+    log(f"hnkit serve: {base} with {len(engine.names)} styles ({', '.join(engine.names) or 'none'}) "
+        f"on http://{where}:{args.port}/ (API: /v1{', key required' if key else ''}); Ctrl-C stops")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: as Ctrl-C
     try:
         engine.serve_forever()
     finally:
         server.should_exit = True
         engine.close()
-        http.join(timeout=5)
+        http.join(timeout=GRACEFUL_SHUTDOWN + 2)
