@@ -1,9 +1,28 @@
-"""The text task: a causal LM learns a style. Data through `datasets`, tokenized and packed once.
+"""The text task: a causal LM learns a style. Data read as a stream, tokenized and packed once.
 
-    documents -> token ids (EOS after each document) -> fixed-size blocks -> train / validation
+    documents -> pieces of text -> token ids (EOS after each document) -> fixed-size blocks -> train / validation
 
-Blocks are cached on disk (``$HNKIT_CACHE/text/<key>``), keyed by the data files (path, size,
-mtime), the tokenizer and the block size, so a second run does not tokenize again.
+Memory is bounded whatever the size of the data. Files are read incrementally; a document is cut
+into pieces of at most ``PIECE_CHARS`` (64 Ki) characters, which are tokenized ``BATCH_CHARS``
+(512 Ki characters) at a time, and the token ids are appended to the cache file as they come. While
+tokenizing, the peak is one batch and its tokenizer output (about 100-150 bytes per token: tens of
+MB), plus, for JSON lines, one line of at most ``MAX_LINE_BYTES`` (16 MiB) and its parsed record. A
+longer JSON line is refused, before it is parsed, with one line naming the file, the line and the
+limit: a record that big is almost always a mistake (a whole corpus in one record) and would need
+several times its size to parse; a .txt file has no such limit. What grows with the data is the
+result only: the blocks tensor, 8 bytes per token (int64), read from the cache file of 4 bytes per
+token (12 bytes per token while it is read).
+
+Pieces end before a space between two letters where there is one (else after a letter or digit
+before whitespace; else, in text without such places, at ``PIECE_CHARS``). Byte-level BPE
+tokenizers (GPT-2, GPT-NeoX, Llama 3, Qwen2 and the like) split words there too, so the tokens are
+exactly those of the whole document. A SentencePiece tokenizer (Llama 2, Mistral) starts each piece
+with a word-start mark: up to one token differs per cut, that is, per 64 Ki characters of documents
+longer than that.
+
+Blocks are cached on disk (``$HNKIT_CACHE/text/<key>.int32``: the token ids as int32), keyed by the
+data files (path, size, mtime), the tokenizer and the block size, so a second run does not tokenize
+again.
 """
 
 from __future__ import annotations
@@ -12,7 +31,9 @@ import hashlib
 import json
 import math
 import os
-import shutil
+import re
+from array import array
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -52,6 +73,11 @@ def context_length(model) -> int | None:
 
 
 # -- data --------------------------------------------------------------------------------------
+PIECE_CHARS = 64 * 1024  # text is tokenized in pieces of at most this many characters
+BATCH_CHARS = 512 * 1024  # characters per tokenizer call (8 pieces: enough to keep 8 cores busy)
+MAX_LINE_BYTES = 16 * 1024 * 1024  # the longest JSON line (one record) read: see the module docstring
+
+
 def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
                               or (path / "dataset_dict.json").exists())
@@ -66,63 +92,157 @@ def _data_files(path: Path) -> list[Path]:
     return sorted(path.rglob("*.txt"))
 
 
-def read_documents(data: str | os.PathLike, text_field: str = "text") -> list[str]:
-    """Documents from a .txt file, a folder of .txt files, a .jsonl/.json file with a text field,
-    or a folder written by ``datasets.Dataset.save_to_disk``."""
+def read_pieces(data: str | os.PathLike, text_field: str = "text", piece_chars: int = PIECE_CHARS,
+                max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, bool]]:
+    """The text of the data in order, in pieces of at most ``piece_chars`` characters, each with
+    whether it ends a document; read as it is consumed. Documents: a .txt file, each .txt file of
+    a folder, the ``text_field`` of each record of a .jsonl/.json file, or of each row of a folder
+    written by ``datasets.Dataset.save_to_disk``; blank ones are skipped. A JSON line longer than
+    ``max_line_bytes`` is refused before it is parsed."""
     path = Path(data)
     if not path.exists():
         raise HnkitError(f"{data}: no such file or folder")
-    if _is_saved_dataset(path):
-        from datasets import load_from_disk
-
-        ds = load_from_disk(str(path))
-        if hasattr(ds, "keys") and "train" in ds:  # a DatasetDict: take its train split
-            ds = ds["train"]
-        if text_field not in ds.column_names:
-            raise HnkitError(f"{data}: no {text_field!r} column (columns: {', '.join(ds.column_names)})")
-        docs = ds[text_field]
-    elif path.is_dir():
-        files = _data_files(path)
-        if not files:
-            raise HnkitError(f"{data}: no .txt files in this folder")
-        docs = [_read_text(f) for f in files]
-    elif path.suffix in (".jsonl", ".json"):
-        docs = _read_json_lines(path, text_field)
-    else:
-        docs = [_read_text(path)]
-    docs = [d for d in docs if isinstance(d, str) and d.strip()]
-    if not docs:
+    found = False
+    for chunks in _documents(path, text_field, piece_chars, max_line_bytes):
+        last = None
+        for piece in _pieces(chunks, piece_chars):
+            if last is not None:
+                yield last, False
+            last = piece
+        yield last, True
+        found = True
+    if not found:
         raise HnkitError(f"{data}: no text found (empty data)")
-    return docs
 
 
-def _read_json_lines(path: Path, text_field: str) -> list:
-    """The ``text_field`` of each JSON object in a JSON-lines file (or a JSON array of objects)."""
-    text = _read_text(path)
+def _documents(path: Path, text_field: str, size: int, max_line_bytes: int) -> Iterator[Iterator[str]]:
+    """Each non-blank document, as its text in chunks of ``size`` characters."""
+    if _is_saved_dataset(path) or path.is_file() and path.suffix in (".jsonl", ".json"):
+        texts = _read_json_lines(path, text_field, max_line_bytes) if path.is_file() else \
+            _saved_dataset_texts(path, text_field)
+        for text in texts:
+            if isinstance(text, str) and text and not text.isspace():
+                yield (text[i:i + size] for i in range(0, len(text), size))
+        return
+    files = _data_files(path)
+    if not files:
+        raise HnkitError(f"{path}: no .txt files in this folder")
+    for f in files:
+        if any(not chunk.isspace() for chunk in _text_chunks(f, size)):  # reads up to the first text
+            yield _text_chunks(f, size)
+
+
+def _pieces(chunks: Iterable[str], size: int) -> Iterator[str]:
+    """The text of ``chunks`` (each at most ``size`` characters) cut into pieces of at most
+    ``size`` characters, at the places :func:`_cut` chooses."""
+    text = ""
+    for chunk in chunks:
+        text += chunk
+        while len(text) > size:
+            cut = _cut(text, size)
+            yield text[:cut]
+            text = text[cut:]
+    if text:
+        yield text
+
+
+_AFTER_WORD = re.compile(r"(?<=[^\W_])\s")  # whitespace after a letter or a digit
+
+
+def _cut(text: str, size: int) -> int:
+    """Where to end a piece of ``text`` (longer than ``size``), searching the second half of its
+    first ``size`` characters from the end: before a space between two letters, else before
+    whitespace after a letter or digit (word ends, where byte-level BPE tokenizers such as GPT-2's,
+    Llama 3's and Qwen2's split too, so the tokens are those of the uncut text), else at ``size``
+    (text without such places: a word may be cut in two)."""
+    low = size // 2
+    i = text.rfind(" ", low, size)
+    while i > low:
+        if text[i - 1].isalpha() and text[i + 1].isalpha():
+            return i
+        i = text.rfind(" ", low, i)
+    ends = [m.start() for m in _AFTER_WORD.finditer(text, low, size)]
+    return ends[-1] if ends else size
+
+
+def _text_chunks(path: Path, size: int) -> Iterator[str]:
+    """A text file in chunks of ``size`` characters (newlines read as ``\\n``)."""
     try:
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    rows.append(json.loads(line))
-    except ValueError as exc:
-        where = f"line {n}: " if path.suffix == ".jsonl" or not text.lstrip().startswith("[") else ""
-        raise HnkitError(f"{path}: {where}not valid JSON ({first_line(exc)})") from None
-    if not all(isinstance(r, dict) for r in rows):
-        raise HnkitError(f"{path}: expected one JSON object per line")
-    if rows and not any(text_field in r for r in rows):
-        fields = sorted({k for r in rows for k in r})
-        raise HnkitError(f"{path}: no {text_field!r} field (fields: {', '.join(fields) or 'none'})")
-    return [r.get(text_field) for r in rows]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            while chunk := f.read(size):
+                yield chunk
     except UnicodeDecodeError:
         raise HnkitError(f"{path}: not UTF-8 text") from None
+
+
+def _saved_dataset_texts(path: Path, text_field: str) -> Iterator:
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(path))
+    if hasattr(ds, "keys") and "train" in ds:  # a DatasetDict: take its train split
+        ds = ds["train"]
+    if text_field not in ds.column_names:
+        raise HnkitError(f"{path}: no {text_field!r} column (columns: {', '.join(ds.column_names)})")
+    for batch in ds.select_columns([text_field]).iter(batch_size=64):
+        yield from batch[text_field]
+
+
+def _read_json_lines(path: Path, text_field: str, max_line_bytes: int) -> Iterator:
+    """The ``text_field`` of each JSON object in a JSON-lines file (or a JSON array of objects),
+    read line by line; a line longer than ``max_line_bytes`` is refused before it is parsed."""
+    if path.suffix == ".json" and _starts_with(path, "["):
+        rows = ((f"item {n}", row) for n, row in enumerate(_json_array(path, max_line_bytes), 1))
+    else:
+        rows = _json_lines(path, max_line_bytes)
+    fields, n_rows, found = set(), 0, False
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise HnkitError(f"{path}: expected one JSON object per line ({where} is not an object)")
+        fields.update(row)
+        n_rows += 1
+        if text_field in row:
+            found = True
+            yield row[text_field]
+    if n_rows and not found:
+        raise HnkitError(f"{path}: no {text_field!r} field (fields: {', '.join(sorted(fields)) or 'none'})")
+
+
+def _json_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[str, object]]:
+    """("line N", parsed object) for each non-blank line of a JSON-lines file."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), 1):
+            if len(line) > max_line_bytes:
+                raise HnkitError(f"{path}: line {n} is longer than {max_line_bytes} bytes, the limit for one "
+                                 f"JSON line; split it into smaller records (or use a .txt file)")
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise HnkitError(f"{path}: line {n}: not UTF-8 text") from None
+            if text.strip():
+                yield f"line {n}", _parse_json(path, text, f"line {n}: ")
+
+
+def _json_array(path: Path, max_line_bytes: int) -> list:
+    """A .json file holding one array, parsed whole (so only up to ``max_line_bytes``)."""
+    if path.stat().st_size > max_line_bytes:
+        raise HnkitError(f"{path}: a JSON array file longer than {max_line_bytes} bytes is not read whole; "
+                         "write it as JSON lines (.jsonl), one object per line")
+    return _parse_json(path, "".join(_text_chunks(path, PIECE_CHARS)), "")
+
+
+def _parse_json(path: Path, text: str, where: str):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise HnkitError(f"{path}: {where}not valid JSON ({first_line(exc)})") from None
+
+
+def _starts_with(path: Path, char: str) -> bool:
+    """Whether the first non-blank character of a text file is ``char``."""
+    for chunk in _text_chunks(path, 4096):
+        if chunk.strip():
+            return chunk.lstrip().startswith(char)
+    return False
 
 
 def _cache_key(data: Path, tokenizer, block_size: int, text_field: str) -> str:
@@ -131,40 +251,55 @@ def _cache_key(data: Path, tokenizer, block_size: int, text_field: str) -> str:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(f"{tokenizer.name_or_path}|{len(tokenizer)}|{tokenizer.eos_token_id}|{block_size}|{text_field}".encode())
+    h.update(f"|int32 tokens, pieces of {PIECE_CHARS}".encode())  # the cache's format and how text is cut
     return h.hexdigest()[:24]
 
 
 def tokenized_blocks(data: str | os.PathLike, tokenizer, block_size: int, text_field: str = "text") -> torch.Tensor:
     """All blocks of ``block_size`` tokens, shape (n_blocks, block_size); cached on disk."""
-    from datasets import Dataset, load_from_disk
-
     if tokenizer.eos_token_id is None:
         raise HnkitError("the tokenizer has no end-of-sequence token to separate documents")
-    cache = cache_root() / "text" / _cache_key(Path(data), tokenizer, block_size, text_field)
-    if not cache.is_dir():
-        docs = read_documents(data, text_field)
-        ds = Dataset.from_dict({"text": docs})
-        eos = tokenizer.eos_token_id
+    cache = cache_root() / "text" / f"{_cache_key(Path(data), tokenizer, block_size, text_field)}.int32"
+    if not cache.is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                for ids in _token_ids(read_pieces(data, text_field, PIECE_CHARS, MAX_LINE_BYTES), tokenizer):
+                    ids.tofile(f)
+                n_tokens = f.tell() // 4
+                if n_tokens < block_size:
+                    raise HnkitError(f"{data}: only {n_tokens} tokens, fewer than one block of {block_size}")
+                f.truncate(n_tokens // block_size * block_size * 4)  # drop the last partial block
+            os.replace(tmp, cache)
+        finally:
+            tmp.unlink(missing_ok=True)
+    n = cache.stat().st_size // 4
+    return torch.from_file(str(cache), size=n, dtype=torch.int32).view(-1, block_size).long()
 
-        def tokenize(batch):
-            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-            return {"input_ids": [x + [eos] for x in ids]}
 
-        def pack(batch):
-            flat = [t for ids in batch["input_ids"] for t in ids]
-            n = len(flat) // block_size
-            return {"input_ids": [flat[i * block_size:(i + 1) * block_size] for i in range(n)]}
+def _token_ids(pieces: Iterable[tuple[str, bool]], tokenizer) -> Iterator[array]:
+    """Token ids of the pieces, an end-of-sequence token after each document, as int32 arrays
+    (4-byte ``array("i")``), one per batch of about ``BATCH_CHARS`` characters."""
+    batch, size = [], 0
+    for piece, ends in pieces:
+        batch.append((piece, ends))
+        size += len(piece)
+        if size >= BATCH_CHARS:
+            yield _encode(batch, tokenizer)
+            batch, size = [], 0
+    if batch:
+        yield _encode(batch, tokenizer)
 
-        ds = ds.map(tokenize, batched=True, remove_columns=["text"])
-        n_tokens = sum(len(x) for x in ds["input_ids"])
-        ds = ds.map(pack, batched=True, batch_size=len(ds))  # one batch: nothing dropped between documents
-        if len(ds) == 0:
-            raise HnkitError(f"{data}: only {n_tokens} tokens, fewer than one block of {block_size}")
-        tmp = cache.with_name(cache.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        ds.save_to_disk(str(tmp))
-        os.replace(tmp, cache)
-    return torch.tensor(load_from_disk(str(cache))["input_ids"], dtype=torch.long)
+
+def _encode(batch: list[tuple[str, bool]], tokenizer) -> array:
+    encoded = tokenizer([piece for piece, _ in batch], add_special_tokens=False, return_attention_mask=False)
+    ids = array("i")
+    for tokens, (_, ends) in zip(encoded["input_ids"], batch):
+        ids.extend(tokens)
+        if ends:
+            ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 def split_blocks(blocks: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,163 @@
+"""Training text of any size streams through tokenization in bounded memory, and a JSON line too
+long to read is refused with one line (issue 24)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hnkit import text
+from hnkit.commands.cli import main
+from hnkit.errors import HnkitError
+from hnkit.text import read_pieces, tokenized_blocks
+from hnkit.util import cache_root
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_lm):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_lm["model"])
+
+
+def reference_blocks(docs, tok, block_size):
+    """The plain computation (what hnkit did before streaming): each document tokenized whole, an
+    EOS after it, all packed, the last partial block dropped."""
+    ids = [t for d in docs for t in tok(d, add_special_tokens=False).input_ids + [tok.eos_token_id]]
+    n = len(ids) // block_size
+    return torch.tensor(ids[:n * block_size]).view(n, block_size)
+
+
+# -- memory ----------------------------------------------------------------------------------------
+CHILD = r"""
+import resource, sys
+import datasets, torch, transformers  # what tokenizing may import, loaded before measuring
+from transformers import AutoTokenizer
+from hnkit.text import tokenized_blocks
+
+def peak_mib():
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+tok("warm the tokenizer up " * 100)
+before = peak_mib()
+blocks = tokenized_blocks(sys.argv[2], tok, 64)
+print(len(blocks), round(peak_mib() - before))
+"""
+
+
+def test_peak_memory_does_not_follow_the_file_size(tiny_lm, tmp_path):
+    """2 MiB of text is ~1.4M tokens with the tiny tokenizer: whole-document tokenization needed
+    ~470 MiB more peak memory for it (~225 MiB per MiB of text); streamed, the growth is one batch
+    of tokenizer output plus the blocks (12 bytes per token while loading): ~70 MiB."""
+    corpus = tiny_lm["corpus"].read_text()
+    big = tmp_path / "big.txt"
+    size = 2 * 2**20
+    big.write_text((corpus * (size // len(corpus) + 1))[:size])
+    env = dict(os.environ, HNKIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", CHILD, str(tiny_lm["model"]), str(big)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    n_blocks, growth_mib = map(int, run.stdout.split())
+    assert n_blocks > 10_000
+    assert growth_mib < 200, f"peak RSS grew by {growth_mib} MiB while tokenizing 2 MiB of text"
+
+
+# -- results unchanged -----------------------------------------------------------------------------
+def write_data(root, corpus):
+    """Data in every form hnkit reads, and the documents each holds (as the old reader saw them)."""
+    root.mkdir()
+    para = corpus[:20000].replace("\n\n", "\0").replace("\n", " ").replace("\0", "\n\n")  # a paragraph a line
+    crlf = root / "crlf.txt"
+    crlf.write_bytes(corpus[:3000].replace("\n", "\r\n").encode())  # read with universal newlines
+    (root / "para.txt").write_text(para)
+    folder = root / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text(corpus[:3000])
+    (folder / "blank.txt").write_text(" \n\t\n")  # skipped
+    (folder / "b.txt").write_text(corpus[3000:9000])
+    records = [{"text": corpus[:7000]}, {"text": "  \n"}, {"text": 7}, {"other": "x"}, {"text": corpus[7000:8000]}]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records[:3]) + "\n\n"
+                                     + "\n".join(json.dumps(r) for r in records[3:]) + "\n")
+    (root / "array.json").write_text(json.dumps(records, indent=1))
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": [corpus[:5000], "", corpus[5000:6000]]}).save_to_disk(str(root / "saved"))
+    kept = [corpus[:7000], corpus[7000:8000]]
+    return {crlf: [corpus[:3000]], root / "para.txt": [para], folder: [corpus[:3000], corpus[3000:9000]],
+            root / "data.jsonl": kept, root / "array.json": kept, root / "saved": [corpus[:5000], corpus[5000:6000]]}
+
+
+@pytest.mark.parametrize("piece_chars", [300, text.PIECE_CHARS])
+def test_blocks_are_those_of_whole_documents(tiny_lm, tok, tmp_path, monkeypatch, piece_chars):
+    """With pieces of 300 characters every document is cut many times, and still every token is
+    the one of tokenizing the document whole (a byte-level BPE tokenizer, like GPT-2's)."""
+    monkeypatch.setattr(text, "PIECE_CHARS", piece_chars)
+    monkeypatch.setattr(text, "BATCH_CHARS", 1000)  # many batches too
+    for data, docs in write_data(tmp_path / "data", tiny_lm["corpus"].read_text()).items():
+        got = tokenized_blocks(data, tok, 32)
+        assert torch.equal(got, reference_blocks(docs, tok, 32)), data.name
+        assert got.dtype == torch.long
+        assert torch.equal(tokenized_blocks(data, tok, 32), got)  # from the cache
+
+
+@pytest.mark.parametrize("sample", ["words " * 500, "x" * 2000, " " * 2000 + "x", "数据" * 900 + "\n" + "字" * 300,
+                                    "a\n\n  b\t" * 300, "é" * 999 + " " + "ü" * 999])
+def test_pieces_are_bounded_and_rejoin_to_the_text(sample, tmp_path):
+    f = tmp_path / "sample.txt"
+    f.write_text(sample)
+    pieces = list(read_pieces(f, piece_chars=256))
+    assert "".join(p for p, _ in pieces) == sample
+    assert [end for _, end in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert all(len(p) <= 256 for p, _ in pieces) and all(len(p) >= 128 for p, _ in pieces[:-1])
+
+
+# -- a line too long -------------------------------------------------------------------------------
+def test_a_json_line_over_the_limit_is_refused_before_it_is_parsed(tmp_path):
+    data = tmp_path / "data.jsonl"
+    fits = json.dumps({"text": "y" * 80}).ljust(99) + "\n"  # 100 bytes with its newline
+    data.write_text(fits + "{not json at all, and long" + "z" * 200 + "\n")
+    with pytest.raises(HnkitError) as err:
+        list(read_pieces(data, max_line_bytes=100))
+    message = str(err.value)
+    assert message == (f"{data}: line 2 is longer than 100 bytes, the limit for one JSON line; "
+                       "split it into smaller records (or use a .txt file)")
+    at_limit = tmp_path / "ok.jsonl"
+    at_limit.write_text(fits + fits)
+    assert list(read_pieces(at_limit, max_line_bytes=100)) == [("y" * 80, True)] * 2
+
+
+def test_the_real_limit_is_16_mib(tmp_path):
+    data = tmp_path / "big.jsonl"
+    with open(data, "w") as f:
+        f.write(json.dumps({"text": "fine"}) + "\n")
+        f.write('{"text": "' + "x" * text.MAX_LINE_BYTES + '"}\n')
+    assert text.MAX_LINE_BYTES == 16 * 2**20
+    with pytest.raises(HnkitError, match=f"line 2 is longer than {16 * 2**20} bytes"):
+        list(read_pieces(data))
+
+
+def test_a_json_array_over_the_limit_is_refused(tmp_path):
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"text": "word " * 40}] * 3))
+    with pytest.raises(HnkitError, match="rows.json: a JSON array file longer than 100 bytes is not read whole; "
+                                         r"write it as JSON lines \(.jsonl\)"):
+        list(read_pieces(data, max_line_bytes=100))
+
+
+def test_the_cli_refuses_a_long_line_with_one_line_and_writes_nothing(tiny_lm, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(text, "MAX_LINE_BYTES", 1000, raising=False)
+    data = tmp_path / "one-line.jsonl"
+    data.write_text(json.dumps({"text": tiny_lm["corpus"].read_text()[:20000]}) + "\n")
+    out = tmp_path / "out"
+    cached = set((cache_root() / "text").glob("*")) if (cache_root() / "text").is_dir() else set()
+    assert main(["train-text", "--model", str(tiny_lm["model"]), "--data", str(data), "--output", str(out),
+                 "--block-size", "32", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{data}: line 1 is longer than 1000 bytes" in err, err
+    assert "Traceback" not in err and not out.exists()
+    assert set((cache_root() / "text").glob("*")) == cached  # no cache file, no temporary file left
