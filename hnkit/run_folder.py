@@ -12,6 +12,8 @@ import errno
 import json
 import os
 import random
+import re
+import reprlib
 import shutil
 from pathlib import Path
 
@@ -106,22 +108,108 @@ def checkpoint_to_resume(folder: Path) -> Path:
     return folder
 
 
-def read_position(folder: Path, num_processes: int) -> tuple[int, int, int]:
-    """A checkpoint's ``(step, epoch, offset)``, refused when it was saved by another number of
-    processes (the data order would change)."""
+STATE_LIMIT = 1 << 20  # bytes: a trainer state is a few KiB of numbers and options
+COUNT_LIMIT = 1 << 40  # steps, epochs, examples: far beyond any run, and safe as part of a torch seed
+
+
+def read_trainer_state(folder: Path) -> dict:
+    """A checkpoint's ``trainer_state.json`` as a dict: one line naming it if it is too large, not
+    JSON, nested too deeply or not an object."""
     path = folder / TRAINER_STATE
     try:
-        state = json.loads(path.read_text())
-        position = tuple(state[k] for k in ("step", "epoch", "offset"))
-        if not all(type(v) is int and v >= 0 for v in position):
-            raise ValueError("step, epoch and offset must be non-negative integers")
-        processes = state.get("num_processes", 1)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        with open(path, "rb") as f:
+            raw = f.read(STATE_LIMIT + 1)
+        if len(raw) > STATE_LIMIT:
+            raise ValueError(f"larger than {STATE_LIMIT >> 10} KiB")
+        state = json.loads(raw)
+    except RecursionError:
+        raise HnkitError(f"{path}: unreadable trainer state (nested too deeply)") from None
+    except (OSError, ValueError) as exc:
         raise HnkitError(f"{path}: unreadable trainer state ({first_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise HnkitError(f"{path}: unreadable trainer state (not a JSON object)")
+    return state
+
+
+def _count(state: dict, key: str, path: Path, low: int = 0, high: int = COUNT_LIMIT) -> int:
+    value = state.get(key)
+    if type(value) is not int or not low <= value <= high:
+        raise HnkitError(f"{path}: {key} must be a whole number from {low} to {high}, got {shown(value)}")
+    return value
+
+
+def read_position(folder: Path, state: dict, config, num_processes: int, examples: int) -> tuple[int, int, int]:
+    """A checkpoint's ``(step, epoch, offset)`` from its trainer ``state``, each checked against what
+    the run allows: the step is the one in the folder's name and within the run's and this resume's
+    ``max_steps`` (``config``, a TrainConfig), each micro-batch starts at most one epoch, the offset
+    lies in the ``examples`` of the training set. Refused when saved by another number of processes
+    (the data order would change)."""
+    path = folder / TRAINER_STATE
+    processes = _count({"num_processes": 1, **state}, "num_processes", path, low=1)
+    step = _count(state, "step", path)
+    named = re.fullmatch(r"step-(\d+)", folder.name)
+    if named and int(named[1]) != step:
+        raise HnkitError(f"{path}: step {shown(step)} does not match the checkpoint's name {folder.name}")
+    run_max = state["options"].get("max_steps") if isinstance(state.get("options"), dict) else None
+    if type(run_max) is int and step > run_max:
+        raise HnkitError(f"{path}: step {step} is beyond the run's max_steps {run_max}")
+    if step > config.max_steps:
+        raise HnkitError(f"--max-steps {config.max_steps} is below step {step} of {folder}; "
+                         f"resume with --max-steps {step} or more")
+    epoch = _count(state, "epoch", path, high=min(step * config.grad_accum, COUNT_LIMIT))
+    offset = _count(state, "offset", path, high=examples)
     if processes != num_processes:
         raise HnkitError(f"{folder}: saved with {processes} processes, resumed with {num_processes}; "
                          "the data order would change")
-    return position
+    return step, epoch, offset
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlevel = 3
+
+
+def shown(value) -> str:
+    """A value read from a file, for a one-line message: cut short (strings, nesting)."""
+    return _SHORT.repr(value)
+
+
+METRIC_NUMBERS = ("loss", "lr", "epoch", "val_loss", "val_ppl")  # what the trainer logs besides the step
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``; one line naming it and the line if a row is damaged.
+    Only the last line may be cut off (a run killed mid-write): it is dropped."""
+    lines = path.read_bytes().decode(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break
+            problem = "not JSON"
+        except RecursionError:
+            problem = "nested too deeply"
+        else:
+            problem = _metrics_problem(row)
+        if problem:
+            raise HnkitError(f"{path}: line {number}: {problem}; fix or delete that line to resume")
+        rows.append(row)
+    return rows
+
+
+def _metrics_problem(row) -> str | None:
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    if type(row.get("step")) is not int or row["step"] < 0:
+        return f"step must be a whole number of 0 or more, got {shown(row.get('step'))}"
+    for key in METRIC_NUMBERS:
+        if key in row and type(row[key]) not in (int, float):
+            return f"{key} must be a number, got {shown(row[key])}"
+    return None
 
 
 def rng_state() -> dict:

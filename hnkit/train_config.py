@@ -1,11 +1,14 @@
-"""What a training run is set up with: its options (``TrainConfig``), the learning rate at each
+"""What a training run is set up with: its options (``TrainConfig``), the record of them a
+checkpoint keeps so that a resume cannot change what the run computes, the learning rate at each
 step (a number with a warm-up and a schedule, or the web UI's step string) and the optimizer.
 :class:`hnkit.trainer.Trainer` runs the loop with them."""
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 
@@ -36,6 +39,97 @@ class TrainConfig:
     tensorboard: bool = False
     name: str = "hypernetwork"
     force: bool = False  # a fresh run may replace a finished or resumable run in output_dir
+
+
+# -- the record of a run's options --------------------------------------------------------------
+# Options that change how long a run goes or what it shows, never the weights it computes: they
+# may differ on --resume (gradient checkpointing and the latent cache give the same numbers bit for
+# bit). Every other recorded option must stay the same; NOT_RECORDED ones are not the run's.
+MAY_CHANGE = {"name", "max_steps", "save_every", "keep_last", "eval_every", "eval_batches",
+              "sample_every", "sample_prompts", "sample_tokens", "sample_steps", "sample_guidance", "log_every",
+              "tensorboard", "gradient_checkpointing", "save_pt", "disk_cache"}
+NOT_RECORDED = {"output_dir", "output", "force", "resume", "config"}
+DATA_OPTIONS = ("data", "preserve_data")  # recorded with a fingerprint of their files
+
+
+def config_options(config: TrainConfig) -> dict:
+    """The trainer's options as a checkpoint records them."""
+    return {k: v for k, v in asdict(config).items() if k not in NOT_RECORDED}
+
+
+def task_options(opts: dict) -> dict:
+    """A command's options (``opts``: name -> value) beyond the trainer's, as a checkpoint records
+    them: paths resolved, and each data option with a fingerprint of its files."""
+    trainer = {f.name for f in fields(TrainConfig)}
+    out = {}
+    for key, value in opts.items():
+        if key in trainer or key in NOT_RECORDED:
+            continue
+        local = isinstance(value, str) and key in ("model", "template", *DATA_OPTIONS) and Path(value).exists()
+        out[key] = str(Path(value).resolve()) if local else value
+        if key in DATA_OPTIONS:
+            out[f"{key}_files"] = files_fingerprint(Path(value)) if local else None
+    return out
+
+
+def files_fingerprint(path: Path) -> str:
+    """The names, sizes and modification times of a file or of a folder's files (hidden ones
+    aside), hashed: cheap, and changed by any edit, addition or removal."""
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not any(
+            part.startswith(".") for part in f.relative_to(path).parts))
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else ''}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def check_same_run(recorded: dict, current: dict, where: Path) -> list[str]:
+    """Refuse a resume whose options (``current``) change what the run recorded in checkpoint
+    ``where`` computes; the notes to print for options that may change. Options only one side
+    records (another hnkit version's) are not compared."""
+    notes = []
+    for key, now in current.items():
+        if key not in recorded or recorded[key] == now:
+            continue
+        was, flag = recorded[key], "--" + key.replace("_", "-")
+        if key == "max_steps":
+            notes.append(_max_steps_note(now, _value(flag, was), current))
+        elif key.endswith("_files"):
+            option = key.removesuffix("_files")
+            raise HnkitError(f"--{option.replace('_', '-')} {current.get(option)}: its files changed (sizes or times) "
+                             f"since {where} was saved; resume with the data the run was trained on "
+                             "or start over with --force")
+        elif key not in MAY_CHANGE:
+            raise HnkitError(f"{_with_flag(flag, now)} differs from the run's {_value(flag, was)} in {where}; "
+                             "resume with the same value or start over with --force")
+    return notes
+
+
+def _max_steps_note(now: int, was: str, current: dict) -> str:
+    note = f"--max-steps {now} differs from the run's {was}: training continues to step {now}"
+    if current.get("lr_schedule") != "constant" and not isinstance(current.get("lr"), str):
+        note += f"; the {current['lr_schedule']} learning-rate schedule now spans {now} steps"
+    return note
+
+
+def _value(flag: str, value) -> str:
+    from .run_folder import shown
+
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    if value is None:
+        return "none"
+    if isinstance(value, list) and all(type(x) in (int, float) for x in value):
+        return ",".join(f"{x:g}" for x in value)
+    return value if isinstance(value, str) and len(value) <= 200 and value.isprintable() else shown(value)
+
+
+def _with_flag(flag: str, value) -> str:
+    return _value(flag, value) if isinstance(value, bool) else f"{flag} {_value(flag, value)}"
 
 
 # -- learning-rate schedules -------------------------------------------------------------------

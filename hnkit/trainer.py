@@ -27,10 +27,10 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -42,10 +42,10 @@ from .attach import attach
 from .checkpoint import load, save
 from .errors import HnkitError, first_line
 from .models import enable_gradient_checkpointing
-from .train_config import TrainConfig, lr_at, make_optimizer
+from .train_config import TrainConfig, check_same_run, config_options, lr_at, make_optimizer
 from .run_folder import (TRAINER_STATE, TRAINING_STATE, OutputLock, checkpoint_to_resume, clean_leftovers,
-                         complete_checkpoints, finite_weights, read_position, read_state, refuse_existing_run, rng_state, set_rng_state,
-                         write_checkpoint)
+                         complete_checkpoints, finite_weights, read_metrics, read_position, read_state,
+                         read_trainer_state, refuse_existing_run, rng_state, set_rng_state, write_checkpoint)
 from .util import atomic_write
 
 
@@ -99,8 +99,12 @@ class TrainingStopped(HnkitError):
 
 
 class Trainer:
-    def __init__(self, task, config: TrainConfig):
+    def __init__(self, task, config: TrainConfig, options: dict | None = None):
+        """``options``: the task's own options that change what the run computes (its data, model,
+        network structure: :func:`hnkit.train_config.task_options`), recorded with the trainer's
+        in every checkpoint; a resume that changes one of them is refused."""
         self.task, self.config = task, config
+        self.options = {**config_options(config), **(options or {})}
         c = config
         if c.precision not in ("fp32", "fp16", "bf16"):
             raise HnkitError(f"unknown precision {c.precision!r}; use fp32, fp16 or bf16")
@@ -174,7 +178,7 @@ class Trainer:
                             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None},
                            folder / TRAINING_STATE)
                 state = {"step": self.step, "epoch": self.epoch, "offset": self.offset,
-                         "num_processes": acc.num_processes, "config": asdict(self.config)}
+                         "num_processes": acc.num_processes, "options": self.options}
                 atomic_write(folder / TRAINER_STATE, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
         return write_checkpoint(self.output, self.step, self.config.keep_last, acc, write)
@@ -183,7 +187,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             clean_leftovers(self.output)
         folder = checkpoint_to_resume(Path(folder))
-        self.step, self.epoch, self.offset = read_position(folder, self.accelerator.num_processes)
+        self._read_trainer_state(folder)
         hn = load(folder / "hypernetwork.safetensors")  # checked like any network file: one line if damaged
         if hn.keys() != self.task.hypernetwork.keys() or hn.config != self.task.hypernetwork.config:
             raise HnkitError(f"{folder / 'hypernetwork.safetensors'}: not the network this run trains")
@@ -204,19 +208,31 @@ class Trainer:
         self.resumed = True
         self._load_metrics()
 
+    def _read_trainer_state(self, folder: Path) -> None:
+        """Step and data position from checkpoint ``folder``, once its trainer state is found sound
+        and its record of the run's options matches this run's (notes for those that may change)."""
+        state, main = read_trainer_state(folder), self.accelerator.is_main_process
+        recorded = state.get("options")
+        if recorded is not None and not isinstance(recorded, dict):
+            raise HnkitError(f"{folder / TRAINER_STATE}: unreadable trainer state (options is not a JSON object)")
+        notes = check_same_run(recorded, self.options, folder) if recorded is not None else []
+        self.step, self.epoch, self.offset = read_position(folder, state, self.config, self.accelerator.num_processes,
+                                                           len(self.task.train_dataset))
+        if main and recorded is None:
+            print(f"hnkit: warning: {folder} does not record the run's options (an older hnkit wrote it); "
+                  "resuming without checking that they are the same", file=sys.stderr)
+        for note in notes if main else []:
+            print(f"hnkit: note: {note}")
+
     def _load_metrics(self) -> None:
         """Keep the metrics up to the resumed step; later rows belong to the run being replaced."""
         path = self.output / "metrics.jsonl"
-        if path.exists() and self.accelerator.is_main_process:
-            rows = []
-            for line in path.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue  # a line cut off when a run was killed mid-write
-            self.metrics = [r for r in rows if isinstance(r, dict) and r.get("step", math.inf) <= self.step]
-            text = "".join(json.dumps(r) + "\n" for r in self.metrics)
-            atomic_write(path, lambda f: f.write(text.encode()))
+        if path.exists():  # read by every process, so that a damaged file stops them all
+            self.metrics = [r for r in read_metrics(path) if r["step"] <= self.step]
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                text = "".join(json.dumps(r) + "\n" for r in self.metrics)
+                atomic_write(path, lambda f: f.write(text.encode()))
 
     # -- logging -----------------------------------------------------------------------------
     def log(self, row: dict) -> None:

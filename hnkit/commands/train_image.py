@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> Path:
     from ..image import ImageTask
     from ..image_data import read_image_folder, read_templates
     from ..sd_model import encode_images, load_sd
+    from ..train_config import task_options
     from ..trainer import Trainer
 
     o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> Path:
                      train_indices=train, eval_indices=val, resolution=o["resolution"],
                      sample_steps=o["sample_steps"], sample_guidance=o["sample_guidance"])
     task.sample_prompts = o["sample_prompts"] or list(dict.fromkeys(task.prompt(i) for i in train))[:2]
-    trainer = Trainer(task, shared.train_config(o, output))
+    trainer = Trainer(task, shared.train_config(o, output), task_options(o))  # recorded in checkpoints
     task.prepare(trainer.accelerator.device)
     if o["resume"]:
         trainer.resume(o["resume"])

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> Path:
 
     from .. import Hypernetwork, load
     from ..text import TextTask, context_length, default_prompts, load_causal_lm, split_blocks, tokenized_blocks
+    from ..train_config import task_options
     from ..trainer import Trainer
 
     o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> Path:
         except HnkitError as exc:
             raise HnkitError(f"--preserve-data {exc}") from None
     task = TextTask(model, tokenizer, hn, train, val, prompts, o["sample_tokens"])
-    trainer = Trainer(task, shared.train_config(o, output))
+    trainer = Trainer(task, shared.train_config(o, output), task_options(o))  # recorded in checkpoints
     if neutral is not None and o["preserve_weight"] > 0:
         from ..preserve import Teacher
 

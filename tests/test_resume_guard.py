@@ -1,0 +1,247 @@
+"""`--resume` is safe against damaged state and changed options (issue 24): a damaged
+``metrics.jsonl`` or ``trainer_state.json`` is one line naming the file, a resume that changes what
+the run computes is refused naming the option and both values, options that only change how long
+or how visibly it runs may change, and a checkpoint without a record of its options still resumes."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hnkit.commands.cli import main
+from conftest import with_option
+from test_train_text import train_args
+
+STEP2 = "checkpoints/step-0000002"
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_lm, tmp_path_factory):
+    """A 6-step run with checkpoints at steps 2, 4 and 6, on its own copy of the corpus."""
+    root = tmp_path_factory.mktemp("straight")
+    corpus = root / "corpus.txt"
+    shutil.copy2(tiny_lm["corpus"], corpus)
+    out = root / "run"
+    lm = {**tiny_lm, "corpus": corpus}
+    assert main(train_args(lm, out, "--max-steps", 6, "--save-every", 2, "--keep-last", 5)) == 0
+    return {"lm": lm, "out": out}
+
+
+def resumable(straight, tmp_path, step="0000002"):
+    """A fresh output folder holding the straight run's checkpoint ``step`` and its metrics up to it."""
+    out = tmp_path / "resumed"
+    shutil.copytree(straight["out"] / "checkpoints" / f"step-{step}", out / "checkpoints" / f"step-{step}")
+    lines = (straight["out"] / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= int(step)))
+    return out
+
+
+def resume_args(straight, out, *extra):
+    return train_args(straight["lm"], out, "--max-steps", 6, "--save-every", 2, *extra, "--resume", out)
+
+
+def snapshot(out):
+    files = [p for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".hnkit.lock"]
+    return {p.relative_to(out): p.read_bytes() for p in files}
+
+
+def assert_refused(args, out, capsys, *needles):
+    """Exit 2, one line on stderr holding every needle, nothing in ``out`` changed or added."""
+    before = snapshot(out)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert str(needle) in err, (needle, err)
+    assert snapshot(out) == before
+    return err
+
+
+def set_state(out, **fields):
+    path = out / STEP2 / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return path
+
+
+# -- damaged state ------------------------------------------------------------------------------
+@pytest.mark.parametrize("step", ['"x"', "1.5", "true", "-1", "[" * 100_000 + "]" * 100_000],
+                         ids=["text", "fraction", "bool", "negative", "nested"])
+def test_a_metrics_row_with_a_bad_step_is_one_line(straight, tmp_path, capsys, step):
+    out = resumable(straight, tmp_path)
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text(f'{lines[0]}\n{{"step": {step}, "loss": 1.0}}\n{lines[1]}\n')
+    assert_refused(resume_args(straight, out), out, capsys, metrics, "line 2")
+
+
+def test_a_metrics_row_with_a_text_loss_is_one_line(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path)
+    metrics = out / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": "low"}\n' + metrics.read_text())
+    assert_refused(resume_args(straight, out), out, capsys, metrics, "line 1", "loss")
+
+
+def test_garbage_before_the_last_metrics_line_is_one_line(straight, tmp_path, capsys):
+    """Only the last line can be cut by a kill; a broken line before it is damage."""
+    out = resumable(straight, tmp_path)
+    metrics = out / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "lo\n' + metrics.read_text())
+    assert_refused(resume_args(straight, out), out, capsys, metrics, "line 1")
+
+
+def test_a_huge_epoch_is_one_line(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path)
+    path = set_state(out, epoch=10 ** 30)
+    assert_refused(resume_args(straight, out), out, capsys, path, "epoch")
+
+
+def test_a_step_beyond_the_checkpoint_name_is_one_line_and_trains_nothing(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path)
+    path = set_state(out, step=10 ** 30)
+    assert_refused(resume_args(straight, out), out, capsys, path, "step")
+    assert not (out / "hypernetwork.safetensors").exists()
+
+
+def test_a_step_beyond_the_runs_max_steps_is_one_line(straight, tmp_path, capsys):
+    out = tmp_path / "renamed"
+    shutil.copytree(straight["out"] / STEP2, out / "checkpoints" / "step-0000009")  # name and step agree
+    path = out / "checkpoints" / "step-0000009" / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "step": 9}))
+    assert_refused(resume_args(straight, out, "--max-steps", 20), out, capsys, path, "max_steps 6")
+
+
+@pytest.mark.parametrize("field, value", [("offset", 10 ** 9), ("offset", -4), ("num_processes", 0),
+                                          ("num_processes", "1"), ("options", [1]), ("step", 3)])
+def test_other_bad_trainer_state_fields_are_one_line(straight, tmp_path, capsys, field, value):
+    out = resumable(straight, tmp_path)
+    path = set_state(out, **{field: value})
+    assert_refused(resume_args(straight, out), out, capsys, path, field)
+
+
+def test_deeply_nested_trainer_state_is_one_line(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path)
+    path = out / STEP2 / "trainer_state.json"
+    path.write_text('{"step": 2, "epoch": 0, "offset": 8, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert_refused(resume_args(straight, out), out, capsys, path, "nested")
+
+
+def test_an_oversized_trainer_state_is_refused_without_reading_it(straight, tmp_path, capsys):
+    import resource
+
+    out = resumable(straight, tmp_path)
+    path = out / STEP2 / "trainer_state.json"
+    with open(path, "r+b") as f:
+        f.truncate(1 << 30)  # a sparse GiB: reading it whole would show in the peak RSS
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(resume_args(straight, out)) == 2
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) < 200 * 1024  # KiB
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "larger than" in err, err
+
+
+def test_resuming_with_max_steps_below_the_checkpoint_is_one_line(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path, "0000004")
+    assert_refused(resume_args(straight, out, "--max-steps", 3), out, capsys, "--max-steps 3", "step 4")
+
+
+# -- changed options ----------------------------------------------------------------------------
+def other_corpus(straight, tmp_path):
+    path = tmp_path / "other.txt"
+    path.write_text("\n".join(reversed(straight["lm"]["corpus"].read_text().splitlines())))
+    return path
+
+
+CHANGES = {  # flag -> (new value, or a function of (straight, tmp_path) giving it; the run's value shown)
+    "--data": (other_corpus, "corpus.txt"),
+    "--preserve-data": (lambda s, t: s["lm"]["corpus"], "the run's none"),
+    "--lr": ("1e-3", "0.003"),
+    "--seed": (1, 0),
+    "--batch-size": (2, 4),
+    "--block-size": (16, 32),
+    "--grad-accum": (2, 1),
+    "--lr-schedule": ("cosine", "constant"),
+    "--warmup-steps": (3, 0),
+    "--weight-decay": (0.1, 0.0),
+    "--val-fraction": (0.2, 0.05),
+    "--text-field": ("body", "text"),
+    "--preserve-weight": (1.0, 0.3),
+    "--layer-structure": ("1,2,1", "1,0.125,1"),
+    "--activation": ("tanh", "relu"),
+    "--no-per-site": (None, "--per-site"),
+}
+
+
+@pytest.mark.parametrize("flag", list(CHANGES))
+def test_a_resume_that_changes_what_the_run_computes_is_refused(straight, tmp_path, capsys, flag):
+    out = resumable(straight, tmp_path)
+    value, was = CHANGES[flag]
+    if callable(value):
+        value = value(straight, tmp_path)
+    args = resume_args(straight, out)
+    args = args + [flag] if value is None else with_option(args, flag, value)
+    err = assert_refused(args, out, capsys, flag, was, out / STEP2, "--force")
+    assert "differs from the run's" in err
+
+
+def test_data_changed_in_place_is_refused(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path)
+    corpus = straight["lm"]["corpus"]
+    st = corpus.stat()
+    try:
+        os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+        assert_refused(resume_args(straight, out), out, capsys, "--data", corpus, "changed", "--force")
+    finally:
+        os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+# -- what may change ------------------------------------------------------------------------------
+def test_max_steps_and_logging_may_change_on_resume(straight, tmp_path, capsys):
+    """From step 2 of the 6-step run to step 4, logging and evaluation changed: the weights are
+    the straight run's at step 4 (a constant learning rate, so the schedule does not move)."""
+    out = resumable(straight, tmp_path)
+    args = with_option(resume_args(straight, out, "--eval-every", 2, "--keep-last", 1), "--max-steps", 4)
+    assert main(with_option(args, "--log-every", 2)) == 0
+    printed = capsys.readouterr().out
+    assert "--max-steps 4 differs from the run's 6" in printed, printed
+    expected = load_file(str(straight["out"] / "checkpoints" / "step-0000004" / "hypernetwork.safetensors"))
+    got = load_file(str(out / "hypernetwork.safetensors"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_checkpoint_without_a_record_of_its_options_resumes_with_a_warning(straight, tmp_path, capsys):
+    out = resumable(straight, tmp_path)
+    path = out / STEP2 / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state.pop("options", None)  # as an older hnkit wrote it
+    path.write_text(json.dumps(state))
+    assert main(resume_args(straight, out)) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning" in err and "does not record" in err, err
+    expected = load_file(str(straight["out"] / "hypernetwork.safetensors"))
+    got = load_file(str(out / "hypernetwork.safetensors"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    # the checkpoints it writes carry the record
+    assert "options" in json.loads((out / "checkpoints" / "step-0000006" / "trainer_state.json").read_text())
+
+
+# -- train-image shares the record ----------------------------------------------------------------
+@pytest.mark.parametrize("change", ["--tag-dropout", "--resolution", "a caption edited"])
+def test_train_image_refuses_a_resume_that_changes_the_run(tmp_path, capsys, change):
+    from hnkit.testing import build_tiny_sd
+    from test_train_image import train_args as image_args, write_images
+
+    sd, images = build_tiny_sd(tmp_path / "sd1", "sd1"), write_images(tmp_path / "images", n=4)
+    out = tmp_path / "run"
+    assert main(image_args(sd, images, out, "--max-steps", 2)) == 0
+    capsys.readouterr()  # the tiny pipeline's build and the run
+    args = image_args(sd, images, out, "--max-steps", 4, "--resume", out)
+    if change == "a caption edited":
+        (images / "img0.txt").write_text("a photo of a dog")
+        needles = ["--data", images, "changed"]
+    else:
+        args = with_option(args, change, {"--tag-dropout": 0.3, "--resolution": 16}[change])
+        needles = [change, "differs from the run's"]
+    assert_refused(args, out, capsys, *needles, "--force")
