@@ -11,6 +11,11 @@ from .errors import HnkitError
 from .module import (MAX_WIDTH, HypernetworkModule, check_structure, is_linear_activation,
                      legacy_dropout_structure)
 
+# How many pairs a hypernetwork may hold, so that a file cannot make hnkit build millions of modules.
+# Keyed by width, a model has a few distinct attention input widths (SD 1.x: 320, 640, 768, 1280);
+# keyed by site, one per attention layer (the deepest LMs have ~130, the SDXL UNet 140).
+MAX_WIDTH_KEYS, MAX_SITE_KEYS = 64, 1024
+
 
 @dataclass
 class HypernetworkConfig:
@@ -113,6 +118,9 @@ class Hypernetwork(nn.Module):
             raise HnkitError(f"key {key!r} does not fit a hypernetwork keyed by {self.keyed_by}")
         if key in self._widths:
             raise HnkitError(f"duplicate hypernetwork key {key!r}")
+        limit = MAX_SITE_KEYS if self.config.per_site else MAX_WIDTH_KEYS
+        if len(self._keys) >= limit:
+            raise HnkitError(f"more than {limit} hypernetwork keys (keyed by {self.keyed_by}); no model has that many")
         if isinstance(width, bool) or not isinstance(width, int) or not 0 < width <= MAX_WIDTH:
             raise HnkitError(f"key {key!r}: input width {width!r} is not an integer from 1 to {MAX_WIDTH}")
         c = self.config

@@ -237,6 +237,8 @@ def read_state(path: Path, kind: type):
         raise HnkitError(f"{path}: missing from the checkpoint")
     try:
         data = load_plain(path)
+    except HnkitError:  # a bounded loader's refusal already names the file
+        raise
     except Exception as exc:  # an unpickler refusal, a cut-off zip, noise: all mean a damaged file
         raise HnkitError(f"{path}: damaged or not plain tensors and numbers ({first_line(exc)})") from None
     if not isinstance(data, kind):

@@ -92,16 +92,64 @@ def _as_list(value, typ, name: str, where: str):
         raise HnkitError(f"{where}: {name} must be comma-separated numbers, got {value!r}") from None
 
 
-def read_recipe(path: str, options: dict) -> dict:
+# A recipe is a page of options. Bounds checked before PyYAML builds anything, so that a small file
+# cannot hang or expand into gigabytes: aliases that repeat aliases (a "billion laughs"), deep nesting.
+MAX_RECIPE_BYTES = 64 * 1024  # the shipped recipes are under 1 KB
+MAX_RECIPE_VALUES = 10_000  # values, each alias counted as all it stands for
+MAX_RECIPE_DEPTH = 16  # nested lists and mappings (a recipe's are 2 deep: option: [values])
+
+
+def _load_yaml(path: str):
+    """The recipe's YAML, refused in one line if it is too large, too deep or expands too far."""
     import yaml
 
+    with open(path, "rb") as f:
+        text = f.read(MAX_RECIPE_BYTES + 1)
+    if len(text) > MAX_RECIPE_BYTES:
+        raise HnkitError(f"{path}: refused: a recipe is at most {MAX_RECIPE_BYTES // 1024} KB")
+    try:
+        _check_yaml_size(yaml.parse(text, Loader=yaml.SafeLoader), path)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise HnkitError(f"{path}: not valid YAML ({first_line(exc)})") from None
+    except RecursionError:  # bounded above; kept so that no input can give a traceback
+        raise HnkitError(f"{path}: refused: nested too deeply") from None
+
+
+def _check_yaml_size(events, path: str) -> None:
+    """Count the values a YAML event stream stands for, each alias as the values of its anchor,
+    without building them (the event stream is read one event at a time)."""
+    import yaml
+
+    sizes, starts, total = {}, [], 0  # anchor -> values; the open collections' (anchor, total at start)
+    for event in events:
+        if isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
+            total += 1
+            if isinstance(event, yaml.CollectionStartEvent):
+                starts.append((event.anchor, total - 1))
+            elif event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor not in sizes:
+                raise HnkitError(f"{path}: alias *{event.anchor} refers to no complete anchor before it "
+                                 "(undefined, or inside its own anchor)")
+            total += sizes[event.anchor]
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, start = starts.pop()
+            if anchor:
+                sizes[anchor] = total - start
+        if len(starts) > MAX_RECIPE_DEPTH:
+            raise HnkitError(f"{path}: refused: nested more than {MAX_RECIPE_DEPTH} levels deep")
+        if total > MAX_RECIPE_VALUES:
+            raise HnkitError(f"{path}: refused: it stands for more than {MAX_RECIPE_VALUES:,} values (YAML "
+                             "aliases repeating aliases?); a recipe is a page of options")
+
+
+def read_recipe(path: str, options: dict) -> dict:
     p = Path(path)
     if not p.is_file():
         raise HnkitError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise HnkitError(f"{path}: not valid YAML ({first_line(exc)})") from None
+    data = _load_yaml(path) or {}
     if not isinstance(data, dict):
         raise HnkitError(f"{path}: a recipe is a mapping of option: value")
     unknown = [k for k in data if k not in options]
