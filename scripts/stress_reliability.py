@@ -17,6 +17,13 @@ resume, and feed hostile and damaged files to every command that reads one.
    checkpoint file through `train-text --resume`. A file is refused when every command exits 2
    with one line and no traceback; a payload that runs touches a marker file, counted as a code
    execution. Peak memory: the growth of this process's peak RSS while hnkit.load reads them all.
+3. Bombs and changed runs, each a command in a process of its own (its peak RSS from wait4, its
+   time): small files that would expand into gigabytes or hang (a zip-bomb, shared references, 100,000
+   widths, deep nesting in a .pt, in safetensors metadata and in a YAML recipe, a YAML alias bomb),
+   damaged run state for --resume (a step that is not a number, a huge epoch, step 10^30, deep JSON),
+   --resume with an option that changes what the run computes, a 200 MB one-line .jsonl, and a 30 MB
+   .txt that must train in bounded memory. Targets: one line and exit 2 for each refusal, at most
+   5 s, and peak RSS at most 100 MB over the same command on a good input.
 """
 
 from __future__ import annotations
@@ -239,6 +246,185 @@ def hostile(lm, root: Path) -> tuple[int, int, int, float, list[str]]:
     return refused, len(files) + damaged, int((folder / MARKER).exists()), peak_mb, notes
 
 
+# -- 3. bombs and changed runs ---------------------------------------------------------------------
+def run_measured(args: list[str], timeout: float = 600) -> tuple[int, str, float, float]:
+    """``python -m hnkit ARGS`` in a process of its own: exit code, stderr, seconds, peak RSS in MB.
+    The peak is the child's VmHWM, read every 10 ms until it exits (its rusage would report this
+    process's peak: Linux keeps the high-water mark across fork and exec)."""
+    started, peak = time.perf_counter(), 0.0
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-m", "hnkit", *args], stdout=subprocess.DEVNULL, stderr=err,
+                                env=env())
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
+                peak = max(peak, int(line.split()[1]) / 1024)
+            except (OSError, StopIteration):  # exiting: its memory is gone
+                pass
+            if time.perf_counter() - started > timeout:
+                proc.kill()
+            time.sleep(0.01)
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    return proc.returncode, text, time.perf_counter() - started, peak
+
+
+def bomb_files(folder: Path) -> dict[str, Path]:
+    """Small hostile network files and recipes, each built without expanding it here."""
+    import zipfile
+
+    hn = hnkit.Hypernetwork(keys=[32])
+    files = {}
+    good = to_a1111(hn)
+    # a zip-bomb: the web UI dict with one weight of 1.5 GB of zeros, deflated to a few MB
+    blob = io.BytesIO()
+    torch.save(good, blob)
+    big = 1_500_000_000
+    with zipfile.ZipFile(blob) as src, zipfile.ZipFile(folder / "zip-bomb.pt", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.file_size == 64 * 32 * 4 and "/data/" in info.filename and "zip-bomb" not in files:
+                with dst.open(info.filename, "w", force_zip64=True) as out:
+                    chunk = bytes(1 << 24)
+                    for _ in range(big // len(chunk)):
+                        out.write(chunk)
+                files["zip-bomb"] = folder / "zip-bomb.pt"
+                continue
+            dst.writestr(info.filename, data)
+    shared: list = []
+    for _ in range(40):  # 2^40 leaves when walked, a few hundred bytes on disk
+        shared = [shared, shared]
+    torch.save({**good, "sd_checkpoint_name": shared}, folder / "shared-references.pt")
+    files["shared-references"] = folder / "shared-references.pt"
+    torch.save({**{w: ({}, {}) for w in range(1, 100_001)}, "layer_structure": [1, 2, 1]}, folder / "widths.pt")
+    files["100,000 empty widths"] = folder / "widths.pt"
+    deep = io.BytesIO()  # a list nested 100,000 deep, written as opcodes (pickle itself would recurse)
+    torch.save({**good, "name": "DEEP"}, deep)
+    with zipfile.ZipFile(deep) as src, zipfile.ZipFile(folder / "deep.pt", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                marker = b"X\x04\x00\x00\x00DEEP"
+                data = data.replace(marker, b"]" * 100_000 + b"a" * 99_999, 1)
+            dst.writestr(info, data)
+    files["deep .pt"] = folder / "deep.pt"
+    tensors = {f"{k}": v for k, v in load_file(str(folder.parent / "hostile" / "good.safetensors")).items()}
+    save_file(tensors, str(folder / "deep-meta.safetensors"), metadata={"hnkit": "[" * 100_000 + "]" * 100_000})
+    files["deep safetensors metadata"] = folder / "deep-meta.safetensors"
+    return files
+
+
+def bomb_recipes(folder: Path) -> dict[str, Path]:
+    laughs = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    (folder / "alias-bomb.yaml").write_text("\n".join(laughs) + "\nlr: *a9\n")
+    (folder / "deep.yaml").write_text("lr: " + "[" * 5000 + "]" * 5000 + "\n")
+    return {"YAML alias bomb": folder / "alias-bomb.yaml", "deep YAML": folder / "deep.yaml"}
+
+
+def damaged_states(straight: Path, root: Path) -> dict[str, Path]:
+    """Copies of a finished run whose last checkpoint says something no run wrote."""
+    def copy(name, change):
+        out = root / f"state-{name}"
+        shutil.copytree(straight, out)
+        change(sorted(out.glob("checkpoints/step-*"))[-1], out)
+        return out
+
+    def state_edit(**fields):
+        def change(step, out):
+            state = json.loads((step / "trainer_state.json").read_text())
+            (step / "trainer_state.json").write_text(json.dumps({**state, **fields}))
+        return change
+
+    return {
+        "metrics.jsonl: a step that is not a number": copy(
+            "metrics", lambda step, out: (out / "metrics.jsonl").open("a").write('{"step": "x", "loss": 1}\n')),
+        "trainer_state.json: epoch 10^30": copy("epoch", state_edit(epoch=10 ** 30)),
+        "trainer_state.json: step 10^30": copy("step", state_edit(step=10 ** 30)),
+        "trainer_state.json: nested 100,000 deep": copy(
+            "deep", lambda step, out: (step / "trainer_state.json").write_text("[" * 100_000 + "]" * 100_000)),
+    }
+
+
+def with_option(args: list[str], flag: str, value: str) -> list[str]:
+    """``args`` with ``flag`` set to ``value``: replaced where present, appended otherwise."""
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
+def bombs(lm, root: Path) -> tuple[int, int, list[str]]:
+    """Each hostile input through its command: (refused within the targets, total, notes)."""
+    folder = root / "bombs"
+    folder.mkdir()
+    good_pt = hnkit.save(hnkit.Hypernetwork(keys=[32]), folder / "good.pt")
+    straight = root / "straight"
+    base = train_command(lm, root / "unused", 12)[3:]
+
+    def train(out, *extra):
+        return with_option(base, "--output", str(out)) + list(extra)
+
+
+    cases: dict[str, tuple[list[str], list[str], str]] = {}  # name -> (args, baseline args, word the line must hold)
+    for name, path in bomb_files(folder).items():
+        cases[name] = (["inspect", str(path)], ["inspect", str(good_pt)], path.name)
+    for name, path in bomb_recipes(folder).items():
+        cases[name] = (train(folder / "recipe-run", "--config", str(path), "--max-steps", "1"),
+                       train(folder / "baseline-run", "--max-steps", "1"), path.name)
+    for name, out in damaged_states(straight, root).items():
+        cases[name] = (train(out, "--resume", str(out)), train(folder / "baseline-run", "--max-steps", "1", "--force"),
+                       name.split(":")[0])
+    changes = {"--data": str(lm["corpus"].parent / "other-corpus.txt"), "--preserve-data": str(lm["corpus"]),
+               "--lr": "1e-3", "--seed": "1", "--batch-size": "2", "--block-size": "16", "--grad-accum": "2",
+               "--lr-schedule": "cosine"}
+    shutil.copy(lm["corpus"], lm["corpus"].parent / "other-corpus.txt")
+    (lm["corpus"].parent / "other-corpus.txt").open("a").write("\n\nOne more paragraph of other text.\n")
+    for option, value in changes.items():
+        out = root / f"changed{option}"
+        shutil.copytree(straight, out)
+        args = with_option(train(out, "--resume", str(out), "--max-steps", "14"), option, value)
+        cases[f"--resume with another {option}"] = (args, train(folder / "baseline-run", "--max-steps", "1", "--force"),
+                                                    option)
+    line = folder / "one-line.jsonl"
+    with line.open("w") as f:
+        f.write('{"text": "' + "word " * 40_000_000 + '"}\n')  # 200 MB on one line
+    cases["a 200 MB one-line .jsonl"] = (train(folder / "jsonl-run", "--max-steps", "1", "--data", str(line)),
+                                         train(folder / "baseline-run", "--max-steps", "1", "--force"), line.name)
+    baselines: dict[tuple, tuple[float, float]] = {}  # the same command on a good input: seconds, peak MB
+    refused, notes = 0, []
+    for name, (args, baseline, word) in cases.items():
+        if tuple(baseline) not in baselines:
+            baselines[tuple(baseline)] = run_measured(baseline)[2:]
+        code, err, seconds, peak = run_measured(args, timeout=120)
+        slower, growth = seconds - baselines[tuple(baseline)][0], peak - baselines[tuple(baseline)][1]
+        ok = one_line_refusal(code, err) and word in err and slower < 5 and growth < 100
+        refused += ok
+        print(f"{'ok ' if ok else 'BAD'} {name:45s} rc {code}, {seconds:.1f} s ({slower:+.1f}), peak {growth:+.0f} MB: "
+              f"{err.strip()[-100:]}", flush=True)
+        if not ok:
+            notes.append(f"{name}: rc {code}, {seconds:.1f} s, peak {growth:+.0f} MB: {err.strip()[-200:]}")
+    return refused, len(cases), notes
+
+
+def large_text(lm, root: Path) -> tuple[float, float, float]:
+    """A 30 MB .txt trained for one step: (peak RSS MB, the same on the small corpus, tokens' own MB)."""
+    big = root / "big.txt"
+    text = lm["corpus"].read_text()
+    with big.open("w") as f:
+        while f.tell() < 30_000_000:
+            f.write(text + "\n\n")
+    base = train_command(lm, root / "big-run", 1)[3:] + ["--force"]
+    small = run_measured(base)[3]
+    code, err, seconds, peak = run_measured(with_option(base, "--data", str(big)), timeout=1800)
+    if code != 0:
+        print(f"  the 30 MB .txt run failed: rc {code}: {err.strip()[-300:]}")
+    return peak, small, big.stat().st_size / 3.5 * 8 / 1e6  # about 3.5 bytes a token, 8 bytes an id
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kills", type=int, default=20)
@@ -252,12 +438,19 @@ def main(argv=None) -> None:
         lm = build_tiny_lm(root / "lm")
         survived, kill_notes = kills(lm, root, args.kills, args.steps, args.seed)
         refused, total, executions, peak_mb, notes = hostile(lm, root)
+        bombs_refused, bombs_total, bomb_notes = bombs(lm, root)
+        notes += bomb_notes
+        big_peak, small_peak, tokens_mb = large_text(lm, root)
         for line in kill_notes + notes:
             print("  " + line)
         print(f"kills survived: {survived}/{args.kills}")
         print(f"hostile and damaged files refused in one line (exit 2, no traceback): {refused}/{total}")
         print(f"code executions: {executions}")
         print(f"peak memory growth while loading every hostile file: {peak_mb:.0f} MB")
+        print(f"bombs, damaged run state and changed resumes refused in one line, exit 2, within 5 s and "
+              f"+100 MB: {bombs_refused}/{bombs_total}")
+        print(f"train-text on a 30 MB .txt: peak RSS {big_peak:.0f} MB against {small_peak:.0f} MB on the small "
+              f"corpus (the token ids alone: ~{tokens_mb:.0f} MB)")
     finally:
         if args.keep:
             print(f"work folder: {root}")
