@@ -131,6 +131,15 @@ def read_trainer_state(folder: Path) -> dict:
     return state
 
 
+def recorded_options(state: dict, folder: Path) -> dict | None:
+    """The record of the run's options in a checkpoint's trainer ``state`` (None if an older hnkit
+    wrote it without one); one line if it is not a JSON object."""
+    recorded = state.get("options")
+    if recorded is not None and not isinstance(recorded, dict):
+        raise HnkitError(f"{folder / TRAINER_STATE}: unreadable trainer state (options is not a JSON object)")
+    return recorded
+
+
 def _count(state: dict, key: str, path: Path, low: int = 0, high: int = COUNT_LIMIT) -> int:
     value = state.get(key)
     if type(value) is not int or not low <= value <= high:

@@ -11,18 +11,36 @@ longer JSON line is refused, before it is parsed, with one line naming the file,
 limit: a record that big is almost always a mistake (a whole corpus in one record) and would need
 several times its size to parse; a .txt file has no such limit. What grows with the data is the
 result only: the blocks tensor, 8 bytes per token (int64), read from the cache file of 4 bytes per
-token (12 bytes per token while it is read).
+token (12 bytes per token while it is read). ``hnkit train-text`` splits it into training and
+validation blocks, a reordered copy (16 bytes per token while it splits), and keeps the split
+only: 8 bytes per token for the run.
 
-Pieces end before a space between two letters where there is one (else after a letter or digit
-before whitespace; else, in text without such places, at ``PIECE_CHARS``). Byte-level BPE
-tokenizers (GPT-2, GPT-NeoX, Llama 3, Qwen2 and the like) split words there too, so the tokens are
-exactly those of the whole document. A SentencePiece tokenizer (Llama 2, Mistral) starts each piece
-with a word-start mark: up to one token differs per cut, that is, per 64 Ki characters of documents
-longer than that.
+Where a piece ends, searching the second half of its window from the end: before a space between
+two letters; else before whitespace after a letter or digit; else after a single newline that
+follows a non-space and precedes a letter (text without spaces, such as Chinese or Japanese with a
+line break after "。"); else, in text with none of these, at ``PIECE_CHARS`` (a word may be cut in
+two). The pre-tokenizers of byte-level BPE tokenizers (GPT-2, GPT-NeoX, Llama 3, Qwen2 and the
+like) split text at these places too, so, but for a cut at ``PIECE_CHARS``, the tokens are exactly
+those of the whole document (``tests/test_data_bounds.py`` checks GPT-2's and Llama 3's rules).
+Tokenizers that mark the start of every text (Llama 2's and Mistral's SentencePiece "▁" in their
+legacy form) would add that mark at every piece: a probe of the tokenizer, once per call (``tok("a
+b") == tok("a") + tok("b")`` but not ``tok("a") + tok(" b")``), finds them, and a piece that starts
+with a space after a non-space is then tokenized without that space, which gives the whole
+document's tokens (byte-level BPE with ``add_prefix_space`` needs no such help: it adds no mark
+before a space). With these tokenizers, a piece that starts other than at a space (a cut before a
+line break or tab, after a line break, or inside a word) starts with the mark, and the tokens next
+to that cut may differ; cuts are at least 32 Ki characters apart, and only documents longer than
+64 Ki characters have any.
 
-Blocks are cached on disk (``$HNKIT_CACHE/text/<key>.int32``: the token ids as int32), keyed by the
-data files (path, size, mtime), the tokenizer and the block size, so a second run does not tokenize
-again.
+Blocks are cached on disk in ``$HNKIT_CACHE/text``: ``<key>.int32``, the token ids as int32 with the
+last partial block dropped, and ``<key>.json``, its size and the sha256 of all the token ids
+(computed while they are written; a resume compares it, so the same text at another path or with
+new file times is the same data). The key hashes the data files (path, size, mtime), the
+tokenizer's serialized form, the block size, the text field and ``CACHE_FORMAT`` (how text is cut),
+so a second run does not tokenize again. Both files are written under temporary names (``mkstemp``,
+unique across the machines sharing a cache), synced and renamed into place; temporary files older
+than a day (runs killed while writing) are removed, and a cache file of the wrong size is
+tokenized again.
 """
 
 from __future__ import annotations
@@ -40,7 +58,7 @@ import torch
 
 from .errors import HnkitError, first_line
 from .preserve import WEIGHT as PRESERVE_WEIGHT
-from .util import cache_root, check_hub_model
+from .util import atomic_write, cache_root, check_hub_model
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -147,22 +165,27 @@ def _pieces(chunks: Iterable[str], size: int) -> Iterator[str]:
 
 
 _AFTER_WORD = re.compile(r"(?<=[^\W_])\s")  # whitespace after a letter or a digit
+_AFTER_LINE = re.compile(r"(?<=\S\n)[^\W\d_]")  # a letter after a single newline that follows a non-space
 
 
 def _cut(text: str, size: int) -> int:
     """Where to end a piece of ``text`` (longer than ``size``), searching the second half of its
     first ``size`` characters from the end: before a space between two letters, else before
-    whitespace after a letter or digit (word ends, where byte-level BPE tokenizers such as GPT-2's,
-    Llama 3's and Qwen2's split too, so the tokens are those of the uncut text), else at ``size``
-    (text without such places: a word may be cut in two)."""
+    whitespace after a letter or digit, else after a single newline before a letter (word ends,
+    where byte-level BPE tokenizers such as GPT-2's, Llama 3's and Qwen2's split too, so the tokens
+    are those of the uncut text), else at ``size`` (text without such places: a word may be cut in
+    two)."""
     low = size // 2
     i = text.rfind(" ", low, size)
     while i > low:
         if text[i - 1].isalpha() and text[i + 1].isalpha():
             return i
         i = text.rfind(" ", low, i)
-    ends = [m.start() for m in _AFTER_WORD.finditer(text, low, size)]
-    return ends[-1] if ends else size
+    for rule in (_AFTER_WORD, _AFTER_LINE):
+        ends = [m.start() for m in rule.finditer(text, low, size)]
+        if ends:
+            return ends[-1]
+    return size
 
 
 def _text_chunks(path: Path, size: int) -> Iterator[str]:
@@ -245,44 +268,127 @@ def _starts_with(path: Path, char: str) -> bool:
     return False
 
 
+CACHE_FORMAT = "int32 token ids, pieces of 65536 cut by 3 rules, leading space dropped where a probe says"
+TEMP_MAX_AGE = 24 * 3600  # seconds: older temporary files in the cache are a killed run's leftovers
+
+
 def _cache_key(data: Path, tokenizer, block_size: int, text_field: str) -> str:
     h = hashlib.sha256()
     for f in _data_files(data):
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(f"{tokenizer.name_or_path}|{len(tokenizer)}|{tokenizer.eos_token_id}|{block_size}|{text_field}".encode())
-    h.update(f"|int32 tokens, pieces of {PIECE_CHARS}".encode())  # the cache's format and how text is cut
+    h.update(f"{_tokenizer_digest(tokenizer)}|{tokenizer.eos_token_id}|{block_size}|{text_field}|".encode())
+    h.update(f"{CACHE_FORMAT}|{PIECE_CHARS}".encode())  # the cache's format and how text is cut
     return h.hexdigest()[:24]
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    """sha256 of the tokenizer's serialized form: a fast tokenizer's JSON, else its saved files."""
+    import tempfile
+
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer.save_pretrained(folder)
+            for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+                h.update(f"{f.relative_to(folder)}|{f.stat().st_size}|".encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def tokenized_blocks(data: str | os.PathLike, tokenizer, block_size: int, text_field: str = "text") -> torch.Tensor:
     """All blocks of ``block_size`` tokens, shape (n_blocks, block_size); cached on disk."""
+    return tokenized_data(data, tokenizer, block_size, text_field)[0]
+
+
+def tokenized_data(data: str | os.PathLike, tokenizer, block_size: int,
+                   text_field: str = "text") -> tuple[torch.Tensor, str]:
+    """All blocks of ``block_size`` tokens, shape (n_blocks, block_size), and the sha256 of the
+    data's token ids (what identifies the text a run trains on); cached on disk."""
     if tokenizer.eos_token_id is None:
         raise HnkitError("the tokenizer has no end-of-sequence token to separate documents")
-    cache = cache_root() / "text" / f"{_cache_key(Path(data), tokenizer, block_size, text_field)}.int32"
-    if not cache.is_file():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                for ids in _token_ids(read_pieces(data, text_field, PIECE_CHARS, MAX_LINE_BYTES), tokenizer):
-                    ids.tofile(f)
-                n_tokens = f.tell() // 4
-                if n_tokens < block_size:
-                    raise HnkitError(f"{data}: only {n_tokens} tokens, fewer than one block of {block_size}")
-                f.truncate(n_tokens // block_size * block_size * 4)  # drop the last partial block
-            os.replace(tmp, cache)
-        finally:
-            tmp.unlink(missing_ok=True)
+    key = _cache_key(Path(data), tokenizer, block_size, text_field)
+    cache, info = cache_root() / "text" / f"{key}.int32", cache_root() / "text" / f"{key}.json"
+    digest = _cached_digest(cache, info, block_size)
+    if digest is None:
+        digest = _write_cache(data, tokenizer, block_size, text_field, cache, info)
     n = cache.stat().st_size // 4
-    return torch.from_file(str(cache), size=n, dtype=torch.int32).view(-1, block_size).long()
+    return torch.from_file(str(cache), size=n, dtype=torch.int32).view(-1, block_size).long(), digest
 
 
-def _token_ids(pieces: Iterable[tuple[str, bool]], tokenizer) -> Iterator[array]:
+def _cached_digest(cache: Path, info: Path, block_size: int) -> str | None:
+    """The token ids' sha256 of a sound cache entry; None when there is none, or when its file is
+    not the size recorded or not whole blocks (then it is written again)."""
+    try:
+        record, size = json.loads(info.read_text()), cache.stat().st_size
+        digest = record["sha256"]
+        sound = record["bytes"] == size and size > 0 and size % (block_size * 4) == 0 and isinstance(digest, str)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return digest if sound else None
+
+
+def _write_cache(data, tokenizer, block_size: int, text_field: str, cache: Path, info: Path) -> str:
+    """Tokenize ``data`` into ``cache`` (int32 ids, whole blocks) and ``info`` (its size and the
+    ids' sha256), each written under a unique temporary name and renamed into place."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(cache.parent)
+    h, size = hashlib.sha256(), 0
+    strip = _marks_text_start(tokenizer)
+
+    def write(f) -> None:
+        nonlocal size
+        for ids in _token_ids(read_pieces(data, text_field, PIECE_CHARS, MAX_LINE_BYTES), tokenizer, strip):
+            h.update(ids.tobytes())
+            ids.tofile(f)
+        n_tokens = f.tell() // 4
+        if n_tokens < block_size:
+            raise HnkitError(f"{data}: only {n_tokens} tokens, fewer than one block of {block_size}")
+        size = n_tokens // block_size * block_size * 4
+        f.truncate(size)  # drop the last partial block
+
+    atomic_write(cache, write)
+    record = json.dumps({"bytes": size, "sha256": h.hexdigest()}).encode()
+    atomic_write(info, lambda f: f.write(record))
+    return h.hexdigest()
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete the temporary files of runs killed while writing the cache (older than a day)."""
+    import time
+
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > TEMP_MAX_AGE:
+                tmp.unlink()
+        except OSError:
+            pass  # another run removed it first
+
+
+def _marks_text_start(tokenizer) -> bool:
+    """Whether the tokenizer marks the start of every text (SentencePiece's "▁", byte-level BPE with
+    ``add_prefix_space``) so that a piece starting at a space is tokenized right without that space:
+    probed on "a b"."""
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    whole = ids("a b")
+    return whole != ids("a") + ids(" b") and whole == ids("a") + ids("b")
+
+
+def _token_ids(pieces: Iterable[tuple[str, bool]], tokenizer, strip: bool = False) -> Iterator[array]:
     """Token ids of the pieces, an end-of-sequence token after each document, as int32 arrays
-    (4-byte ``array("i")``), one per batch of about ``BATCH_CHARS`` characters."""
-    batch, size = [], 0
+    (4-byte ``array("i")``), one per batch of about ``BATCH_CHARS`` characters. With ``strip``, a
+    piece that continues a document at a space after a non-space loses that space (the tokenizer's
+    start mark stands for it)."""
+    batch, size, before = [], 0, "\n"
     for piece, ends in pieces:
+        if strip and piece[:1] == " " and not before.isspace():
+            piece = piece[1:]
+        before = "\n" if ends else piece[-1]
         batch.append((piece, ends))
         size += len(piece)
         if size >= BATCH_CHARS:

@@ -49,7 +49,15 @@ MAY_CHANGE = {"name", "max_steps", "save_every", "keep_last", "eval_every", "eva
               "sample_every", "sample_prompts", "sample_tokens", "sample_steps", "sample_guidance", "log_every",
               "tensorboard", "gradient_checkpointing", "save_pt", "disk_cache"}
 NOT_RECORDED = {"output_dir", "output", "force", "resume", "config"}
-DATA_OPTIONS = ("data", "preserve_data")  # recorded with a fingerprint of their files
+# Paths (recorded resolved when they exist here) and their content, recorded beside them (key ->
+# option, what it is): the content decides whether a resume may go on, never the path (a folder
+# moved, copied or remounted is the same data; a different path is a note).
+IDENTITIES = {"data_tokens": ("data", "its text"), "preserve_data_tokens": ("preserve_data", "its text"),
+              "data_images": ("data", "its content (image names and sizes, captions)"),
+              "template_lines": ("template", "its template text"),
+              "model_config": ("model", "its config.json")}
+PATHS = {option for option, _ in IDENTITIES.values()}
+MODEL_CONFIGS = ("config.json", "model_index.json", "unet/config.json")  # what identifies a local model
 
 
 def config_options(config: TrainConfig) -> dict:
@@ -59,54 +67,80 @@ def config_options(config: TrainConfig) -> dict:
 
 def task_options(opts: dict) -> dict:
     """A command's options (``opts``: name -> value) beyond the trainer's, as a checkpoint records
-    them: paths resolved, and each data option with a fingerprint of its files."""
+    them: local paths resolved, a local model with the sha256 of its config. The data's content is
+    added by the command once it is read (``data_tokens``, ``data_images``, ...: :data:`IDENTITIES`)."""
     trainer = {f.name for f in fields(TrainConfig)}
     out = {}
     for key, value in opts.items():
         if key in trainer or key in NOT_RECORDED:
             continue
-        local = isinstance(value, str) and key in ("model", "template", *DATA_OPTIONS) and Path(value).exists()
+        local = isinstance(value, str) and key in PATHS and Path(value).exists()
         out[key] = str(Path(value).resolve()) if local else value
-        if key in DATA_OPTIONS:
-            out[f"{key}_files"] = files_fingerprint(Path(value)) if local else None
+        if key == "model":
+            out["model_config"] = model_fingerprint(Path(value)) if local else None
     return out
 
 
-def files_fingerprint(path: Path) -> str:
-    """The names, sizes and modification times of a file or of a folder's files (hidden ones
-    aside), hashed: cheap, and changed by any edit, addition or removal."""
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(f for f in path.rglob("*") if f.is_file() and not any(
-            part.startswith(".") for part in f.relative_to(path).parts))
+def model_fingerprint(path: Path) -> str:
+    """sha256 of a local model folder's configuration files (``MODEL_CONFIGS``, those it has)."""
     h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else ''}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:24]
+    for name in MODEL_CONFIGS:
+        if (path / name).is_file():
+            h.update(f"{name}|{(path / name).stat().st_size}|".encode())
+            h.update((path / name).read_bytes())
+    return h.hexdigest()
+
+
+def check_resume(resume, options: dict) -> list[str]:
+    """Refuse a resume from ``resume`` (a checkpoint or output folder) whose checkpoint records
+    other values for ``options``: the options known so far. The commands call it before loading the
+    model, and again as soon as the data's content is known, so a changed option costs nothing; the
+    trainer calls it once more when it resumes, and prints the notes it returns."""
+    from .run_folder import checkpoint_to_resume, read_trainer_state, recorded_options
+
+    folder = checkpoint_to_resume(Path(resume))
+    recorded = recorded_options(read_trainer_state(folder), folder)
+    return [] if recorded is None else check_same_run(recorded, options, folder)
 
 
 def check_same_run(recorded: dict, current: dict, where: Path) -> list[str]:
     """Refuse a resume whose options (``current``) change what the run recorded in checkpoint
     ``where`` computes; the notes to print for options that may change. Options only one side
-    records (another hnkit version's) are not compared."""
+    records (another hnkit version's, or data not read yet) are not compared."""
     notes = []
     for key, now in current.items():
         if key not in recorded or recorded[key] == now:
             continue
         was, flag = recorded[key], "--" + key.replace("_", "-")
-        if key == "max_steps":
+        if key in IDENTITIES:
+            _refuse_content(key, recorded, current, where)
+        elif key in PATHS and None not in (now, was):  # another path: its content decides
+            identity = next((k for k, (option, _) in IDENTITIES.items() if option == key and k in current), None)
+            if identity is None:
+                continue  # compared once the command has read it
+            if identity not in recorded:
+                _refuse(flag, now, was, where)
+            if recorded[identity] == current[identity]:
+                notes.append(f"{flag} {now} is not the run's path {was}; {IDENTITIES[identity][1]} is the same")
+        elif key == "max_steps":
             notes.append(_max_steps_note(now, _value(flag, was), current))
-        elif key.endswith("_files"):
-            option = key.removesuffix("_files")
-            raise HnkitError(f"--{option.replace('_', '-')} {current.get(option)}: its files changed (sizes or times) "
-                             f"since {where} was saved; resume with the data the run was trained on "
-                             "or start over with --force")
         elif key not in MAY_CHANGE:
-            raise HnkitError(f"{_with_flag(flag, now)} differs from the run's {_value(flag, was)} in {where}; "
-                             "resume with the same value or start over with --force")
+            _refuse(flag, now, was, where)
     return notes
+
+
+def _refuse(flag: str, now, was, where: Path):
+    raise HnkitError(f"{_with_flag(flag, now)} differs from the run's {_value(flag, was)} in {where}; "
+                     "resume with the same value or start over with --force")
+
+
+def _refuse_content(key: str, recorded: dict, current: dict, where: Path):
+    option, what = IDENTITIES[key]
+    flag, now, was = "--" + option.replace("_", "-"), current.get(option), recorded.get(option)
+    if None in (current[key], recorded[key]):  # a hub model against a local one
+        _refuse(flag, now, was, where)
+    raise HnkitError(f"{flag} {_value(flag, now)}: {what} differs from the run's ({_value(flag, was)}) in {where}; "
+                     "resume with what the run was trained on or start over with --force")
 
 
 def _max_steps_note(now: int, was: str, current: dict) -> str:

@@ -45,7 +45,8 @@ from .models import enable_gradient_checkpointing
 from .train_config import TrainConfig, check_same_run, config_options, lr_at, make_optimizer
 from .run_folder import (TRAINER_STATE, TRAINING_STATE, OutputLock, checkpoint_to_resume, clean_leftovers,
                          complete_checkpoints, finite_weights, read_metrics, read_position, read_state,
-                         read_trainer_state, refuse_existing_run, rng_state, set_rng_state, write_checkpoint)
+                         read_trainer_state, recorded_options, refuse_existing_run, rng_state, set_rng_state,
+                         write_checkpoint)
 from .util import atomic_write
 
 
@@ -212,9 +213,7 @@ class Trainer:
         """Step and data position from checkpoint ``folder``, once its trainer state is found sound
         and its record of the run's options matches this run's (notes for those that may change)."""
         state, main = read_trainer_state(folder), self.accelerator.is_main_process
-        recorded = state.get("options")
-        if recorded is not None and not isinstance(recorded, dict):
-            raise HnkitError(f"{folder / TRAINER_STATE}: unreadable trainer state (options is not a JSON object)")
+        recorded = recorded_options(state, folder)
         notes = check_same_run(recorded, self.options, folder) if recorded is not None else []
         self.step, self.epoch, self.offset = read_position(folder, state, self.config, self.accelerator.num_processes,
                                                            len(self.task.train_dataset))
@@ -227,12 +226,13 @@ class Trainer:
     def _load_metrics(self) -> None:
         """Keep the metrics up to the resumed step; later rows belong to the run being replaced."""
         path = self.output / "metrics.jsonl"
-        if path.exists():  # read by every process, so that a damaged file stops them all
+        found = path.exists()
+        if found:  # read by every process, so that a damaged file stops them all
             self.metrics = [r for r in read_metrics(path) if r["step"] <= self.step]
-            self.accelerator.wait_for_everyone()
-            if self.accelerator.is_main_process:
-                text = "".join(json.dumps(r) + "\n" for r in self.metrics)
-                atomic_write(path, lambda f: f.write(text.encode()))
+        self.accelerator.wait_for_everyone()  # outside the if: processes that disagree still meet here
+        if found and self.accelerator.is_main_process:
+            text = "".join(json.dumps(r) + "\n" for r in self.metrics)
+            atomic_write(path, lambda f: f.write(text.encode()))
 
     # -- logging -----------------------------------------------------------------------------
     def log(self, row: dict) -> None:

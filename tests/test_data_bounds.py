@@ -116,6 +116,135 @@ def test_pieces_are_bounded_and_rejoin_to_the_text(sample, tmp_path):
     assert all(len(p) <= 256 for p, _ in pieces) and all(len(p) >= 128 for p, _ in pieces[:-1])
 
 
+# -- other tokenizers and scripts ------------------------------------------------------------------
+LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+          r"\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's pre-tokenizer pattern
+
+
+def cjk_text(n_lines, seed=0):
+    """Chinese-like text: no spaces, a line break after each "。"."""
+    import random
+
+    rng = random.Random(seed)
+    chars = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
+    return "\n".join("".join(rng.choice(chars) for _ in range(rng.randint(8, 40))) + "。" for _ in range(n_lines))
+
+
+def build_tokenizer(kind, texts):
+    """A small BPE tokenizer trained here: "llama3" (byte-level, Llama 3's split pattern),
+    "sentencepiece" (Llama 2's legacy form: a "▁" put before the text and for each space, then
+    merges) or "prefix_space" (byte-level with add_prefix_space, as some GPT-2 set-ups)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "sentencepiece" else None))
+    if kind == "sentencepiece":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        alphabet = []
+    else:
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=kind == "prefix_space", use_regex=kind != "llama3")
+        tok.pre_tokenizer = byte_level if kind != "llama3" else pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(LLAMA3), behavior="isolated"), byte_level])
+        tok.decoder, alphabet = decoders.ByteLevel(), pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<eos>", "<unk>"],
+                                                       initial_alphabet=alphabet))
+    if kind == "sentencepiece":  # trained on words (as SentencePiece is), run on the whole text (as Llama 2's is)
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+def assert_blocks_of_whole_documents(tmp_path, monkeypatch, tok, docs, block_size=16):
+    monkeypatch.setattr(text, "PIECE_CHARS", 300)
+    monkeypatch.setattr(text, "BATCH_CHARS", 1000)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, doc in enumerate(docs):
+        (folder / f"{i}.txt").write_text(doc)
+    assert torch.equal(tokenized_blocks(folder, tok, block_size), reference_blocks(docs, tok, block_size))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama3"])
+def test_chinese_text_is_cut_after_line_breaks_into_the_whole_documents_tokens(tiny_lm, tok, tmp_path, monkeypatch,
+                                                                                kind):
+    docs = [cjk_text(200, seed=1), cjk_text(50, seed=2)]
+    if kind == "llama3":
+        tok = build_tokenizer("llama3", [cjk_text(300)])  # merges across characters
+    assert_blocks_of_whole_documents(tmp_path, monkeypatch, tok, docs)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "prefix_space"])
+def test_tokenizers_that_mark_a_texts_start_give_the_whole_documents_tokens(tiny_lm, tmp_path, monkeypatch, kind):
+    corpus = tiny_lm["corpus"].read_text()
+    tok = build_tokenizer(kind, [corpus])
+    docs = [corpus[:20000].replace("\n", " "), corpus[20000:26000].replace("\n", " ")]  # prose: spaces to cut at
+    assert_blocks_of_whole_documents(tmp_path, monkeypatch, tok, docs)
+
+
+def test_the_cache_tells_tokenizers_apart_by_their_content(tiny_lm, tok, tmp_path):
+    """Two tokenizers with the same name, size and end token but other merges: each its own blocks."""
+    corpus = tiny_lm["corpus"].read_text()
+    other = build_tokenizer("prefix_space", [corpus[::-1]])
+    mine = build_tokenizer("prefix_space", [corpus])
+    assert (len(mine), mine.eos_token_id, mine.name_or_path) == (len(other), other.eos_token_id, other.name_or_path)
+    data = tmp_path / "a.txt"
+    data.write_text(corpus[:5000])
+    assert torch.equal(tokenized_blocks(data, mine, 16), reference_blocks([corpus[:5000]], mine, 16))
+    assert torch.equal(tokenized_blocks(data, other, 16), reference_blocks([corpus[:5000]], other, 16))
+
+
+# -- the cache files -------------------------------------------------------------------------------
+def cached(tmp_path, monkeypatch, tiny_lm, tok):
+    """A private cache holding one tokenized file; (data, its .int32 file, the blocks)."""
+    monkeypatch.setenv("HNKIT_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "a.txt"
+    data.write_text(tiny_lm["corpus"].read_text()[:5000])
+    blocks, digest = text.tokenized_data(data, tok, 16)
+    [file] = (tmp_path / "cache" / "text").glob("*.int32")
+    ids = torch.from_file(str(file), size=file.stat().st_size // 4, dtype=torch.int32)
+    assert json.loads(file.with_suffix(".json").read_text()) == {"bytes": file.stat().st_size, "sha256": digest}
+    assert torch.equal(ids.view(-1, 16).long(), blocks)
+    return data, file, blocks
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut", "not whole blocks"])
+def test_a_damaged_cache_file_is_tokenized_again(tiny_lm, tok, tmp_path, monkeypatch, damage):
+    data, file, blocks = cached(tmp_path, monkeypatch, tiny_lm, tok)
+    with open(file, "r+b") as f:
+        f.truncate({"empty": 0, "cut": 16 * 4, "not whole blocks": file.stat().st_size - 4}[damage])
+    assert torch.equal(tokenized_blocks(data, tok, 16), blocks)
+
+
+def test_the_digest_is_of_the_token_ids_and_follows_the_text_not_the_file(tiny_lm, tok, tmp_path, monkeypatch):
+    import hashlib
+
+    data, file, blocks = cached(tmp_path, monkeypatch, tiny_lm, tok)
+    ids = tok(data.read_text(), add_special_tokens=False).input_ids + [tok.eos_token_id]
+    from array import array
+
+    assert text.tokenized_data(data, tok, 16)[1] == hashlib.sha256(array("i", ids).tobytes()).hexdigest()
+    copy = tmp_path / "elsewhere.txt"
+    copy.write_text(data.read_text())
+    assert text.tokenized_data(copy, tok, 16)[1] == text.tokenized_data(data, tok, 16)[1]
+    copy.write_text(data.read_text() + " more")
+    assert text.tokenized_data(copy, tok, 16)[1] != text.tokenized_data(data, tok, 16)[1]
+
+
+def test_old_temporary_files_are_removed_and_new_ones_kept(tiny_lm, tok, tmp_path, monkeypatch):
+    import time
+
+    folder = tmp_path / "cache" / "text"
+    folder.mkdir(parents=True)
+    old, fresh = folder / ".x.int32.abc.tmp", folder / ".y.int32.def.tmp"  # a killed run's, a running one's
+    old.write_bytes(b"1234")
+    fresh.write_bytes(b"5678")
+    os.utime(old, (time.time() - 2 * text.TEMP_MAX_AGE,) * 2)
+    cached(tmp_path, monkeypatch, tiny_lm, tok)
+    assert not old.exists() and fresh.exists()
+    assert sorted(p.suffix for p in folder.iterdir()) == [".int32", ".json", ".tmp"]
+
+
 # -- a line too long -------------------------------------------------------------------------------
 def test_a_json_line_over_the_limit_is_refused_before_it_is_parsed(tmp_path):
     data = tmp_path / "data.jsonl"
@@ -131,16 +260,6 @@ def test_a_json_line_over_the_limit_is_refused_before_it_is_parsed(tmp_path):
     assert list(read_pieces(at_limit, max_line_bytes=100)) == [("y" * 80, True)] * 2
 
 
-def test_the_real_limit_is_16_mib(tmp_path):
-    data = tmp_path / "big.jsonl"
-    with open(data, "w") as f:
-        f.write(json.dumps({"text": "fine"}) + "\n")
-        f.write('{"text": "' + "x" * text.MAX_LINE_BYTES + '"}\n')
-    assert text.MAX_LINE_BYTES == 16 * 2**20
-    with pytest.raises(HnkitError, match=f"line 2 is longer than {16 * 2**20} bytes"):
-        list(read_pieces(data))
-
-
 def test_a_json_array_over_the_limit_is_refused(tmp_path):
     data = tmp_path / "rows.json"
     data.write_text(json.dumps([{"text": "word " * 40}] * 3))
@@ -150,7 +269,7 @@ def test_a_json_array_over_the_limit_is_refused(tmp_path):
 
 
 def test_the_cli_refuses_a_long_line_with_one_line_and_writes_nothing(tiny_lm, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(text, "MAX_LINE_BYTES", 1000, raising=False)
+    monkeypatch.setattr(text, "MAX_LINE_BYTES", 1000)
     data = tmp_path / "one-line.jsonl"
     data.write_text(json.dumps({"text": tiny_lm["corpus"].read_text()[:20000]}) + "\n")
     out = tmp_path / "out"

@@ -6,6 +6,8 @@ or how visibly it runs may change, and a checkpoint without a record of its opti
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,18 +130,28 @@ def test_deeply_nested_trainer_state_is_one_line(straight, tmp_path, capsys):
     assert_refused(resume_args(straight, out), out, capsys, path, "nested")
 
 
-def test_an_oversized_trainer_state_is_refused_without_reading_it(straight, tmp_path, capsys):
-    import resource
+CHILD = r"""
+import json, resource, sys
+import transformers, accelerate, hnkit.trainer, hnkit.text  # what a resume imports, loaded before measuring
+from hnkit.commands.cli import main
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+code = main(json.loads(sys.argv[1]))
+print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
 
+
+def test_an_oversized_trainer_state_is_refused_without_reading_it(straight, tmp_path):
+    """Measured in a child process: this one's peak was raised by the tests before it."""
     out = resumable(straight, tmp_path)
     path = out / STEP2 / "trainer_state.json"
     with open(path, "r+b") as f:
         f.truncate(1 << 30)  # a sparse GiB: reading it whole would show in the peak RSS
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert main(resume_args(straight, out)) == 2
-    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) < 200 * 1024  # KiB
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and str(path) in err and "larger than" in err, err
+    run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(resume_args(straight, out))], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    code, growth_kib = map(int, run.stdout.split()[-2:])
+    assert code == 2 and growth_kib < 200 * 1024, (code, growth_kib)
+    err = run.stderr.splitlines()[-1]
+    assert str(path) in err and "larger than" in err, run.stderr
 
 
 def test_resuming_with_max_steps_below_the_checkpoint_is_one_line(straight, tmp_path, capsys):
@@ -189,12 +201,139 @@ def test_a_resume_that_changes_what_the_run_computes_is_refused(straight, tmp_pa
 def test_data_changed_in_place_is_refused(straight, tmp_path, capsys):
     out = resumable(straight, tmp_path)
     corpus = straight["lm"]["corpus"]
-    st = corpus.stat()
+    text = corpus.read_text()
     try:
-        os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
-        assert_refused(resume_args(straight, out), out, capsys, "--data", corpus, "changed", "--force")
+        corpus.write_text(text.replace("the", "a"))
+        err = assert_refused(resume_args(straight, out), out, capsys, f"--data {corpus}: its text differs", "--force")
+        assert "the run's (" in err
     finally:
-        os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns))
+        corpus.write_text(text)
+
+
+class Spy:
+    """Counts the calls of a hnkit function (then runs it)."""
+
+    def __init__(self, monkeypatch, module, name):
+        self.calls, self.function = 0, getattr(module, name)
+        monkeypatch.setattr(module, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+@pytest.mark.parametrize("flag", [f for f in CHANGES if f != "--data"])
+def test_a_changed_option_is_refused_before_the_model_is_loaded(straight, tmp_path, capsys, monkeypatch, flag):
+    import hnkit.text
+
+    out = resumable(straight, tmp_path)
+    value = CHANGES[flag][0]
+    value = value(straight, tmp_path) if callable(value) else value
+    args = resume_args(straight, out)
+    loads = Spy(monkeypatch, hnkit.text, "load_causal_lm")
+    assert main(args + [flag] if value is None else with_option(args, flag, value)) == 2
+    assert loads.calls == 0 and "differs from the run's" in capsys.readouterr().err
+
+
+def test_other_data_is_refused_right_after_it_is_tokenized(straight, tmp_path, capsys, monkeypatch):
+    import hnkit.text
+
+    out = resumable(straight, tmp_path)
+    splits = Spy(monkeypatch, hnkit.text, "split_blocks")
+    assert main(with_option(resume_args(straight, out), "--data", other_corpus(straight, tmp_path))) == 2
+    assert splits.calls == 0 and "its text differs" in capsys.readouterr().err
+
+
+def test_other_preserve_data_is_refused_before_the_teacher_is_computed(straight, tmp_path, capsys, monkeypatch):
+    import hnkit.preserve
+
+    out = tmp_path / "run"
+    args = train_args(straight["lm"], out, "--max-steps", 2, "--preserve-data", straight["lm"]["corpus"])
+    assert main(args) == 0
+    teachers = Spy(monkeypatch, hnkit.preserve, "Teacher")
+    args = with_option(args + ["--resume", str(out)], "--preserve-data", other_corpus(straight, tmp_path))
+    assert_refused(with_option(args, "--max-steps", 4), out, capsys, "--preserve-data", "its text differs")
+    assert teachers.calls == 0
+
+
+# -- the same data elsewhere ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def straight_folder(tiny_lm, tmp_path_factory):
+    """A 6-step run on a folder of two .txt files, with checkpoints at steps 2, 4 and 6."""
+    root = tmp_path_factory.mktemp("folder_run")
+    text = tiny_lm["corpus"].read_text()
+    (root / "data").mkdir()
+    (root / "data" / "a.txt").write_text(text[:len(text) // 2])
+    (root / "data" / "b.txt").write_text(text[len(text) // 2:])
+    lm = {**tiny_lm, "corpus": root / "data"}
+    out = root / "run"
+    assert main(train_args(lm, out, "--max-steps", 6, "--save-every", 2, "--keep-last", 5)) == 0
+    return {"lm": lm, "out": out}
+
+
+def resume_with_data(straight, tmp_path, data, capsys):
+    """Resume the folder run from step 2 with ``data``: the notes printed, and whether the result
+    is the straight run's bit for bit."""
+    out = resumable(straight, tmp_path)
+    capsys.readouterr()
+    assert main(with_option(resume_args(straight, out), "--data", data)) == 0
+    printed = capsys.readouterr().out
+    expected = load_file(str(straight["out"] / "hypernetwork.safetensors"))
+    got = load_file(str(out / "hypernetwork.safetensors"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    return [line for line in printed.splitlines() if line.startswith("hnkit: note")]
+
+
+def test_a_moved_data_folder_resumes_exactly_with_a_note(straight_folder, tmp_path, capsys):
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(straight_folder["lm"]["corpus"], moved, copy_function=shutil.copy)  # new file times
+    notes = resume_with_data(straight_folder, tmp_path, moved, capsys)
+    assert notes == [f"hnkit: note: --data {moved} is not the run's path {straight_folder['lm']['corpus']}; "
+                     "its text is the same"], notes
+
+
+def test_touched_data_and_an_added_readme_resume_exactly(straight_folder, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(straight_folder["lm"]["corpus"], data)
+    (data / "README.md").write_text("where this text comes from\n")  # only .txt files are read
+    os.utime(data / "a.txt")
+    notes = resume_with_data(straight_folder, tmp_path, data, capsys)
+    assert len(notes) == 1 and "its text is the same" in notes[0]
+
+
+def test_an_added_hidden_text_file_is_refused(straight_folder, tmp_path, capsys):
+    """Hidden .txt files are read, so they are part of the text."""
+    data = tmp_path / "data"
+    shutil.copytree(straight_folder["lm"]["corpus"], data)
+    (data / ".notes.txt").write_text("a hidden file that is trained on too\n")
+    out = resumable(straight_folder, tmp_path)
+    assert_refused(with_option(resume_args(straight_folder, out), "--data", data), out, capsys,
+                   f"--data {data}: its text differs", "--force")
+
+
+def test_a_moved_model_is_a_note_and_a_changed_config_is_refused(straight, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(straight["lm"]["model"], model)
+    out = resumable(straight, tmp_path)
+    assert main(with_option(resume_args(straight, out), "--model", model)) == 0
+    assert f"--model {model} is not the run's path" in capsys.readouterr().out
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "initializer_range": 0.5}))
+    out = resumable(straight, tmp_path / "again")
+    assert_refused(with_option(resume_args(straight, out), "--model", model), out, capsys,
+                   f"--model {model}: its config.json differs", "--force")
+
+
+def test_the_metrics_barrier_is_met_without_a_metrics_file(tmp_path):
+    """Every process waits once, whether or not it sees metrics.jsonl (else a run would hang)."""
+    from types import SimpleNamespace
+
+    from hnkit.trainer import Trainer
+
+    waits = []
+    acc = SimpleNamespace(wait_for_everyone=lambda: waits.append(1), is_main_process=False)
+    Trainer._load_metrics(SimpleNamespace(output=tmp_path, step=2, metrics=[], accelerator=acc))
+    assert waits == [1]
 
 
 # -- what may change ------------------------------------------------------------------------------
@@ -228,20 +367,44 @@ def test_a_checkpoint_without_a_record_of_its_options_resumes_with_a_warning(str
 
 
 # -- train-image shares the record ----------------------------------------------------------------
-@pytest.mark.parametrize("change", ["--tag-dropout", "--resolution", "a caption edited"])
+@pytest.mark.parametrize("change", ["--tag-dropout", "--resolution", "a caption edited", "a template edited"])
 def test_train_image_refuses_a_resume_that_changes_the_run(tmp_path, capsys, change):
+    from hnkit.testing import build_tiny_sd
+    from test_train_image import train_args as image_args, write_images
+
+    sd, images = build_tiny_sd(tmp_path / "sd1", "sd1"), write_images(tmp_path / "images", n=4)
+    template = tmp_path / "template.txt"
+    template.write_text("a picture of [filewords]\n")
+    out = tmp_path / "run"
+    assert main(image_args(sd, images, out, "--max-steps", 2, "--template", template)) == 0
+    capsys.readouterr()  # the tiny pipeline's build and the run
+    args = image_args(sd, images, out, "--max-steps", 4, "--template", template, "--resume", out)
+    if change == "a caption edited":
+        (images / "img0.txt").write_text("a photo of a dog")
+        needles = [f"--data {images}: its content (image names and sizes, captions) differs"]
+    elif change == "a template edited":
+        template.write_text("a drawing of [filewords]\n")
+        needles = [f"--template {template}: its template text differs"]
+    else:
+        args = with_option(args, change, {"--tag-dropout": 0.3, "--resolution": 16}[change])
+        needles = [change, "differs from the run's"]
+    assert_refused(args, out, capsys, *needles, "--force")
+
+
+def test_train_image_resumes_from_images_copied_elsewhere_with_a_note(tmp_path, capsys):
+    """The image data is identified by names, sizes and captions: a copy with new file times at
+    another path is the same data."""
     from hnkit.testing import build_tiny_sd
     from test_train_image import train_args as image_args, write_images
 
     sd, images = build_tiny_sd(tmp_path / "sd1", "sd1"), write_images(tmp_path / "images", n=4)
     out = tmp_path / "run"
     assert main(image_args(sd, images, out, "--max-steps", 2)) == 0
-    capsys.readouterr()  # the tiny pipeline's build and the run
-    args = image_args(sd, images, out, "--max-steps", 4, "--resume", out)
-    if change == "a caption edited":
-        (images / "img0.txt").write_text("a photo of a dog")
-        needles = ["--data", images, "changed"]
-    else:
-        args = with_option(args, change, {"--tag-dropout": 0.3, "--resolution": 16}[change])
-        needles = [change, "differs from the run's"]
-    assert_refused(args, out, capsys, *needles, "--force")
+    moved = tmp_path / "moved"
+    shutil.copytree(images, moved, copy_function=shutil.copy)
+    (moved / "notes.md").write_text("not read by the image loader\n")
+    capsys.readouterr()
+    assert main(image_args(sd, moved, out, "--max-steps", 3, "--resume", out)) == 0
+    printed = capsys.readouterr().out
+    assert f"hnkit: note: --data {moved} is not the run's path {images}; its content (image names and sizes, captions) is the same" \
+        in printed, printed

@@ -257,6 +257,31 @@ def test_tokenized_blocks_are_cached(tiny_lm, tmp_path):
     assert len(tokenized_blocks(folder, tok, 32)) < len(a)
 
 
+def test_the_run_keeps_only_the_split_blocks(tiny_lm, tmp_path, monkeypatch):
+    """train-text lets go of the whole blocks tensor once it is split into training and validation
+    blocks (a copy), so a run holds the blocks once, not twice."""
+    import weakref
+
+    import hnkit.text
+    from hnkit.trainer import Trainer
+
+    refs, alive = [], []
+    split, train = hnkit.text.split_blocks, Trainer.train
+
+    def spy_split(blocks, *args):
+        refs.append(weakref.ref(blocks))
+        return split(blocks, *args)
+
+    def spy_train(self):
+        alive.append(refs[0]() is not None)
+        return train(self)
+
+    monkeypatch.setattr(hnkit.text, "split_blocks", spy_split)
+    monkeypatch.setattr(Trainer, "train", spy_train)
+    assert main(train_args(tiny_lm, tmp_path / "run", "--max-steps", 1)) == 0
+    assert alive == [False]
+
+
 def test_every_recipe_is_valid_and_shows_its_command():
     from hnkit.commands import train_image, train_text
     from hnkit.commands.options import read_recipe

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from pathlib import Path
 
 from ..errors import HnkitError
@@ -56,6 +58,16 @@ def split_images(n: int, val_fraction: float, seed: int) -> tuple[list[int], lis
     return train, val or train
 
 
+def images_fingerprint(records) -> str:
+    """sha256 of what the run reads of its data: each image's name (relative to the folder) and
+    size, and its caption (from a .txt file, metadata.jsonl or the name). No file times, no path:
+    the same images at another path, or copied with new times, are the same data."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.name, r.path.stat().st_size, r.caption]).encode() + b"\n")
+    return h.hexdigest()
+
+
 def run(args: argparse.Namespace) -> Path:
     import torch
     from accelerate import PartialState
@@ -64,7 +76,7 @@ def run(args: argparse.Namespace) -> Path:
     from ..image import ImageTask
     from ..image_data import read_image_folder, read_templates
     from ..sd_model import encode_images, load_sd
-    from ..train_config import task_options
+    from ..train_config import check_resume, config_options, task_options
     from ..trainer import Trainer
 
     o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
@@ -74,6 +86,11 @@ def run(args: argparse.Namespace) -> Path:
         raise HnkitError(f"--val-fraction must be at least 0 and below 1, got {o['val_fraction']}")
     records = read_image_folder(o["data"], o["caption_field"])
     templates = read_templates(o["template"])
+    config = shared.train_config(o, output)
+    options = {**config_options(config), **task_options(o), "data_images": images_fingerprint(records),
+               "template_lines": hashlib.sha256(json.dumps(templates).encode()).hexdigest()}  # recorded in checkpoints
+    if o["resume"]:
+        check_resume(o["resume"], options)  # refused before the model is loaded and the images encoded
     sd = load_sd(o["model"])
     images = encode_images(sd, records, o["resolution"], PartialState().device, disk_cache=o["disk_cache"])
     captions = {r.name: r.caption for r in records}
@@ -90,7 +107,7 @@ def run(args: argparse.Namespace) -> Path:
                      train_indices=train, eval_indices=val, resolution=o["resolution"],
                      sample_steps=o["sample_steps"], sample_guidance=o["sample_guidance"])
     task.sample_prompts = o["sample_prompts"] or list(dict.fromkeys(task.prompt(i) for i in train))[:2]
-    trainer = Trainer(task, shared.train_config(o, output), task_options(o))  # recorded in checkpoints
+    trainer = Trainer(task, config, options)
     task.prepare(trainer.accelerator.device)
     if o["resume"]:
         trainer.resume(o["resume"])

@@ -43,26 +43,31 @@ def run(args: argparse.Namespace) -> Path:
     import torch
 
     from .. import Hypernetwork, load
-    from ..text import TextTask, context_length, default_prompts, load_causal_lm, split_blocks, tokenized_blocks
-    from ..train_config import task_options
+    from ..text import TextTask, context_length, default_prompts, load_causal_lm, split_blocks, tokenized_data
+    from ..train_config import check_resume, config_options, task_options
     from ..trainer import Trainer
 
     o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
     output = shared.check_output(o)
-    if not Path(o["data"]).exists():
-        raise HnkitError(f"{o['data']}: no such file or folder")
-    if o["preserve_data"] is not None and not Path(o["preserve_data"]).exists():
-        raise HnkitError(f"--preserve-data {o['preserve_data']}: no such file or folder")
-    if not 0 <= o["val_fraction"] < 1:
-        raise HnkitError(f"--val-fraction must be at least 0 and below 1, got {o['val_fraction']}")
-    if o["preserve_weight"] < 0:
-        raise HnkitError(f"--preserve-weight must be 0 or more, got {o['preserve_weight']}")
+    check_paths(o)
+    config = shared.train_config(o, output)
+    options = {**config_options(config), **task_options(o)}  # recorded in checkpoints
+
+    def check_record() -> None:  # a resume that changes the run is refused as soon as the change is known
+        if o["resume"]:
+            check_resume(o["resume"], options)
+
+    check_record()  # before the model is loaded
     model, tokenizer = load_causal_lm(o["model"])
     ctx = context_length(model)
     if ctx is not None and o["block_size"] > ctx:
         raise HnkitError(f"--block-size {o['block_size']} is larger than the model's context of {ctx} tokens")
-    blocks = tokenized_blocks(o["data"], tokenizer, o["block_size"], o["text_field"])
+    blocks, options["data_tokens"] = tokenized_data(o["data"], tokenizer, o["block_size"], o["text_field"])
+    check_record()  # before the data is split and the teacher computed
     train, val = split_blocks(blocks, o["val_fraction"], o["seed"])
+    del blocks  # the split is a copy: keep only it
+    neutral = preserve_blocks(o, tokenizer, options)
+    check_record()  # before the teacher is computed
     if o["resume"]:
         hn = load(shared.checkpoint_file(Path(o["resume"])))  # the structure it was trained with
     else:
@@ -71,23 +76,44 @@ def run(args: argparse.Namespace) -> Path:
     # how the corpus was cut and split: eval-text measures the same held-out blocks by default
     hn.extra["data"] = {k: o[k] for k in ("block_size", "val_fraction", "seed", "text_field")}
     prompts = o["sample_prompts"] or default_prompts(tokenizer, val if len(val) else train)
-    neutral = None
-    if o["preserve_data"] is not None:
-        try:
-            neutral = tokenized_blocks(o["preserve_data"], tokenizer, o["block_size"], o["text_field"])
-        except HnkitError as exc:
-            raise HnkitError(f"--preserve-data {exc}") from None
     task = TextTask(model, tokenizer, hn, train, val, prompts, o["sample_tokens"])
-    trainer = Trainer(task, shared.train_config(o, output), task_options(o))  # recorded in checkpoints
+    trainer = Trainer(task, config, options)
     if neutral is not None and o["preserve_weight"] > 0:
         from ..preserve import Teacher
 
         # The bare model as the trainer runs it (its device and dtype); nothing is attached yet. A
         # training block i is paired with neutral block i mod n, so more than len(train) are never used.
-        task.use_preservation(Teacher(model, neutral[:len(train)]), o["preserve_weight"])
+        task.use_preservation(Teacher(model, neutral[:len(train)].clone()), o["preserve_weight"])
+        del neutral
     if o["resume"]:
         trainer.resume(o["resume"])
     final = trainer.train()
     if trainer.accelerator.is_main_process:
         print(f"wrote {final}: {trainer.summary()}; metrics, samples and loss.png in {output}")
     return final
+
+
+def preserve_blocks(o: dict, tokenizer, options: dict):
+    """The --preserve-data blocks (None without it); their token ids' sha256 goes into ``options``."""
+    from ..text import tokenized_data
+
+    if o["preserve_data"] is None:
+        return None
+    try:
+        neutral, options["preserve_data_tokens"] = tokenized_data(o["preserve_data"], tokenizer, o["block_size"],
+                                                                  o["text_field"])
+    except HnkitError as exc:
+        raise HnkitError(f"--preserve-data {exc}") from None
+    return neutral
+
+
+def check_paths(o: dict) -> None:
+    """The data exist and the numbers are in range: checked before anything is loaded."""
+    if not Path(o["data"]).exists():
+        raise HnkitError(f"{o['data']}: no such file or folder")
+    if o["preserve_data"] is not None and not Path(o["preserve_data"]).exists():
+        raise HnkitError(f"--preserve-data {o['preserve_data']}: no such file or folder")
+    if not 0 <= o["val_fraction"] < 1:
+        raise HnkitError(f"--val-fraction must be at least 0 and below 1, got {o['val_fraction']}")
+    if o["preserve_weight"] < 0:
+        raise HnkitError(f"--preserve-weight must be 0 or more, got {o['preserve_weight']}")
