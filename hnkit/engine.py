@@ -12,12 +12,16 @@ at the end-of-text token, a stop string, ``max_tokens`` or its client's cancella
 
 A row's tokens are those of the same request run alone (greedy; sampling too, with the same seed):
 a style absent from a row is skipped for it (:class:`hnkit.kernels.PerRow`), so a row without styles
-is the bare model's. Only the styles some row of the batch uses are set and computed: a library of
-thousands of styles costs a batch no more than the few it uses.
+is the bare model's. Only the styles some row of the batch uses are computed, and only those (and the
+last batch's) are set: a library of thousands of styles costs the model's passes no more than the
+few it uses. One cost does grow with the library: on a stack, setting strengths rebuilds all N
+members' strengths in Python (:meth:`hnkit.Attachment.set_strength`), once per batch and whenever
+a row leaves it, not per token.
 
 A row whose sampling or decoding fails ends alone with an error (``emit(message, True, "error")``);
 the rest of its batch goes on. :meth:`Engine.close` ends every row not finished, waiting or running,
-the same way with "the server is shutting down" (``finish_reason`` "shutdown").
+the same way with "the server is shutting down" (``finish_reason`` "shutdown"), and makes every
+:meth:`Engine.call` still waiting, or made later, raise that as an HnkitError.
 """
 
 from __future__ import annotations
@@ -37,6 +41,25 @@ from .text import context_length
 
 GREEDY_BELOW = 1e-5  # a lower temperature samples greedily: one-hot anyway, and dividing by a tinier one overflows
 SHUTTING_DOWN = "the server is shutting down"
+
+
+class Call:
+    """A function to run in the engine's thread between batches (:meth:`Engine.call`): its result or
+    its error, and ``done`` once it has either."""
+
+    def __init__(self, fn):
+        self.fn, self.done, self.value, self.error = fn, threading.Event(), None, None
+
+    def __call__(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as exc:  # handed to the caller
+            self.error = exc
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
 
 
 @dataclass
@@ -91,7 +114,7 @@ class Engine:
         except HnkitError:
             self.stack = None
         self.attachment = self.attach_styles()
-        self.waiting: list = []  # Jobs submitted, not yet in a batch (and Engine.call's functions)
+        self.waiting: list = []  # Jobs submitted, not yet in a batch (and Engine.call's Calls)
         self._changed = threading.Condition()
         self.busy = threading.Lock()  # held while a batch is taken and run: holding it queues requests up
         self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0}  # what the batches were
@@ -140,34 +163,32 @@ class Engine:
 
     def call(self, fn):
         """Run ``fn()`` in the engine's thread between batches and return its result (benchmarks
-        time ``generate()`` there, in the same thread as the batches)."""
-        done, result = threading.Event(), {}
-
-        def job():
-            try:
-                result["value"] = fn()
-            except BaseException as exc:  # handed to the caller
-                result["error"] = exc
-            done.set()
-
+        time ``generate()`` there, in the same thread as the batches). On a closed engine, or one
+        closed before ``fn`` ran, raises HnkitError("the server is shutting down")."""
+        call = Call(fn)
         with self._changed:
-            self.waiting.append(job)
+            if self._stop.is_set():
+                raise HnkitError(SHUTTING_DOWN)
+            self.waiting.append(call)
             self._changed.notify()
-        done.wait()
-        if "error" in result:
-            raise result["error"]
-        return result["value"]
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.value
 
     def close(self) -> None:
         """Stop serving and take the styles off the model. Jobs still waiting, and the rows of the
-        batch running (at its next step), end with "the server is shutting down"."""
+        batch running (at its next step), end with "the server is shutting down"; calls waiting
+        raise it (a call running finishes first)."""
         with self._changed:
             self._stop.set()
-            queued = [job for job in self.waiting if isinstance(job, Job)]
-            self.waiting = [job for job in self.waiting if not isinstance(job, Job)]
+            queued, self.waiting = self.waiting, []
             self._changed.notify()
-        for job in queued:
-            self._end(job, "shutdown", SHUTTING_DOWN)
+        for item in queued:
+            if isinstance(item, Job):
+                self._end(item, "shutdown", SHUTTING_DOWN)
+            else:
+                item.fail(HnkitError(SHUTTING_DOWN))
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.attachment is not None:
@@ -189,7 +210,7 @@ class Engine:
             with self.busy:  # everything waiting when the engine is free goes into one batch
                 if self._stop.is_set() or not self.waiting:  # closed (or emptied) while busy was held
                     continue
-                with self._changed:  # the leading jobs, up to max_batch, or one Engine.call function
+                with self._changed:  # the leading jobs, up to max_batch, or one Engine.call Call
                     n = 0
                     while n < min(len(self.waiting), self.max_batch) and isinstance(self.waiting[n], Job):
                         n += 1

@@ -40,25 +40,31 @@ class Strengths:
         self.scale = 1.0
 
 
-class Values(list):
-    """One strength per network, set by index, that knows which are not 0 (``nonzero``, their
-    indices): a kernel of many networks looks at those only, so its cost does not grow with the
-    networks at 0."""
+class Values:
+    """One strength per network, read and set by index, that knows which are not 0 (``nonzero``,
+    their indices): a kernel of many networks looks at those only, so its cost does not grow with the
+    networks at 0. Not a list: setting by index is the only change, so ``nonzero`` stays true."""
 
     def __init__(self, values: list):
-        super().__init__(values)
-        self.nonzero = {i for i, v in enumerate(self) if not is_zero(v)}
+        self._values = list(values)
+        self.nonzero = {i for i, v in enumerate(self._values) if not is_zero(v)}
 
-    def __setitem__(self, index, value) -> None:
-        super().__setitem__(index, value)
-        if isinstance(index, slice):
-            self.nonzero = {i for i, v in enumerate(self) if not is_zero(v)}
-            return
-        index %= len(self)
+    def __getitem__(self, index: int):
+        return self._values[index]
+
+    def __setitem__(self, index: int, value) -> None:
+        index = range(len(self._values))[index]  # -1 is the last; IndexError past the end
+        self._values[index] = value
         if is_zero(value):
             self.nonzero.discard(index)
         else:
             self.nonzero.add(index)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __iter__(self):
+        return iter(self._values)
 
 
 def is_zero(value) -> bool:  # per-row strengths count as set: their rows are checked even at 0
@@ -147,10 +153,11 @@ class Chain:
         self.by_network = {entry[0]: entry for entry in entries}
 
     def active(self) -> list:
-        """The entries whose strength is not 0, in order."""
+        """The entries whose strength is not 0 (a per-row strength counts as not 0), in order:
+        found from the site's entries or from the strengths not 0, whichever are fewer."""
         nonzero = self.strengths.values.nonzero
         if len(nonzero) >= len(self.entries):
-            return self.entries
+            return [entry for entry in self.entries if entry[0] in nonzero]
         return [self.by_network[i] for i in sorted(nonzero) if i in self.by_network]
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:

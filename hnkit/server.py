@@ -13,7 +13,9 @@ and one line in the log (path, status, reason); the server keeps serving:
 
 - a Host header not in ``allowed_hosts`` (400; DNS rebinding), a missing or wrong API key (401);
 - a body that is not ``application/json``, not a JSON object, nested too deeply or holding a lone
-  UTF-16 surrogate (400), or larger than ``max_body_bytes`` (413, read no further than the limit);
+  UTF-16 surrogate (400), larger than ``max_body_bytes`` (413, read no further than the limit), or
+  not all there within ``body_timeout`` seconds of its being read (408); after a 413 or a 408
+  the connection closes (the rest of the body would otherwise be read as the next request);
 - a prompt of more than ``max_prompt_tokens`` tokens (400; a prompt with more than
   ``CHARS_PER_TOKEN`` characters per allowed token is refused before it is tokenized);
 - ``stream``, ``ignore_eos`` and ``echo`` that are not true/false (400);
@@ -24,13 +26,18 @@ and one line in the log (path, status, reason); the server keeps serving:
 
 A row whose generation fails ends with an error (a 500, or an error event in a stream) and the rest
 of its batch goes on; when the engine closes, unfinished rows end with "the server is shutting down"
-(a 503, or an error event then ``data: [DONE]``). Any other failure is a logged JSON 500.
+(a 503, or an error event then ``data: [DONE]``). Any other failure before the response has started
+is a logged JSON 500. Once a stream has started its status is sent: an unexpected failure in it (a
+bug) closes the connection mid-stream, so the client sees the response end without ``data: [DONE]``;
+it is not in the request log (uvicorn reports it to its own logger, which ``hnkit serve`` runs at
+level critical).
 """
 
 # no "from __future__ import annotations": FastAPI reads the endpoints' annotations at run time
 import asyncio
 import json
 import math
+import re
 import secrets
 import time
 from pathlib import Path
@@ -42,6 +49,7 @@ STUDIO = Path(__file__).parent / "studio"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_MAX_TOKENS = 512  # a chat request without max_tokens: a batch runs until its longest row ends
 MAX_BODY_BYTES = 1_000_000  # a whole context of text is far less
+BODY_TIMEOUT = 10.0  # seconds for a request's body (hnkit serve: --header-timeout): 1 MB needs 100 kB/s
 CHARS_PER_TOKEN = 32  # no tokenizer's tokens average this many characters over a real prompt
 NUMBER = (int, float)
 FLAGS = ("stream", "ignore_eos", "echo")  # must be JSON booleans
@@ -63,13 +71,15 @@ def error_body(message: str, param=None, code=None, kind="invalid_request_error"
 
 def error_response(log, path: str, status: int, message: str, param=None, code=None):
     """OpenAI's error JSON with ``status``, logged as one line. ASCII JSON: a lone surrogate echoed
-    from a request cannot break the encoding."""
+    from a request cannot break the encoding. A 408 or 413 closes the connection: the body was not
+    read to its end."""
     from fastapi.responses import Response
 
     log(f"{path} {status} {message[:200]}".encode("utf-8", "backslashreplace").decode("utf-8"))
     kind = "server_error" if status >= 500 else "invalid_request_error"
+    headers = {"Connection": "close"} if status in (408, 413) else None
     return Response(json.dumps(error_body(message, param, code, kind)), status_code=status,
-                    media_type="application/json")
+                    media_type="application/json", headers=headers)
 
 
 def short(value) -> str:
@@ -78,14 +88,22 @@ def short(value) -> str:
 
 
 # -- before a request is read ----------------------------------------------------------------------
+HOST_HEADER = re.compile(r"""  # only ":port" may follow the name
+    \[(?P<v6>[^\[\]]*)\](?::[0-9]*)?       # [::1]:8000
+  | (?P<name>[^:\[\]]*)(?::[0-9]*)?        # localhost:8000, 127.0.0.1
+  | (?P<bare>[^\[\]]*:[^\[\]]*:[^\[\]]*)  # ::1 (a bare IPv6 address has several colons, no port)
+""", re.VERBOSE)
+
+
 def host_name(header: str | None) -> str:
-    """The host of a Host header, lower case, without its port, brackets or a trailing dot."""
+    """The host of a Host header, lower case, without its port, brackets or a trailing dot; a header
+    that is not ``host[:port]`` (``[::1]evil``) is returned whole (no allowed host is like it)."""
     name = (header or "").strip().lower()
-    if name.startswith("["):  # [::1]:8000
-        name = name[1:name.find("]")] if "]" in name else ""
-    elif name.count(":") == 1:  # localhost:8000 (a bare IPv6 address has several colons)
-        name = name.split(":")[0]
-    return name.rstrip(".")
+    match = HOST_HEADER.fullmatch(name)
+    if match is None:
+        return name
+    host = next(part for part in match.group("v6", "name", "bare") if part is not None)
+    return host.rstrip(".")
 
 
 def refusal(request, api_key: str | None, allowed_hosts: set | None):
@@ -103,11 +121,8 @@ def refusal(request, api_key: str | None, allowed_hosts: set | None):
     return None
 
 
-async def read_json(request, limit: int) -> dict:
-    """The request's JSON object, read no further than ``limit`` bytes."""
-    if not request.headers.get("content-type", "").startswith("application/json"):
-        # a form or text/plain POST is what another web page could send to this machine unasked
-        raise RequestError("the request body must be JSON with Content-Type: application/json")
+async def read_body(request, limit: int) -> bytes:
+    """The request's body, read no further than ``limit`` bytes."""
     too_large = RequestError(f"the request body is larger than this server's limit of {limit} bytes",
                              status=413, code="request_too_large")
     declared = request.headers.get("content-length")
@@ -118,8 +133,22 @@ async def read_json(request, limit: int) -> dict:
         data += piece
         if len(data) > limit:
             raise too_large
+    return bytes(data)
+
+
+async def read_json(request, limit: int, timeout: float) -> dict:
+    """The request's JSON object, read no further than ``limit`` bytes, within ``timeout`` seconds
+    (a client that sends half a body would otherwise hold its connection forever)."""
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        # a form or text/plain POST is what another web page could send to this machine unasked
+        raise RequestError("the request body must be JSON with Content-Type: application/json")
     try:
-        body = json.loads(bytes(data))
+        data = await asyncio.wait_for(read_body(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {timeout:g} seconds", status=408,
+                           code="request_timeout") from None
+    try:
+        body = json.loads(data)
     except RecursionError:
         raise RequestError("the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -137,7 +166,7 @@ async def read_json(request, limit: int) -> dict:
 
 
 # -- reading a request ---------------------------------------------------------------------------
-def parse_model(name, base: str, engine: Engine) -> dict[str, float]:
+def parse_model(name, base: str) -> dict[str, float]:
     """``{style: strength}`` from ``base[+style[:strength]]...``."""
     if not isinstance(name, str) or not name:
         raise RequestError("model must be a string such as " + repr(base), "model")
@@ -158,7 +187,7 @@ def parse_model(name, base: str, engine: Engine) -> dict[str, float]:
 
 def request_styles(body: dict, base: str, engine: Engine) -> dict[str, float]:
     """The request's ``{style: strength}``, every name known (even at 0), the zeros left out."""
-    styles = parse_model(body.get("model", base), base, engine)
+    styles = parse_model(body.get("model", base), base)
     extra = body.get("hypernetworks")
     if extra is not None:
         if not isinstance(extra, dict):
@@ -205,8 +234,8 @@ def refuse_unsupported(body: dict) -> None:
 
 
 def sampling(body: dict, engine: Engine, max_default: int | None) -> dict:
-    for key in FLAGS:
-        flag(body, key)
+    """The request's options, each checked: those of its rows, and ``stream`` and ``n``."""
+    flags = {key: flag(body, key) for key in FLAGS}
     refuse_unsupported(body)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
@@ -221,7 +250,7 @@ def sampling(body: dict, engine: Engine, max_default: int | None) -> dict:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(f"seed must be an integer, got {short(seed)}", "seed")
     return dict(
-        ignore_eos=flag(body, "ignore_eos"),
+        ignore_eos=flags["ignore_eos"], stream=flags["stream"],
         temperature=number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
         max_tokens=max_tokens, stop=stop, seed=seed,
@@ -279,9 +308,8 @@ class Completion:
         self.engine, self.request, self.prompts, self.chat, self.log = engine, request, prompts, chat, log
         self.path = request.scope["path"]
         self.styles = request_styles(body, base, engine)
-        self.streaming = flag(body, "stream")
         opts = sampling(body, engine, None if chat else DEFAULT_MAX_TOKENS)
-        n = opts.pop("n")
+        n, self.streaming = opts.pop("n"), opts.pop("stream")
         if len(prompts) * n > engine.max_batch:
             raise RequestError(f"{len(prompts)} prompts x n={n} rows: at most {engine.max_batch} per request", "n")
         for ids in prompts:
@@ -406,20 +434,29 @@ class Completion:
 
 # -- the app ---------------------------------------------------------------------------------------
 def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, fronts: dict | None = None, *,
-               allowed_hosts=None, max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None):
+               allowed_hosts=None, max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None,
+               body_timeout: float = BODY_TIMEOUT):
     """The FastAPI app serving ``engine`` under the model name ``base``. ``fronts``: style name ->
     PNG path of its perplexity front (shown by the studio page). ``allowed_hosts``: the host names
     the Host header may name (None: any); ``max_body_bytes``: the largest request body;
-    ``max_prompt_tokens``: the longest prompt (None: the model's context)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
+    ``max_prompt_tokens``: the longest prompt (None: the model's context); ``body_timeout``:
+    seconds a request's body may take to arrive."""
+    from fastapi import FastAPI
 
     app = FastAPI(title="hnkit serve", docs_url=None, redoc_url=None)
-    fronts = fronts or {}
     log = log or (lambda line: None)
     hosts = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
-    prompt_limit = max_prompt_tokens or engine.context
+    install_guards(app, log, api_key, hosts)
+    add_page_routes(app, engine, base, fronts or {})
+    add_completion_routes(app, engine, base, log, max_body_bytes, max_prompt_tokens or engine.context, body_timeout)
+    return app
+
+
+def install_guards(app, log, api_key: str | None, hosts: set | None) -> None:
+    """The Host and key checks before every request, and OpenAI's error JSON for every refusal."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestError)
     async def _request_error(request, exc: RequestError):
@@ -441,6 +478,11 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
             log(f"{path} 500 {type(exc).__name__}: {str(exc)[:200]}")
             return JSONResponse(error_body(f"internal server error ({type(exc).__name__}); see the server's log",
                                            kind="server_error"), status_code=500)
+
+
+def add_page_routes(app, engine: Engine, base: str, fronts: dict) -> None:
+    """The model list, the styles, their fronts and the studio page."""
+    from fastapi.responses import FileResponse, HTMLResponse
 
     @app.get("/v1/models")
     async def models():
@@ -465,6 +507,13 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
     async def studio():
         return HTMLResponse((STUDIO / "index.html").read_text(encoding="utf-8"))
 
+
+def add_completion_routes(app, engine: Engine, base: str, log, max_body_bytes: int, prompt_limit: int,
+                          body_timeout: float) -> None:
+    """``/v1/completions`` and ``/v1/chat/completions``, whole or streamed."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
     async def respond(request: Request, body: dict, prompts: list[list[int]], chat: bool):
         run = Completion(engine, request, body, prompts, chat, log, base)
         if run.streaming:
@@ -474,7 +523,7 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request, max_body_bytes)
+        body = await read_json(request, max_body_bytes, body_timeout)
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -486,8 +535,6 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request, max_body_bytes)
+        body = await read_json(request, max_body_bytes, body_timeout)
         ids = await chat_ids(engine, body.get("messages"), prompt_limit)
         return await respond(request, body, [ids], chat=True)
-
-    return app

@@ -106,13 +106,15 @@ def build_tiny_styles(folder: str | Path, names=("noir", "whimsy", "gothic")) ->
 
 class ServerThread:
     """``hnkit serve`` as the command builds it, with its connection limits, run by uvicorn in a
-    thread on a free port of 127.0.0.1: ``url``, ``engine``, ``lines`` (the request log, and the
-    styles left out), ``close()``. The engine runs in a thread of its own, unless
+    thread on a free port of 127.0.0.1: ``url``, ``port``, ``engine``, ``lines`` (the request log,
+    and the styles left out), ``close()``. The engine runs in a thread of its own, unless
     ``engine_thread=False``: then the caller runs ``engine.serve_forever()`` (as ``hnkit serve``
-    does, in the thread that loaded the model). ``log`` replaces the request log's target."""
+    does, in the thread that loaded the model). ``engine`` serves that engine instead of loading
+    ``model`` and ``styles``. ``log`` replaces the request log's target; ``app_options`` go to
+    :func:`hnkit.server.create_app` (``max_body_bytes``, ``allowed_hosts``, ...)."""
 
     def __init__(self, model, styles, api_key=None, max_batch=8, name="tiny", device="cpu", engine_thread=True,
-                 header_timeout=None, max_connections=None, log=None):
+                 header_timeout=None, max_connections=None, log=None, engine=None, **app_options):
         import argparse
         import threading
         import time
@@ -121,27 +123,34 @@ class ServerThread:
         from .server import create_app
 
         sock = serve.listen_socket("127.0.0.1", 0)
-        port = sock.getsockname()[1]
-        args = argparse.Namespace(model=str(model), styles=str(styles), host="127.0.0.1", port=port,
+        self.port = sock.getsockname()[1]
+        args = argparse.Namespace(model=str(model), styles=str(styles), host="127.0.0.1", port=self.port,
                                   api_key=api_key, name=name, max_batch=max_batch, device=device)
         self.lines: list[str] = []
         try:
-            self.engine, self.base, fronts = serve.build(args, thread=engine_thread, say=self.lines.append)
+            if engine is None:
+                self.engine, self.base, fronts = serve.build(args, thread=engine_thread, say=self.lines.append)
+            else:
+                self.engine, self.base, fronts = engine, name, {}
         except BaseException:
             sock.close()
             raise
+        header_timeout = header_timeout or serve.HEADER_TIMEOUT
+        options = {"allowed_hosts": serve.allowed_hosts("127.0.0.1"), "body_timeout": header_timeout, **app_options}
         app = create_app(self.engine, self.base, api_key=api_key, fronts=fronts,
-                         log=serve.request_log(log or self.lines.append),
-                         allowed_hosts=serve.allowed_hosts("127.0.0.1"))
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = serve.uvicorn_server(app, sock, header_timeout=header_timeout or serve.HEADER_TIMEOUT,
+                         log=serve.request_log(log or self.lines.append), **options)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = serve.uvicorn_server(app, sock, header_timeout=header_timeout,
                                            max_connections=max_connections or serve.MAX_CONNECTIONS,
                                            log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
+        while not self.server.started and self.thread.is_alive() and time.time() < deadline:
             time.sleep(0.02)
+        if not self.server.started:
+            self.close()
+            raise RuntimeError("the test server did not start (see the log above)")
 
     def close(self) -> None:
         self.server.should_exit = True

@@ -3,20 +3,24 @@ long, a port in use, a failing log, damaged styles, the strength bound shared wi
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from hnkit import HnkitError
 from hnkit.commands.cli import build_parser, main
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[test]')")
@@ -41,6 +45,11 @@ def refused(capsys, argv) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
+
+
+def said(err: str) -> str:
+    """The log's text on one line: rich wraps it and puts the source line (serve.py:123) at the right."""
+    return " ".join(w for w in err.split() if not re.fullmatch(r"serve\.py:\d+", w))
 
 
 def serve_argv(tiny, *more, styles=None):
@@ -176,28 +185,112 @@ def test_idle_connections_past_the_limit_do_not_stop_the_server(tiny):
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
     try:
         time.sleep(0.3)
-        assert len(server.server.server_state.connections) <= 4
+        assert sum(is_closed(sock) for sock in idle) >= 16  # at most 4 stay open: the oldest made room
         with httpx.Client(timeout=10) as client:
             for _ in range(3):
                 assert client.get(server.url + "/v1/models").status_code == 200
-        closed = sum(is_closed(sock) for sock in idle)
-        assert closed >= 16  # the oldest idle ones made room
     finally:
         for sock in idle:
             sock.close()
         server.close()
 
 
-def test_a_flood_of_loop_errors_prints_a_bounded_number_of_lines(caplog):
-    loop = serve.quiet_loop()
+def read_until_closed(sock, limit: float) -> bytes:
+    """What the server sends on ``sock`` until it closes it (fails if still open after ``limit`` s)."""
+    sock.settimeout(limit)
+    data, deadline = b"", time.monotonic() + limit
     try:
-        with caplog.at_level(logging.ERROR, logger="asyncio"):
-            for _ in range(2000):  # what asyncio reports when accept() runs out of file descriptors
-                loop.call_exception_handler({"message": "socket.accept() out of system resource",
-                                             "exception": OSError(errno.EMFILE, "Too many open files")})
-        assert 1 <= len(caplog.records) <= 10
+        while piece := sock.recv(65536):
+            data += piece
+            assert time.monotonic() < deadline, f"still open after {limit} s: {data[:200]!r}"
+    except socket.timeout:
+        pytest.fail(f"the server kept the connection open for {limit} s: {data[:200]!r}")
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_a_body_that_never_ends_is_a_408_and_frees_its_connection(tiny):
+    """Every connection the cap allows sends its headers and half a body, then nothing: each is
+    answered 408 and closed, and the server answers others."""
+    server = ServerThread(tiny["model"], tiny["styles"], header_timeout=0.5, max_connections=4)
+    port = int(server.url.rsplit(":", 1)[1])
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 50\r\n\r\n").encode()
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    try:
+        for sock in slow:
+            sock.sendall(head + b'{"model": "tiny", "pr')
+        for sock in slow:
+            answer = read_until_closed(sock, 5)
+            assert answer.startswith(b"HTTP/1.1 408") and b'"code": "request_timeout"' in answer, answer[:300]
+        assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 200
+        assert any("/v1/completions 408" in line for line in server.lines)
     finally:
-        loop.close()
+        for sock in slow:
+            sock.close()
+        server.close()
+
+
+@contextlib.contextmanager
+def serving(app, **limits):
+    """``app`` served as ``hnkit serve`` serves its own (serve.uvicorn_server), in a thread: its port."""
+    sock = serve.listen_socket("127.0.0.1", 0)
+    server = serve.uvicorn_server(app, sock, **limits)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_client_that_stops_reading_is_dropped():
+    """A stream to a client that takes nothing ends once the buffers are full for ``send_timeout``."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    ended = threading.Event()
+
+    async def endless():
+        try:
+            for _ in range(100_000):  # 6.5 GB if it were all sent: the client reads none of it
+                yield b"x" * 65536
+        finally:
+            ended.set()
+
+    async def endpoint(request):
+        return StreamingResponse(endless(), media_type="text/event-stream")
+
+    with serving(Starlette(routes=[Route("/", endpoint)]), send_timeout=0.5) as port:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert ended.wait(20), "the stream to a client that reads nothing is still running"
+
+
+def test_a_flood_of_loop_errors_prints_a_bounded_number_of_lines(caplog):
+    async def app(scope, receive, send):  # a request makes the server's loop report 2000 errors
+        if scope["type"] != "http":
+            return
+        loop = asyncio.get_running_loop()
+        for _ in range(2000):  # what asyncio reports when accept() runs out of file descriptors
+            loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                         "exception": OSError(errno.EMFILE, "Too many open files")})
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"), serving(app) as port:
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 204
+    told = [r for r in caplog.records if "accept() out of system resource" in r.getMessage()]
+    assert 1 <= len(told) <= 10
     budget = serve.ErrorBudget(burst=2, period=0.05)
     plain = asyncio.new_event_loop()
     try:
@@ -211,6 +304,44 @@ def test_a_flood_of_loop_errors_prints_a_bounded_number_of_lines(caplog):
         assert told == ["boom", "boom", "48 more errors in the last 0.05 s were not shown", "boom"]
     finally:
         plain.close()
+
+
+def test_a_uvicorn_without_what_the_limits_build_on_is_refused():
+    import uvicorn
+
+    serve.check_uvicorn()  # the installed one has it all
+
+    class Bare:
+        def __init__(self):
+            self.transport = None
+
+    with pytest.raises(HnkitError, match=rf"uvicorn {re.escape(uvicorn.__version__)} .*H11Protocol.connections"):
+        serve.check_uvicorn(Bare, Bare)
+
+
+def test_the_command_says_its_connection_cap_and_restores_sigterm(tiny, capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = build_parser().parse_args(["serve", "--model", str(tiny["model"]), "--styles", str(tiny["styles"]),
+                                      "--port", str(port), "--device", "cpu", "--max-connections", "7"])
+
+    def stop():  # once it generates (it has said its start line), stop it as a service manager does
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        serve.run(args)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "at most 7 connections; Ctrl-C stops" in said(capsys.readouterr().err)
 
 
 def test_the_file_limit_is_raised_at_start():
@@ -343,9 +474,10 @@ def test_the_command_serves_with_a_key_from_a_file(tiny, tmp_path):
         port = probe.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HNKIT_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "hnkit", "serve", "--model", str(tiny["model"]), "--styles",
-                             str(tiny["styles"]), "--port", str(port), "--device", "cpu",
-                             "--api-key-file", str(tmp_path / "key")],
+    command = [sys.executable, "-m", "hnkit", "serve", "--model", str(tiny["model"]), "--styles", str(tiny["styles"]),
+               "--port", str(port), "--device", "cpu", "--api-key-file", str(tmp_path / "key")]
+    # at most 200 open files: the default --max-connections 256 is lowered to a quarter of that, said at start
+    proc = subprocess.Popen(["sh", "-c", 'ulimit -n 200 && exec "$@"', "sh", *command],
                             env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/v1/models"
     try:
@@ -365,3 +497,4 @@ def test_the_command_serves_with_a_key_from_a_file(tiny, tmp_path):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "s3cret" not in err and "key required" in err
+    assert "at most 50 connections (--max-connections 256 lowered: the open-file limit is 200)" in said(err)

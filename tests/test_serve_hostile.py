@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import hnkit
-from hnkit.engine import Engine, Job
+from hnkit import HnkitError
+from hnkit.engine import SHUTTING_DOWN, Engine, Job
+from hnkit.testing import ServerThread
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[test]')")
 
@@ -52,44 +54,14 @@ def together(engine, send, bodies) -> list:
     return results
 
 
-class Server:
-    """``create_app`` with the given options on an engine of its own, served by uvicorn in a thread."""
-
-    def __init__(self, model, styles, engine=None, **options):
-        import uvicorn
-
-        from hnkit.server import create_app
-        from hnkit.text import load_causal_lm
-
-        if engine is None:
-            lm, tokenizer = load_causal_lm(str(model))
-            engine = Engine(lm.eval(), tokenizer, hnkit.StyleLibrary(styles), thread=True)
-        self.engine, self.lines = engine, []
-        app = create_app(engine, "tiny", log=self.lines.append, **options)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.02)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        if hasattr(self.engine, "close"):
-            self.engine.close()
-
-
 @pytest.fixture
 def server(served):
+    """``hnkit serve`` as the command builds it (hnkit.testing.ServerThread: its protocol and limits),
+    with the given options of ``create_app``."""
     made = []
 
     def make(**options):
-        made.append(Server(served["model"], served["styles"], **options))
+        made.append(ServerThread(served["model"], served["styles"], **options))
         return made[-1]
 
     yield make
@@ -172,7 +144,10 @@ def test_an_unexpected_failure_is_a_logged_json_500(served):
         names, context, max_batch = ["noir"], 128, 8
         library = {}
 
-    s = Server(None, None, engine=Broken())
+        def close(self):
+            pass
+
+    s = ServerThread(None, None, engine=Broken())
     try:
         r = httpx.get(s.url + "/hnkit/styles", timeout=30)
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
@@ -248,6 +223,47 @@ def test_closing_the_engine_ends_every_request_with_an_error(server):
     assert late.status_code == 503
 
 
+def test_engine_calls_end_at_close_and_are_refused_after(served):
+    """A function waiting for the engine's thread when it closes fails with the shutdown error; a
+    call on a closed engine fails at once (neither waits forever)."""
+    from hnkit.text import load_causal_lm
+
+    model, tokenizer = load_causal_lm(str(served["model"]))
+    engine = Engine(model.eval(), tokenizer, hnkit.StyleLibrary(served["styles"]), thread=True)
+    running, release, got = threading.Event(), threading.Event(), {}
+
+    def ask(key, fn):
+        try:
+            got[key] = engine.call(fn)
+        except Exception as exc:  # noqa: BLE001 - what the caller sees
+            got[key] = exc
+
+    def first():  # holds the engine's thread until released
+        running.set()
+        release.wait(30)
+        return "first"
+
+    callers = [threading.Thread(target=ask, args=("first", first), daemon=True)]
+    callers[0].start()
+    assert running.wait(30)
+    callers.append(threading.Thread(target=ask, args=("queued", lambda: "queued"), daemon=True))
+    callers[1].start()
+    while not engine.waiting:
+        time.sleep(0.01)
+    closer = threading.Thread(target=engine.close, daemon=True)
+    closer.start()
+    callers[1].join(timeout=10)
+    assert isinstance(got.get("queued"), HnkitError) and str(got["queued"]) == SHUTTING_DOWN  # before release
+    release.set()
+    closer.join(timeout=30)
+    callers[0].join(timeout=10)
+    assert got["first"] == "first"  # the one running finishes
+    late = threading.Thread(target=ask, args=("late", lambda: "late"), daemon=True)
+    late.start()
+    late.join(timeout=10)
+    assert isinstance(got.get("late"), HnkitError) and str(got["late"]) == SHUTTING_DOWN
+
+
 # -- 6. unknown styles at strength 0 -------------------------------------------------------------------
 @pytest.mark.parametrize("model, extra", [("tiny+nosuch:0", None), ("tiny", {"nosuch": 0}), ("tiny+noir:0", {"nosuch": 0.0})])
 def test_an_unknown_style_at_strength_0_is_refused(served, model, extra):
@@ -272,7 +288,11 @@ def many_styles(served, tmp_path_factory):
 def test_a_batch_sets_and_computes_only_the_styles_it_uses(served, many_styles, tmp_path):
     from hnkit.text import load_causal_lm
 
-    def engine_for(folder):
+    def engine_for(names):  # a library of just these styles of many_styles
+        folder = tmp_path / "-".join(names)
+        folder.mkdir()
+        for name in names:
+            (folder / f"{name}.safetensors").write_bytes((many_styles / f"{name}.safetensors").read_bytes())
         model, tokenizer = load_causal_lm(str(served["model"]))
         return Engine(model.eval(), tokenizer, hnkit.StyleLibrary(folder))
 
@@ -282,38 +302,78 @@ def test_a_batch_sets_and_computes_only_the_styles_it_uses(served, many_styles, 
         engine.run(jobs)
         return [j.tokens for j in jobs]
 
-    big = engine_for(many_styles)
+    model, tokenizer = load_causal_lm(str(served["model"]))
+    big = Engine(model.eval(), tokenizer, hnkit.StyleLibrary(many_styles))
     assert big.stack is not None and len(big.names) == 60
-    named = []
-    setter = big.attachment.set_strength
-    big.attachment.set_strength = lambda value, index=None: (named.append(sorted(value)), setter(value, index))
+    # the styles not used get NaN weights (a stack's tensors are [member, ...]): a batch that computed
+    # any of them, even at strength 0 (0 * NaN is NaN), would give other tokens
+    unused = [i for i, name in enumerate(big.names) if name not in ("s03", "s10", "s57")]
+    with torch.no_grad():
+        for p in big.stack.parameters():
+            p[unused] = float("nan")
     rows = [{"s03": 1.0}, {"s57": -0.7}, {"s03": 0.5, "s57": 1.2}]
-    tokens = run(big, rows)
-    assert named[0] == ["s03", "s57"]  # the 58 others are never looked at
-    members = big.attachment._strengths.values[0]
-    assert members.members.tolist() == [3, 57] and tuple(members.s.shape) == (3, 2)  # two members computed
-    run(big, [{"s10": 1.0}])
-    assert named[-1] == ["s03", "s10", "s57"]  # the last batch's styles go back to 0
-    assert big.attachment.strengths[3] == 0.0 and big.attachment.strengths[57] == 0.0
-    # the same rows on a library of just those two styles: the same tokens
-    small = tmp_path / "small"
-    small.mkdir()
-    for name in ("s03", "s57"):
-        (small / f"{name}.safetensors").write_bytes((many_styles / f"{name}.safetensors").read_bytes())
-    assert run(engine_for(small), rows) == tokens
+    # the 57 NaN styles, 52 of them between s03 and s57, are never computed: the same tokens as alone
+    assert run(big, rows) == run(engine_for(["s03", "s57"]), rows)
+    # the next batch: the last one's styles are back at 0
+    assert run(big, [{"s10": 1.0}, {}]) == run(engine_for(["s10"]), [{"s10": 1.0}, {}])
 
 
-def test_a_sum_of_many_networks_looks_at_those_not_at_0():
-    """Styles that cannot share a stack are summed network by network: only the ones set are visited."""
+class Recording:
+    """A network's K or V module that says when it is run (its residual: 1 everywhere)."""
+
+    dtype = torch.float32
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def residual(self, h):
+        self.calls.append(self.name)
+        return torch.ones_like(h)
+
+
+def test_a_sum_of_many_networks_runs_those_not_at_0():
+    """Styles that cannot share a stack are summed network by network: only the ones set are run."""
     from hnkit.kernels import Strengths, Sum
 
+    calls = []
     strengths = Strengths([0.0] * 500)
-    kernel = Sum([(i, (f"k{i}", f"v{i}"), 1.0) for i in range(500)], strengths)
-    assert kernel.active() == []
+    kernel = Sum([(i, (Recording(f"k{i}", calls), Recording(f"v{i}", calls)), 1.0) for i in range(500)], strengths)
+    x = torch.zeros(2, 3, 4)
+    assert kernel(x, 0) is x and calls == []
     strengths.values[7], strengths.values[420] = 0.5, -1.0
-    assert [i for i, _, _ in kernel.active()] == [7, 420]
+    assert torch.equal(kernel(x, 1), torch.full_like(x, -0.5)) and calls == ["v7", "v420"]
+    calls.clear()
     strengths.values[7] = 0.0
-    assert [i for i, _, _ in kernel.active()] == [420]
+    assert torch.equal(kernel(x, 0), torch.full_like(x, -1.0)) and calls == ["k420"]
+
+
+def test_a_chain_visits_only_the_networks_not_at_0():
+    """At a site that some networks do not reach, those set elsewhere do not make the others active."""
+    from hnkit.kernels import Chain, Strengths
+
+    calls = []
+    strengths = Strengths([0.0, 0.0, 0.5])  # network 2 has no module at this site
+    kernel = Chain([(i, (Recording(f"k{i}", calls), Recording(f"v{i}", calls)), 1.0) for i in range(2)], strengths)
+    assert kernel.active() == []
+    strengths.values[1] = 2.0
+    assert [i for i, _, _ in kernel.active()] == [1]
+    strengths.values[0] = -1.0
+    assert [i for i, _, _ in kernel.active()] == [0, 1]
+
+
+def test_strength_values_change_only_by_index():
+    """The strengths a kernel reads know which are not 0; nothing can change them behind its back."""
+    from hnkit.kernels import Strengths
+
+    values = Strengths([0.0, 1.0, 0.0]).values
+    assert sorted(values.nonzero) == [1] and list(values) == [0.0, 1.0, 0.0] and len(values) == 3
+    values[-1] = 2.0
+    values[1] = 0.0
+    assert sorted(values.nonzero) == [2] and values[2] == 2.0
+    for change in ("append", "extend", "insert", "pop", "remove", "clear", "__delitem__", "sort"):
+        assert not hasattr(values, change), change  # a list's ways would leave nonzero stale
+    with pytest.raises(IndexError):
+        values[3] = 1.0
 
 
 # -- limits: body, prompt, Host ------------------------------------------------------------------------
@@ -343,15 +403,15 @@ def test_a_prompt_over_the_token_limit_is_refused_and_tokenized_off_the_loop(ser
     r = post(s.url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hello " * 9}]})
     assert r.status_code == 400 and "limit of 8 tokens" in r.json()["error"]["message"]
     tokenizer = s.engine.tokenizer
-    calls = []
+    calls, release = [], threading.Event()
 
-    class Slow:  # the engine's tokenizer, taking its time
+    class Slow:  # the engine's tokenizer, stuck until released
         def __getattr__(self, name):
             return getattr(tokenizer, name)
 
         def __call__(self, *args, **kw):
             calls.append(args)
-            time.sleep(1.5)
+            release.wait(60)
             return tokenizer(*args, **kw)
 
     s.engine.tokenizer = Slow()
@@ -362,11 +422,13 @@ def test_a_prompt_over_the_token_limit_is_refused_and_tokenized_off_the_loop(ser
         slow.start()
         while not calls:
             time.sleep(0.01)
-        start = time.time()
+        # answered while the tokenizer is still stuck: tokenizing does not hold the event loop
         assert httpx.get(s.url + "/v1/models", timeout=30).status_code == 200
-        assert time.time() - start < 1.0  # not stuck behind the tokenizer
+        assert not release.is_set() and slow.is_alive()
+        release.set()
         slow.join(timeout=30)
     finally:
+        release.set()
         s.engine.tokenizer = tokenizer
 
 
@@ -383,6 +445,9 @@ def test_a_host_not_allowed_is_refused_on_every_path(server):
                   post(s.url, "/v1/completions", body, headers={"Host": host})):
             assert r.status_code == 400, (host, r.text)
             assert r.json()["error"]["code"] == "host_not_allowed" and "not allowed" in r.json()["error"]["message"]
+    for host in ("[::1]evil", "[::1]evil:80", "[::1]:80x", "localhost:80x", "[::1"):
+        r = httpx.get(s.url + "/v1/models", headers={"Host": host})  # only :port may follow the name
+        assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed", (host, r.text)
     assert any(line.startswith("/ 400 host") for line in s.lines)
     for host in ("localhost", f"localhost:{s.port}", f"LocalHost.:{s.port}", f"[::1]:{s.port}", "127.0.0.1"):
         assert httpx.get(s.url + "/v1/models", headers={"Host": host}).status_code == 200, host

@@ -10,8 +10,13 @@ it) is shown on the page as that style's perplexity front.
 
 Exposed beyond this machine, the server needs an API key (``HNKIT_API_KEY`` or ``--api-key-file``,
 which ``ps`` does not show), and it bounds its connections: a request's headers must arrive within
-``--header-timeout`` seconds, an idle connection closes after KEEP_ALIVE seconds, and at most
-``--max-connections`` stay open (a new one closes the one waiting longest for its request).
+``--header-timeout`` seconds, and then its body within as many again (else a 408); an idle
+connection closes after KEEP_ALIVE seconds; a client that takes none of a response for SEND_TIMEOUT
+seconds while the server's buffers are full is dropped; and at most ``--max-connections`` stay
+open: a new one closes the one waiting longest for its request, or, when every one is busy with a
+request, is closed itself. The cap is at most a quarter of the open-file limit (which hnkit serve
+raises to its hard limit at start), so that the model's files and the engine have descriptors left;
+the start line says the cap used.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ KEEP_ALIVE = 5  # seconds an idle connection stays open between requests (uvicor
 MAX_CONNECTIONS = 256  # open connections: well below the usual 1024 file descriptors
 BACKLOG = 128  # connections the kernel queues before they are accepted
 MAX_HEADER_BYTES = 16 * 1024  # a request's headers (h11's own default, stated)
+SEND_TIMEOUT = 30.0  # seconds a client may take nothing while the server's buffers to it are full
 GRACEFUL_SHUTDOWN = 3  # seconds running requests get at Ctrl-C before they are cancelled
 
 
@@ -53,10 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the base model's name in the API (default: the model folder's name)")
     parser.add_argument("--max-batch", type=int, default=8, help="rows generated together (default: 8)")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
-                        help=f"open connections at most (default: {MAX_CONNECTIONS}); a new one closes the "
-                             "one waiting longest for its request")
+                        help=f"open connections at most (default: {MAX_CONNECTIONS}; at most a quarter of the "
+                             "open-file limit); a new one closes the one waiting longest for its request, or "
+                             "itself when all are busy")
     parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT, metavar="SECONDS",
-                        help=f"close a connection whose request headers take longer (default: {HEADER_TIMEOUT:g})")
+                        help="close a connection whose request headers take longer, and answer 408 to a "
+                             f"request whose body takes as long again (default: {HEADER_TIMEOUT:g})")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
 
@@ -182,68 +190,113 @@ class ErrorBudget:
             self.dropped += 1
 
 
-def quiet_loop():
-    """uvicorn's event loop, with a bounded error report (ErrorBudget)."""
+def with_error_budget(app):
+    """``app`` with a bounded error report (ErrorBudget) on the server's own event loop, set when it
+    starts (uvicorn's lifespan event comes first, in that loop): no process-wide hook."""
     import asyncio
 
-    loop = asyncio.new_event_loop()
-    loop.set_exception_handler(ErrorBudget())
-    return loop
+    async def wrapped(scope, receive, send):
+        if scope["type"] == "lifespan":
+            asyncio.get_running_loop().set_exception_handler(ErrorBudget())
+        await app(scope, receive, send)
+
+    return wrapped
 
 
-def protocol_class(header_timeout: float, max_connections: int):
-    """uvicorn's h11 protocol with the two limits uvicorn lacks (its keep-alive timer starts only after
-    a response, and ``limit_concurrency`` answers 503 to requests but accepts any number of idle
-    connections): a request's headers must come within ``header_timeout`` seconds of the connection
-    or of the previous response, and at most ``max_connections`` stay open."""
+# what protocol_class builds on in uvicorn's h11 protocol (not public API): checked at start
+PROTOCOL_METHODS = ("connection_made", "connection_lost", "on_response_complete", "pause_writing", "resume_writing")
+PROTOCOL_FIELDS = ("connections", "cycle", "loop", "transport")  # set in H11Protocol.__init__
+CYCLE_FIELDS = ("response_complete",)  # set in RequestResponseCycle.__init__
+
+
+def check_uvicorn(protocol=None, cycle=None) -> None:
+    """Refuse a uvicorn whose h11 protocol lacks what the connection limits build on (``protocol``
+    and ``cycle``: uvicorn's H11Protocol and RequestResponseCycle unless given)."""
+    import uvicorn
+
+    if protocol is None or cycle is None:
+        from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+
+        protocol, cycle = protocol or H11Protocol, cycle or RequestResponseCycle
+    missing = [f"H11Protocol.{m}" for m in PROTOCOL_METHODS if not callable(getattr(protocol, m, None))]
+    for cls, label, fields in ((protocol, "H11Protocol", PROTOCOL_FIELDS),
+                               (cycle, "RequestResponseCycle", CYCLE_FIELDS)):
+        names = cls.__init__.__code__.co_names  # the attributes __init__ sets, among other names
+        missing += [f"{label}.{f}" for f in fields if f not in names]
+    if missing:
+        raise HnkitError(f"uvicorn {uvicorn.__version__} lacks what hnkit serve's connection limits build on "
+                         f"({', '.join(missing)}): install one this hnkit supports: pip install 'uvicorn>=0.32.1,<1'")
+
+
+def protocol_class(header_timeout: float, max_connections: int, send_timeout: float = SEND_TIMEOUT):
+    """uvicorn's h11 protocol with the limits uvicorn lacks (its keep-alive timer starts only after a
+    response, ``limit_concurrency`` answers 503 to requests but accepts any number of idle connections,
+    and a response waits forever for a client that reads nothing): a request's headers must come
+    within ``header_timeout`` seconds of the connection or of the previous response, at most
+    ``max_connections`` stay open, and a client that takes nothing for ``send_timeout`` seconds while
+    the buffers to it are full is dropped. What it adds is named ``_hnkit_*``: no clash with uvicorn's."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    check_uvicorn()
 
     class Protocol(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.header_timer = None
-            self.arm_header_timer()
+            self._hnkit_header_timer = self._hnkit_send_timer = None
+            self._hnkit_arm_header_timer()
             open_now = [c for c in self.connections if not c.transport.is_closing()]
             if len(open_now) > max_connections:  # close the one waiting longest for a request, else this
-                waiting = [c for c in open_now if c is not self and c.between_requests()]
-                min(waiting, key=lambda c: c.waiting_since, default=self).transport.close()
+                waiting = [c for c in open_now if c is not self and c._hnkit_between_requests()]
+                min(waiting, key=lambda c: c._hnkit_waiting_since, default=self).transport.close()
 
-        def between_requests(self) -> bool:
+        def _hnkit_between_requests(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
 
-        def arm_header_timer(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-            self.waiting_since = self.loop.time()
-            self.header_timer = self.loop.call_later(header_timeout, self.header_timeout_handler)
+        def _hnkit_arm_header_timer(self) -> None:
+            if self._hnkit_header_timer is not None:
+                self._hnkit_header_timer.cancel()
+            self._hnkit_waiting_since = self.loop.time()
+            self._hnkit_header_timer = self.loop.call_later(header_timeout, self._hnkit_header_timeout)
 
-        def header_timeout_handler(self) -> None:
-            self.header_timer = None
-            if self.between_requests():  # no request's headers since the timer started
+        def _hnkit_header_timeout(self) -> None:
+            self._hnkit_header_timer = None
+            if self._hnkit_between_requests():  # no request's headers since the timer started
                 self.transport.close()
 
         def on_response_complete(self) -> None:
             if not self.transport.is_closing():
-                self.arm_header_timer()  # before a pipelined request starts in super()
+                self._hnkit_arm_header_timer()  # before a pipelined request starts in super()
             super().on_response_complete()
 
+        def pause_writing(self) -> None:  # the buffers to the client are full
+            super().pause_writing()
+            if self._hnkit_send_timer is None:  # abort: close() would wait for the buffer to be sent
+                self._hnkit_send_timer = self.loop.call_later(send_timeout, self.transport.abort)
+
+        def resume_writing(self) -> None:
+            if self._hnkit_send_timer is not None:
+                self._hnkit_send_timer.cancel()
+                self._hnkit_send_timer = None
+            super().resume_writing()
+
         def connection_lost(self, exc) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
+            for timer in (self._hnkit_header_timer, self._hnkit_send_timer):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
 
     return Protocol
 
 
 def uvicorn_server(app, sock, *, header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
-                   log_level: str = "critical"):
+                   send_timeout: float = SEND_TIMEOUT, log_level: str = "critical"):
     """The uvicorn server for ``app`` on the bound ``sock`` (run it with ``server.run(sockets=[sock])``),
     with every connection limit: ``hnkit serve`` and the tests' ServerThread both use this."""
     import uvicorn
 
     config = uvicorn.Config(
-        app, host=sock.getsockname()[0], port=sock.getsockname()[1], log_level=log_level,
-        http=protocol_class(header_timeout, max_connections), loop=quiet_loop, ws="none",
+        with_error_budget(app), host=sock.getsockname()[0], port=sock.getsockname()[1], log_level=log_level,
+        http=protocol_class(header_timeout, max_connections, send_timeout), ws="none",
         timeout_keep_alive=KEEP_ALIVE, backlog=BACKLOG, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN)
     return uvicorn.Server(config)
@@ -303,8 +356,6 @@ def build(args, thread: bool = False, say=None):
     say = say or (lambda line: print(line, file=sys.stderr))
     if not 1 <= args.max_batch <= 256:
         raise HnkitError(f"--max-batch must be in 1..256, got {args.max_batch}")
-    if not 0 < args.port < 65536:
-        raise HnkitError(f"--port must be in 1..65535, got {args.port}")
     base = args.name or Path(args.model.rstrip("/")).name
     if not base or "+" in base or ":" in base:
         raise HnkitError(f"--name {base!r}: a model name must be non-empty, without '+' or ':'")
@@ -328,6 +379,7 @@ def run(args: argparse.Namespace) -> None:
     from ..server import create_app
 
     key = check_access(args)
+    check_uvicorn()
     sock = listen_socket(args.host, args.port)
     console = Console(stderr=True)
     log = request_log(lambda line: console.log(line, highlight=False))
@@ -337,24 +389,29 @@ def run(args: argparse.Namespace) -> None:
     except BaseException:
         sock.close()
         raise
-    app = create_app(engine, base, api_key=key, fronts=fronts, log=log, allowed_hosts=allowed_hosts(args.host))
+    app = create_app(engine, base, api_key=key, fronts=fronts, log=log, allowed_hosts=allowed_hosts(args.host),
+                     body_timeout=args.header_timeout)
+    cap = min(args.max_connections, max(limit // 4, 16))  # descriptors left for the model's files and the engine
     # HTTP in a thread; the model in this one, which loaded it (Engine: one thread runs torch)
-    server = uvicorn_server(app, sock, header_timeout=args.header_timeout,
-                            max_connections=min(args.max_connections, max(limit // 4, 16)))
+    server = uvicorn_server(app, sock, header_timeout=args.header_timeout, max_connections=cap)
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hnkit-http", daemon=True)
-    http.start()
-    while not server.started and http.is_alive():
-        time.sleep(0.02)
-    if not server.started:
-        engine.close()
-        raise HnkitError(f"cannot listen on {args.host}:{args.port}")
-    where = f"[{args.host}]" if ":" in args.host else args.host
-    log(f"hnkit serve: {base} with {len(engine.names)} styles ({', '.join(engine.names) or 'none'}) "
-        f"on http://{where}:{args.port}/ (API: /v1{', key required' if key else ''}); Ctrl-C stops")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: as Ctrl-C
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: as Ctrl-C
     try:
+        http.start()
+        while not server.started and http.is_alive():
+            time.sleep(0.02)
+        if not server.started:
+            raise HnkitError(f"cannot listen on {args.host}:{args.port}")
+        where = f"[{args.host}]" if ":" in args.host else args.host
+        lowered = "" if cap == args.max_connections else \
+            f" (--max-connections {args.max_connections} lowered: the open-file limit is {limit})"
+        log(f"hnkit serve: {base} with {len(engine.names)} styles ({', '.join(engine.names) or 'none'}) "
+            f"on http://{where}:{args.port}/ (API: /v1{', key required' if key else ''}); at most {cap} "
+            f"connections{lowered}; Ctrl-C stops")
         engine.serve_forever()
     finally:
         server.should_exit = True
         engine.close()
         http.join(timeout=GRACEFUL_SHUTDOWN + 2)
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
