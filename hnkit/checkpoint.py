@@ -120,7 +120,9 @@ def _metadata(hn: Hypernetwork) -> dict:
 
 
 def to_a1111(hn: Hypernetwork, path: Path | str = "hypernetwork.pt") -> dict:
-    """The dict the web UI itself would ``torch.save`` for this network."""
+    """The dict the web UI itself would ``torch.save`` for this network. A linear network's
+    ``activation_func`` is ``"linear"``, as the web UI's create tab writes it (ComfyUI refuses
+    ``None``); reading ``None`` still works, so a file that had it is written back with ``"linear"``."""
     if hn.config.per_site:
         raise HnkitError(f"{path}: a per-site hypernetwork cannot be written as a web UI .pt (it is keyed by width)")
     c = hn.config
@@ -129,7 +131,7 @@ def to_a1111(hn: Hypernetwork, path: Path | str = "hypernetwork.pt") -> dict:
         "step": hn.step,
         "name": hn.name,
         "layer_structure": list(c.layer_structure),
-        "activation_func": c.activation,
+        "activation_func": c.activation or "linear",
         "is_layer_norm": c.layer_norm,
         "weight_initialization": c.weight_init,
         "sd_checkpoint": hn.extra.get("sd_checkpoint"),

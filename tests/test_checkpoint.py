@@ -35,7 +35,8 @@ def web_ui_dict(hn):
     """What the web UI writes, built by hand from the spec (not through hnkit's writer)."""
     c = hn.config
     d = {w: (hn[w][0].state_dict(), hn[w][1].state_dict()) for w in hn.keys()}
-    d.update(step=hn.step, name=hn.name, layer_structure=c.layer_structure, activation_func=c.activation,
+    # the web UI's create tab names a linear network "linear" (never None)
+    d.update(step=hn.step, name=hn.name, layer_structure=c.layer_structure, activation_func=c.activation or "linear",
              is_layer_norm=c.layer_norm, weight_initialization=c.weight_init, sd_checkpoint="abc123",
              sd_checkpoint_name="model-v1", activate_output=c.activate_output, use_dropout=c.use_dropout,
              dropout_structure=c.dropout_structure, last_layer_dropout=c.dropout_structure[-2] != 0,
@@ -75,7 +76,8 @@ def test_per_site_safetensors_round_trip(tmp_path):
 def test_web_ui_pt_round_trip_is_exact(config, tmp_path):
     torch.manual_seed(0)
     hn = hnkit.load(_save_pt(web_ui_dict(Hypernetwork(config, [768, 320], name="anime", step=7)), tmp_path / "a.pt"))
-    assert hn.config.layer_structure == config.layer_structure and hn.config.activation == config.activation
+    assert hn.config.layer_structure == config.layer_structure
+    assert hn.config.activation == (config.activation or "linear")
     assert hn.extra == {"sd_checkpoint": "abc123", "sd_checkpoint_name": "model-v1", "optional_info": "made by hand"}
     hnkit.save(hn, tmp_path / "b.pt")
     a = torch.load(tmp_path / "a.pt", weights_only=True)
@@ -84,6 +86,33 @@ def test_web_ui_pt_round_trip_is_exact(config, tmp_path):
     # and through the native format and back to .pt: nothing lost
     hnkit.save(hnkit.load(hnkit.save(hn, tmp_path / "c.safetensors")), tmp_path / "d.pt")
     assert _plain(torch.load(tmp_path / "d.pt", weights_only=True)) == _plain(a)
+
+
+def test_linear_network_is_written_as_linear_for_comfyui(tmp_path):
+    """ComfyUI refuses ``activation_func: None`` ("Unsupported Hypernetwork format"); the web UI writes "linear"."""
+    hn = Hypernetwork(HypernetworkConfig(), [768, 320])
+    assert hn.config.activation is None
+    raw = torch.load(hnkit.save(hn, tmp_path / "lin.pt"), weights_only=True)
+    assert raw["activation_func"] == "linear"
+    # through the native format too (hnkit convert)
+    raw = torch.load(hnkit.save(hnkit.load(hnkit.save(hn, tmp_path / "lin.safetensors")), tmp_path / "c.pt"),
+                     weights_only=True)
+    assert raw["activation_func"] == "linear"
+
+
+def test_a_file_with_activation_none_reads_as_linear_and_is_written_back_as_linear(tmp_path):
+    """Exact round trip, one exception: a file that says None (older hnkit, hand-made files) is
+    written back with "linear", which means the same to the web UI and is what ComfyUI reads."""
+    torch.manual_seed(0)
+    a = web_ui_dict(Hypernetwork(HypernetworkConfig(), [768, 320], name="old", step=3))
+    a["activation_func"] = None
+    hn = hnkit.load(_save_pt(a, tmp_path / "a.pt"))
+    assert hn.config.is_linear
+    b = torch.load(hnkit.save(hn, tmp_path / "b.pt"), weights_only=True)
+    assert b["activation_func"] == "linear"
+    assert _plain({**b, "activation_func": None}) == _plain(a)  # nothing else changed
+    x = torch.randn(2, 5, 768)
+    assert torch.equal(hn[768][0](x), hnkit.load(tmp_path / "b.pt")[768][0](x))
 
 
 def _save_pt(data, path):

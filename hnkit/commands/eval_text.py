@@ -30,12 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neutral-data", help="a corpus the style should leave alone (optional)")
     parser.add_argument("--strengths", default="0,0.25,0.5,0.75,1,1.25",
                         help="factors on each style's strength (default: 0,0.25,0.5,0.75,1,1.25)")
-    parser.add_argument("--plot", default=None,
+    parser.add_argument("--plot", default=None, metavar="NAME.png",
                         help="also draw a PNG of perplexity against factor; with --neutral-data also NAME-front.png, "
                              "style gain against neutral cost")
-    parser.add_argument("--max-neutral-cost", type=float, default=0.03,
-                        help="the recommended strength is the one with the largest style gain whose neutral "
-                             "perplexity rises by at most this fraction (default: 0.03, i.e. 3%%)")
+    parser.add_argument("--max-neutral-cost", default=None, metavar="LIMIT",
+                        help="with --neutral-data: the recommended strength is the one with the largest style gain "
+                             "whose neutral perplexity rises by at most this much: a percent (3%%) or a fraction "
+                             "(0.03); a bare number above 1 is refused (default: 3%%)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     parser.add_argument("--force", action="store_true", help="replace existing --plot / --json files")
     parser.add_argument("--block-size", type=int, default=None,
@@ -53,6 +54,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 DATA_DEFAULTS = {"block_size": 256, "val_fraction": 0.05, "seed": 0, "text_field": "text"}
+MAX_NEUTRAL_COST = "3%"
+
+
+def neutral_cost_limit(text: str) -> float:
+    """``--max-neutral-cost`` as a fraction: "3%" and "0.03" are both 0.03. A bare number above 1
+    is refused: "3" could mean 3 % or 300 %."""
+    text = str(text).strip()
+    percent = text.endswith("%")
+    try:
+        value = float(text[:-1] if percent else text) / (100 if percent else 1)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise HnkitError(f"--max-neutral-cost {text}: expected a percent (3%) or a fraction (0.03), at least 0")
+    if not percent and value > 1:
+        raise HnkitError(f"--max-neutral-cost {text}: a bare number is a fraction (0.03 is 3 %); "
+                         f"write {text}% for {text} %")
+    return value
 
 
 def front_plot(plot: str) -> Path:
@@ -60,11 +79,53 @@ def front_plot(plot: str) -> Path:
     return stem.with_name(f"{stem.stem}-front{stem.suffix or '.png'}")
 
 
+def same_corpus(a: Path, b: Path) -> bool:
+    """Whether two corpora (files or folders) are the same text: one path, or the same bytes."""
+    import filecmp
+
+    if a.resolve() == b.resolve():
+        return True
+    sizes_a, sizes_b = _file_sizes(a), _file_sizes(b)
+    return sizes_a == sizes_b and all(filecmp.cmp(a / rel, b / rel, shallow=False) for rel in sizes_a)
+
+
+def _file_sizes(path: Path) -> dict:
+    if path.is_dir():
+        return {p.relative_to(path): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+    return {Path(): path.stat().st_size}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the model is loaded, each mistake in one line."""
+    for option in ("block_size", "max_blocks", "batch_size"):
+        if getattr(args, option) <= 0:
+            raise HnkitError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    for data in (args.style_data, args.neutral_data):
+        if data is not None and not Path(data).exists():
+            raise HnkitError(f"{data}: no such file or folder")
+    if not 0 < args.val_fraction < 1:
+        raise HnkitError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.neutral_data is None and args.max_neutral_cost is not None:
+        raise HnkitError("--max-neutral-cost needs --neutral-data (the cost is measured on the neutral text)")
+    if args.neutral_data is not None and same_corpus(Path(args.style_data), Path(args.neutral_data)):
+        raise HnkitError(f"--neutral-data {args.neutral_data} is the same text as --style-data {args.style_data}; "
+                         "the neutral text is one the style should leave alone (e.g. general prose)")
+    args.max_neutral_cost = neutral_cost_limit(args.max_neutral_cost or MAX_NEUTRAL_COST)
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise HnkitError(f"--plot {args.plot}: a plot is a PNG; name it {Path(args.plot).stem}.png")
+    outputs = [args.json] if args.json else []
+    if args.plot:
+        outputs += [args.plot, front_plot(args.plot)] if args.neutral_data else [args.plot]
+    check_outputs(outputs, args.force)
+
+
 def check_outputs(paths, force: bool) -> None:
     """Before any work: each output file is new (or ``force``), and its folder can be written."""
     import os
 
     for path in map(Path, paths):
+        if path.is_dir():
+            raise HnkitError(f"{path}: is a folder; name a file")
         if path.exists() and not force:
             raise HnkitError(f"{path}: already exists; choose another name or add --force to replace it")
         folder = next(p for p in path.absolute().parents if p.exists())
@@ -163,18 +224,7 @@ def run(args: argparse.Namespace) -> dict:
     for option, fallback in DATA_DEFAULTS.items():
         if getattr(args, option) is None:
             setattr(args, option, trained.get(option, fallback))
-    for option in ("block_size", "max_blocks", "batch_size"):
-        if getattr(args, option) <= 0:
-            raise HnkitError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
-    for data in (args.style_data, args.neutral_data):
-        if data is not None and not Path(data).exists():
-            raise HnkitError(f"{data}: no such file or folder")
-    if not 0 < args.val_fraction < 1:
-        raise HnkitError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    outputs = [args.json] if args.json else []
-    if args.plot:
-        outputs += [args.plot, front_plot(args.plot)] if args.neutral_data else [args.plot]
-    check_outputs(outputs, args.force)
+    check_arguments(args)
     device = choose_device(args.device)
     model, tokenizer = load_causal_lm(args.model)
     model.eval()

@@ -4,6 +4,12 @@ A command's options are a dict ``name -> (type, default, help)``. The same names
 underscores, are the keys of its YAML recipes; the command line overrides a recipe, a recipe the
 defaults. List options come in two kinds: ``NUMBERS`` (``--layer-structure 1,2,1``) and ``TEXTS``
 (``--sample-prompts "a cat" --sample-prompts "a dog"``: repeat the flag, since prompts hold commas).
+A tuple of names as the type is a choice among them (``--precision {fp32,fp16,bf16}``).
+
+A recipe's values are taken as the command line would take them, so ``weight_decay: 1e-2`` (a
+string to YAML 1.1) is the number 0.01 and ``max_steps: "30"`` is 30; a switch takes only a YAML
+boolean (``true``/``false`` unquoted: a quoted ``"false"`` is refused, not counted as true). Each
+mistake is one line naming the recipe, the key, the value and the type expected.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 from pathlib import Path
 
 from ..errors import HnkitError, first_line
+from ..module import WEIGHT_INITS
 from ..util import cache_root
 
 NUMBERS, TEXTS = "numbers", "texts"
@@ -26,12 +33,12 @@ TRAINING = {
     "batch_size": (int, 4, "examples per step and process"),
     "grad_accum": (int, 1, "micro-batches per optimizer step"),
     "lr": (str, "1e-4", "learning rate, or the web UI's step string '5e-3:100, 1e-3:1000, 1e-5'"),
-    "lr_schedule": (str, "constant", "constant | linear | cosine"),
+    "lr_schedule": (("constant", "linear", "cosine"), "constant", "learning-rate schedule"),
     "warmup_steps": (int, 0, "linear warm-up steps"),
     "weight_decay": (float, 0.0, "AdamW weight decay"),
     "max_grad_norm": (float, 1.0, "clip gradients to this norm (0: off)"),
     "max_grad_value": (float, 0.0, "clip gradients to this value (0: off)"),
-    "precision": (str, "fp32", "fp32 | fp16 | bf16"),
+    "precision": (("fp32", "fp16", "bf16"), "fp32", "training precision: fp32, or mixed fp16 / bf16"),
     "gradient_checkpointing": (bool, False, "recompute activations in backward to save memory"),
     "seed": (int, 0, "random seed"),
     "save_every": (int, 0, "write a resumable checkpoint every N steps (0: at the end)"),
@@ -52,7 +59,7 @@ MODULE = {
     "layer_norm": (bool, False, "LayerNorm after each Linear"),
     "dropout_structure": (NUMBERS, None, "dropout per layer, e.g. 0,0.3,0"),
     "activate_output": (bool, False, "activation after the last Linear too"),
-    "weight_init": (str, "Normal", "Normal | XavierUniform | XavierNormal | KaimingUniform | KaimingNormal"),
+    "weight_init": (WEIGHT_INITS, "Normal", "initialization of the Linear weights"),
     "zero_init_last": (bool, False, "start as an exact identity"),
     "per_site": (bool, False, "one module pair per attention layer instead of per width"),
 }
@@ -77,19 +84,70 @@ def add_arguments(parser: argparse.ArgumentParser, options: dict) -> None:
             parser.add_argument(flag, default=None, help=f"{text} (comma-separated)")
         elif typ == TEXTS:
             parser.add_argument(flag, action="append", default=None, help=f"{text} (repeat the flag for several)")
+        elif isinstance(typ, tuple):
+            parser.add_argument(flag, choices=typ, default=None, help=f"{text} (default: {default})")
         else:
             parser.add_argument(flag, type=typ, default=None, help=f"{text} (default: {default})")
 
 
-def _as_list(value, typ, name: str, where: str):
-    if value is None or isinstance(value, list):
-        return value
-    if typ == TEXTS:
-        return [str(value)]
+# -- values: a recipe's, and the command line's lists --------------------------------------------
+def _is_scalar(value) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _expected(typ) -> str:
+    if isinstance(typ, tuple):
+        return f"one of {', '.join(typ)}"
+    names = {bool: "a YAML boolean: true or false, unquoted", int: "an integer", float: "a number", str: "a string",
+             NUMBERS: "numbers: a list [1, 2, 1] or '1,2,1'", TEXTS: "a text or a list of texts"}
+    return names.get(typ, getattr(typ, "__name__", str(typ)))
+
+
+def _described(value) -> str:
+    if value is None:
+        return "no value"
+    kind = {bool: "boolean", str: "string", int: "number", float: "number", list: "list", dict: "mapping"}
+    return f"the {kind.get(type(value), type(value).__name__)} {value!r}"
+
+
+def _option_value(typ, value):
+    """``value`` (from YAML, or a list option's command-line string) as the command line gives an
+    option of type ``typ``; ValueError if it does not fit. None (no value) is kept."""
+    if value is None:
+        return None
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif isinstance(typ, tuple):
+        if value in typ and isinstance(value, str):
+            return value
+    elif typ == NUMBERS:
+        items = str(value).split(",") if _is_scalar(value) else value
+        if isinstance(items, list) and all(_is_scalar(x) for x in items):
+            return [x if isinstance(x, (int, float)) else float(x) for x in items]
+    elif typ == TEXTS:
+        items = value if isinstance(value, list) else [value]
+        if all(_is_scalar(x) for x in items):
+            return [str(x) for x in items]
+    elif _is_scalar(value):
+        return typ(str(value))  # as argparse converts the command line's text
+    raise ValueError(_expected(typ))
+
+
+def _recipe_value(key: str, value, option: tuple, path: str):
+    """A recipe's value for the option ``key``, checked and converted."""
+    typ, default, _ = option
+    if value is None and default is not None:
+        raise HnkitError(f"{path}: {key}: got no value, expected {_expected(typ)}")
     try:
-        return [float(x) for x in str(value).split(",")]
+        value = _option_value(typ, value)
     except ValueError:
-        raise HnkitError(f"{where}: {name} must be comma-separated numbers, got {value!r}") from None
+        hint = " (quote it: YAML reads yes, no, on, off, true, false as booleans)" if isinstance(value, bool) else ""
+        raise HnkitError(f"{path}: {key}: got {_described(value)}, expected {_expected(typ)}{hint}") from None
+    if typ is str and value is not None:
+        # "{cache}" is hnkit's cache folder ($HNKIT_CACHE, else ~/.cache/hnkit), so recipes follow it
+        value = os.path.expanduser(value.replace("{cache}", str(cache_root())))
+    return value
 
 
 # A recipe is a page of options. Bounds checked before PyYAML builds anything, so that a small file
@@ -152,19 +210,19 @@ def read_recipe(path: str, options: dict) -> dict:
     data = _load_yaml(path) or {}
     if not isinstance(data, dict):
         raise HnkitError(f"{path}: a recipe is a mapping of option: value")
-    unknown = [k for k in data if k not in options]
+    unknown = [str(k) for k in data if k not in options]
     if unknown:
-        raise HnkitError(f"{path}: unknown option(s) {', '.join(unknown)}")
-    out = {}
+        meant = [k.replace("-", "_") for k in unknown if k.replace("-", "_") in options]
+        hint = f" (recipe keys use underscores: {', '.join(meant)})" if meant else ""
+        raise HnkitError(f"{path}: unknown option(s) {', '.join(unknown)}{hint}")
+    out, mistakes = {}, []
     for k, v in data.items():
-        typ = options[k][0]
-        if typ in (NUMBERS, TEXTS):
-            out[k] = _as_list(v, typ, k, path)
-        elif typ is str and v is not None:
-            # "{cache}" is hnkit's cache folder ($HNKIT_CACHE, else ~/.cache/hnkit), so recipes follow it
-            out[k] = os.path.expanduser(str(v).replace("{cache}", str(cache_root())))
-        else:
-            out[k] = v
+        try:
+            out[k] = _recipe_value(k, v, options[k], path)
+        except HnkitError as exc:
+            mistakes.append(str(exc))
+    if mistakes:
+        raise HnkitError("\n".join(mistakes))  # one line each
     return out
 
 
@@ -175,8 +233,13 @@ def resolve_options(args: argparse.Namespace, options: dict, required=("model", 
         opts.update(read_recipe(args.config, options))
     for name, (typ, _, _) in options.items():
         value = getattr(args, name, None)
+        if value is not None and typ == NUMBERS:
+            try:
+                value = _option_value(typ, value)
+            except ValueError:
+                raise HnkitError(f"--{name.replace('_', '-')}: got {value!r}, expected {_expected(typ)}") from None
         if value is not None:
-            opts[name] = _as_list(value, typ, name, "command line") if typ in (NUMBERS, TEXTS) else value
+            opts[name] = value
     for name in required:
         if not opts[name]:
             raise HnkitError(f"--{name.replace('_', '-')} is required (on the command line or in the --config recipe)")
