@@ -410,8 +410,8 @@ def bombs(lm, root: Path) -> tuple[int, int, list[str]]:
     return refused, len(cases), notes
 
 
-def large_text(lm, root: Path) -> tuple[float, float, float]:
-    """A 30 MB .txt trained for one step: (peak RSS MB, the same on the small corpus, tokens' own MB)."""
+def large_text(lm, root: Path) -> tuple[float, float, int]:
+    """A 30 MB .txt trained for one step: (peak RSS MB, the same on the small corpus, its tokens)."""
     big = root / "big.txt"
     text = lm["corpus"].read_text()
     with big.open("w") as f:
@@ -422,7 +422,8 @@ def large_text(lm, root: Path) -> tuple[float, float, float]:
     code, err, seconds, peak = run_measured(with_option(base, "--data", str(big)), timeout=1800)
     if code != 0:
         print(f"  the 30 MB .txt run failed: rc {code}: {err.strip()[-300:]}")
-    return peak, small, big.stat().st_size / 3.5 * 8 / 1e6  # about 3.5 bytes a token, 8 bytes an id
+    tokens = max(f.stat().st_size for f in (root / "cache" / "text").glob("*.int32")) // 4  # the big corpus's
+    return peak, small, tokens
 
 
 def main(argv=None) -> None:
@@ -440,7 +441,7 @@ def main(argv=None) -> None:
         refused, total, executions, peak_mb, notes = hostile(lm, root)
         bombs_refused, bombs_total, bomb_notes = bombs(lm, root)
         notes += bomb_notes
-        big_peak, small_peak, tokens_mb = large_text(lm, root)
+        big_peak, small_peak, tokens = large_text(lm, root)
         for line in kill_notes + notes:
             print("  " + line)
         print(f"kills survived: {survived}/{args.kills}")
@@ -449,8 +450,8 @@ def main(argv=None) -> None:
         print(f"peak memory growth while loading every hostile file: {peak_mb:.0f} MB")
         print(f"bombs, damaged run state and changed resumes refused in one line, exit 2, within 5 s and "
               f"+100 MB: {bombs_refused}/{bombs_total}")
-        print(f"train-text on a 30 MB .txt: peak RSS {big_peak:.0f} MB against {small_peak:.0f} MB on the small "
-              f"corpus (the token ids alone: ~{tokens_mb:.0f} MB)")
+        print(f"train-text on a 30 MB .txt ({tokens / 1e6:.1f} M tokens): peak RSS {big_peak:.0f} MB against "
+              f"{small_peak:.0f} MB on the small corpus, {(big_peak - small_peak) * 2**20 / tokens:.1f} bytes a token")
     finally:
         if args.keep:
             print(f"work folder: {root}")
