@@ -105,10 +105,3 @@ def _defaults():
     args = build_parser().parse_args(["train-text", "--model", "m", "--data", "d"])
     return resolve_options(args, train_text.OPTIONS)
 
-
-def test_train_image_latent_sampling_choices_are_the_images_own(tmp_path):
-    from hnkit.image import LATENT_SAMPLING
-
-    assert train_image.OPTIONS["latent_sampling"][0] == LATENT_SAMPLING  # one list, checked where it is read
-    path, msg = refused(tmp_path, "latent_sampling: sometimes\n", train_image.OPTIONS)
-    assert msg.startswith(f"{path}: latent_sampling:") and "once" in msg, msg

@@ -24,8 +24,8 @@ OPTIONS = {
                                    "filewords | style_filewords | subject_filewords"),
     "shuffle_tags": (bool, False, "shuffle the comma-separated tags of each caption every step"),
     "tag_dropout": (float, 0.0, "drop each tag with this probability every step"),
-    "latent_sampling": (("once", "deterministic", "random"), "once",  # image.LATENT_SAMPLING (torch-free here)
-                        "once: one VAE sample per image; deterministic: the mean; random: a new sample every step"),
+    "latent_sampling": (str, "once", "once (one VAE sample per image) | deterministic (the mean) | "
+                                     "random (a new sample every step)"),
     "disk_cache": (bool, True, "keep encoded latents under $HNKIT_CACHE/image for the next run"),
     "val_fraction": (float, 0.0, "share of images held out for validation (0: evaluate on training images "
                                  "with fixed noise)"),
