@@ -5,6 +5,8 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
     GPT2Config,
     GPTJConfig,
     GPTNeoConfig,
@@ -12,7 +14,9 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     OPTConfig,
+    Phi3Config,
     Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB = 128
@@ -35,6 +39,11 @@ TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**_LLAMA_LIKE),
     "mistral": lambda: MistralConfig(**_LLAMA_LIKE),
     "qwen2": lambda: Qwen2Config(**_LLAMA_LIKE),
+    "qwen3": lambda: Qwen3Config(head_dim=8, **_LLAMA_LIKE),  # k_norm after k_proj
+    "gemma": lambda: GemmaConfig(head_dim=8, **_LLAMA_LIKE),
+    "gemma2": lambda: Gemma2Config(head_dim=8, query_pre_attn_scalar=8, sliding_window=8, **_LLAMA_LIKE),
+    # Phi-3: a fused qkv_proj, with K and V narrower than Q (grouped-query attention)
+    "phi3": lambda: Phi3Config(resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **_LLAMA_LIKE),
     "opt": lambda: OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4,
                              vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=32,
                              dropout=0.0, attention_dropout=0.0, **_TOKENS),

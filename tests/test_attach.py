@@ -118,6 +118,15 @@ def _fold_into_weights(model, family, hn, strength):
                 b = lin_qkv.bias.data.view(heads, 3, -1)
                 b[:, 1 + which] += w[:, 1 + which] @ c
                 w[:, 1 + which] = w[:, 1 + which] @ m
+            elif family == "phi3":  # Linear (q + 2 kv, in) without a bias, rows [Q | K | V]
+                qkv = attn.qkv_proj
+                q = ref.config.num_attention_heads * attn.head_dim
+                kv = ref.config.num_key_value_heads * attn.head_dim
+                rows = slice(q + which * kv, q + (which + 1) * kv)
+                if qkv.bias is None:
+                    qkv.bias = torch.nn.Parameter(torch.zeros(qkv.weight.shape[0]))
+                qkv.bias.data[rows] += qkv.weight.data[rows] @ c
+                qkv.weight.data[rows] = qkv.weight.data[rows] @ m
             else:
                 proj = attn.k_proj if which == 0 else attn.v_proj
                 if proj.bias is not None:

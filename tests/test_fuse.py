@@ -43,8 +43,10 @@ def test_fused_equals_attached_and_unfuse_restores_bit_exactly(family, load_tiny
     with hnkit.fuse(model, styles) as fusion:
         assert fusion.fused and not any(m._forward_pre_hooks for m in model.modules())  # weights only, no hooks
         fused = logits(model, ids)
-        if family in ("llama", "gptj", "gpt_neo"):  # bias-less K/V projections get one while fused
-            assert any(n.endswith("k_proj.bias") for n, _ in model.named_parameters())
+        if family in ("llama", "gptj", "gpt_neo", "qwen3", "gemma", "gemma2"):  # bias-less K/V projections
+            assert any(n.endswith("k_proj.bias") for n, _ in model.named_parameters())  # get one while fused
+        if family == "phi3":  # so does a bias-less fused QKV projection
+            assert any(n.endswith("qkv_proj.bias") for n, _ in model.named_parameters())
     assert (attached - base).abs().max() > 1e-2  # the networks act
     torch.testing.assert_close(fused, attached, rtol=0, atol=1e-5)
     after = dict(model.named_parameters())

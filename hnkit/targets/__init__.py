@@ -1,17 +1,16 @@
-"""Where the attention sites are, per model family: one small file each, with ``MODEL_TYPES`` and
+"""Where the attention sites are, per model family: one row of a table for transformers' causal LMs
+(hnkit.targets.causal_lm), a file of its own for the SD UNet (hnkit.targets.unet); each gives
 ``target(model) -> Target`` (hnkit.targets.base)."""
 
 from __future__ import annotations
 
 from ..errors import HnkitError
-from . import gpt2, gpt_neo, gpt_neox, gptj, llama, opt, unet
+from . import causal_lm, unet
 from .base import Site, Target
-
-FAMILIES = {t: mod for mod in (gpt2, gpt_neo, gptj, gpt_neox, llama, opt, unet) for t in mod.MODEL_TYPES}
 
 
 def supported_families() -> list[str]:
-    return sorted(FAMILIES)
+    return sorted([*causal_lm.FAMILIES, unet.FAMILY])
 
 
 def model_family(model) -> str:
@@ -21,7 +20,7 @@ def model_family(model) -> str:
         raise HnkitError(f"got a {type(model).__name__}, not a model: attach to its UNet (pipe.unet)")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
+    if model_type not in causal_lm.FAMILIES:
         what = f"model type {model_type!r}" if model_type else f"model class {type(model).__name__}"
         raise HnkitError(f"unsupported {what}; supported families: {', '.join(supported_families())}")
     return model_type
@@ -29,7 +28,7 @@ def model_family(model) -> str:
 
 def find_target(model) -> Target:
     family = model_family(model)
-    target = FAMILIES[family].target(model)
+    target = unet.target(model) if family == unet.FAMILY else causal_lm.target(model)
     if not target.sites:
         raise HnkitError(f"found no attention layers in this {family} model ({type(model).__name__})")
     return target

@@ -21,7 +21,6 @@ from ..errors import HnkitError
 from .base import Target, matching_modules, separate_kv_site
 
 FAMILY = "sd_unet"
-MODEL_TYPES = (FAMILY,)
 
 # The transformer blocks of down, mid and up blocks; the key is this tail of the module name.
 _SITE_PATTERN = r"(?:(?:down|up)_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]"
