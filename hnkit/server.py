@@ -186,13 +186,16 @@ def parse_model(name, base: str) -> dict[str, float]:
 
 
 def request_styles(body: dict, base: str, engine: Engine) -> dict[str, float]:
-    """The request's ``{style: strength}``, every name known (even at 0), the zeros left out."""
+    """The request's ``{style: strength}``, every name known (even at 0), the zeros left out. An error
+    names the field the strength came from: ``model`` (``base+noir:9``) or ``hypernetworks``."""
     styles = parse_model(body.get("model", base), base)
+    field = dict.fromkeys(styles, "model")
     extra = body.get("hypernetworks")
     if extra is not None:
         if not isinstance(extra, dict):
             raise RequestError("hypernetworks must be an object {style: strength}", "hypernetworks")
         styles.update(extra)
+        field.update(dict.fromkeys(extra, "hypernetworks"))
     out = {}
     for name, s in styles.items():
         try:
@@ -200,12 +203,12 @@ def request_styles(body: dict, base: str, engine: Engine) -> dict[str, float]:
         except OverflowError:  # an integer too large for a float
             value = math.nan
         if not math.isfinite(value):
-            raise RequestError(f"strength of style {name!r} must be a finite number, got {short(s)}", "hypernetworks")
+            raise RequestError(f"strength of style {name!r} must be a finite number, got {short(s)}", field[name])
+        try:
+            engine.check_styles({name: value})
+        except HnkitError as exc:
+            raise RequestError(str(exc), field[name]) from None
         out[name] = value
-    try:
-        engine.check_styles(out)
-    except HnkitError as exc:
-        raise RequestError(str(exc), "model") from None
     return {name: value for name, value in out.items() if value != 0}
 
 
@@ -493,7 +496,7 @@ def add_page_routes(app, engine: Engine, base: str, fronts: dict) -> None:
 
     @app.get("/hnkit/styles")
     async def styles():
-        return {"model": base, "styles": [
+        return {"model": base, "stacked": engine.stack is not None, "styles": [
             {"name": name, "description": engine.library[name].description or "",
              "front": f"/hnkit/styles/{name}/front.png" if name in fronts else None} for name in engine.names]}
 

@@ -4,9 +4,10 @@
     HNKIT_API_KEY=... hnkit serve --model runs/base --styles styles/ --host 0.0.0.0
 
 Point a front-end (SillyTavern, KoboldAI Lite, text-generation-webui, the ``openai`` client) at
-``http://HOST:PORT/v1`` and pick a model ``BASE+style:strength``; or open the page. A PNG named like
-a style (``styles/noir.png`` beside ``styles/noir.safetensors``, as ``hnkit eval-text --plot`` draws
-it) is shown on the page as that style's perplexity front.
+``http://HOST:PORT/v1`` and pick a model ``BASE+style:strength``; or open the page. A style's PNG
+beside it is shown on the page: ``styles/noir-front.png`` (its Pareto front, which
+``hnkit eval-text --plot styles/noir.png --neutral-data ...`` draws), else ``styles/noir.png`` (its
+strength sweep).
 
 Exposed beyond this machine, the server needs an API key (``HNKIT_API_KEY`` or ``--api-key-file``,
 which ``ps`` does not show), and it bounds its connections: a request's headers must arrive within
@@ -343,6 +344,20 @@ def usable_styles(library, model, say) -> None:
             library.discard(name)
 
 
+def front_pictures(folder: Path, names) -> dict[str, Path]:
+    """Style name -> the PNG the page shows: NAME-front.png (the Pareto front ``eval-text --plot
+    NAME.png --neutral-data`` draws beside the sweep) when present, else NAME.png (the sweep). A
+    style named NAME-front keeps its own NAME-front.png."""
+    names = list(names)
+    fronts = {}
+    for name in names:
+        front = None if f"{name}-front" in names else folder / f"{name}-front.png"
+        found = [p for p in (front, folder / f"{name}.png") if p is not None and p.is_file()]
+        if found:
+            fronts[name] = found[0]
+    return fronts
+
+
 def build(args, thread: bool = False, say=None):
     """The engine (its own thread with ``thread``; else the caller runs ``serve_forever``), the base
     model's name and the styles' front pictures, with everything checked (shared with the tests).
@@ -364,8 +379,7 @@ def build(args, thread: bool = False, say=None):
     model, tokenizer = load_causal_lm(args.model)
     model.eval().to(device)
     usable_styles(library, model, say)
-    fronts = {name: library.folder / f"{name}.png" for name in library
-              if (library.folder / f"{name}.png").is_file()}
+    fronts = front_pictures(library.folder, library)
     engine = Engine(model, tokenizer, library, max_batch=args.max_batch, thread=thread)
     return engine, base, fronts
 
