@@ -241,6 +241,49 @@ def break_even_rows(module: HypernetworkModule) -> int | None:
     return once // (per_row - d * d) + 1
 
 
+class PassValue:
+    """One pass's value for one kernel (:mod:`hnkit.passes`): ``value``, None where the kernel
+    computes without one in that pass. Kernels list theirs weakly (``refs``); the pass holds it while
+    it runs, then the graph of each output that read it (:func:`held`)."""
+
+    def __init__(self, token: int, value):
+        self.token, self.value = token, value
+
+
+def live(refs: list):
+    """The PassValues still alive among the weak references ``refs``, newest first."""
+    for ref in reversed(refs):
+        entry = ref()
+        if entry is not None:
+            yield entry
+
+
+def pending_values(refs: list) -> list:
+    """``[(token, value)]`` of the live PassValues, newest last (to inspect a kernel)."""
+    return [(entry.token, entry.value) for entry in reversed(list(live(refs)))]
+
+
+def held(y: torch.Tensor, entry: PassValue) -> torch.Tensor:
+    """``y`` (read from ``entry``'s value), or where it records a graph a view of it whose backward
+    node holds ``entry``: a value then lives as long as the graph of any output made from it, which
+    is as long as a backward may recompute with it (gradient checkpointing), and no longer."""
+    if not (y.requires_grad and torch.is_grad_enabled()):
+        return y
+    y = y.view_as(y)
+    y.grad_fn.register_prehook(_Hold(entry))
+    return y
+
+
+class _Hold:
+    """A backward pre-hook that does nothing: it holds ``entry`` for as long as its node lives."""
+
+    def __init__(self, entry: PassValue):
+        self.entry = entry
+
+    def __call__(self, grad_outputs) -> None:
+        return None
+
+
 class Collapsed(Chain):
     """One linear network whose layers widen its input. Its value for a pass (:mod:`hnkit.passes`)
     is ``((M_k, c_k), (M_v, c_v))`` when the pass's rows times ``sites`` (the sites that share this
@@ -252,7 +295,11 @@ class Collapsed(Chain):
         self.pair = pair
         self.break_even = break_even_rows(pair[0])
         self.sites = 1  # set by attach
-        self.pending = []  # [(token, value, tensor)] of the passes that may still read them, newest last
+        self.refs = []  # weak references to the PassValues of passes that may still read them, newest last
+
+    @property
+    def pending(self) -> list:  # [(token, value)], newest last
+        return pending_values(self.refs)
 
     def make(self, rows: int, sites: int | None = None):
         """This kernel's value for a pass of ``rows`` rows per site: the products if they pay."""
@@ -267,13 +314,13 @@ class Collapsed(Chain):
         s = self.strengths.values[i] * factor * self.strengths.scale
         if s == 0:
             return x
-        products = self.pending[-1][1] if self.pending else None
-        if products is None:
+        entry = next(live(self.refs), None)  # the newest
+        if entry is None or entry.value is None:
             return pair[which].forward(x, s)
-        m, c = products[which]
+        m, c = entry.value[which]
         h = x if x.dtype == m.dtype else x.to(m.dtype)
         out = torch.add(h, F.linear(h, m, c), alpha=s)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        return held(out if out.dtype == x.dtype else out.to(x.dtype), entry)
 
 
 class Stacked:
@@ -308,7 +355,11 @@ class Memo:
     def __init__(self, kernel: Chain, width: int):
         self.kernel = kernel
         self.width = width
-        self.pending = []  # [(token, value, tensor)], newest last
+        self.refs = []  # weak references to PassValues, newest last
+
+    @property
+    def pending(self) -> list:  # [(token, value)], newest last
+        return pending_values(self.refs)
 
     def make(self, context: torch.Tensor | None):
         """K's and V's input for the context, computed once for the pass, unless a module would draw
@@ -320,9 +371,9 @@ class Memo:
         return context, (self.kernel(context, 0), self.kernel(context, 1))
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        for _, value, _ in reversed(self.pending):
-            if value is not None and value[0] is x:
-                return value[1][which]
+        for entry in live(self.refs):
+            if entry.value is not None and entry.value[0] is x:
+                return held(entry.value[1][which], entry)
         return self.kernel(x, which)
 
 

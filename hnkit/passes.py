@@ -10,15 +10,18 @@ Why at the root: under gradient checkpointing each block's forward runs again du
 that recomputation must perform the same operations as the original forward. Computed outside every
 checkpointed block, the values are plain inputs to all of them, both times.
 
-Each kernel keeps a short list of pending values, newest last, and reads the newest (docs/design.md,
-"Caches"):
-- a pass pushes its value (None where the product does not pay) at its start;
-- a pass that recorded no graph (no gradients) removes its own value at its end, so the values of
-  earlier passes with gradients, whose backward has not run yet, are current again;
-- a value with a graph is removed once autograd has computed its gradient (a hook on it: every
-  recomputation that reads it is done by then);
-- values without a graph that outlived their pass (gradients on, the network frozen) are removed
-  at the start of the next pass.
+Each kernel lists the values of the passes that may still read them, newest last, and reads the
+newest (docs/design.md, "Caches"). It lists them weakly (:class:`hnkit.kernels.PassValue`): what
+keeps a value alive is what may still need it, so a value lives no longer than that:
+- a pass holds its values while it runs (None where the product does not pay);
+- then the graph of every output made from a value holds it (:func:`hnkit.kernels.held`), so a
+  backward's recomputation finds it, and a pass whose outputs are dropped unused (gradients on, no
+  backward) leaves nothing behind; a pass without gradients records no graph;
+- a value with a graph is unlisted once autograd has computed its gradient (a hook on it: every
+  recomputation that reads it is done by then), so the values of earlier passes whose backward
+  has not run yet are the newest again;
+- values without a graph (gradients on, the network frozen) are also held until the next pass
+  starts.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import weakref
 
 import torch
 
-from .kernels import Collapsed, Memo
+from .kernels import Collapsed, Memo, PassValue
 
 _tokens = itertools.count()
 
@@ -42,7 +45,8 @@ class Passes:
         self.collapsed = [k for k in kernels if isinstance(k, Collapsed) and id(k) not in memo_kernels]
         self.memo_collapsed = [m.kernel for m in self.memos if isinstance(m.kernel, Collapsed)]
         self.owners = self.collapsed + self.memo_collapsed + self.memos  # every kernel with pending values
-        self._open: list = []  # (owner, token) pushed by the passes that are running, innermost last
+        self._open: list = []  # (value, has a graph) pushed by the passes that are running, innermost last
+        self._kept: list = []  # the last pass's values without a graph (gradients on, the network frozen)
 
     def __bool__(self) -> bool:
         return bool(self.owners)
@@ -50,8 +54,9 @@ class Passes:
     def open(self, args: tuple, kwargs: dict) -> None:
         """At the start of a root pass: compute this pass's values (the products first: a memo's
         kernel may use them)."""
-        for owner in self.owners:  # values without a graph that outlived their pass
-            owner.pending = [entry for entry in owner.pending if entry[2] is not None and entry[2].requires_grad]
+        self._kept = []  # the last pass's values without a graph
+        for owner in self.owners:
+            owner.refs = [ref for ref in owner.refs if ref() is not None]
         rows = self.target.rows(args, kwargs)
         context = self.target.context(args, kwargs) if self.target.context is not None else None
         context_rows = context.shape[:-1].numel() if context is not None else 0
@@ -66,39 +71,37 @@ class Passes:
             self._push(memo, results, results[1][0] if results is not None else None)
 
     def _push(self, owner, value, tensor) -> None:
-        token = next(_tokens)
-        owner.pending.append((token, value, tensor))
-        self._open.append((owner, token))
-        if tensor is not None and tensor.requires_grad:
-            tensor.register_hook(_Drop(owner, token))
+        entry = PassValue(next(_tokens), value)
+        ref = weakref.ref(entry)
+        owner.refs.append(ref)
+        graph = tensor is not None and tensor.requires_grad
+        self._open.append((entry, graph))
+        if graph:
+            tensor.register_hook(_Drop(owner, ref))
 
     def close(self) -> None:
-        """At the end of a root pass: without a graph no backward can need this pass's values."""
+        """At the end of a root pass: its values are no longer held by the pass (without a graph,
+        with gradients on: until the next pass starts)."""
         n = len(self.owners)  # open() pushed one value for each
         mine, self._open = self._open[-n:], self._open[:-n]
-        if not torch.is_grad_enabled():
-            for owner, token in mine:
-                _remove(owner, token)
+        if torch.is_grad_enabled():
+            self._kept += [entry for entry, graph in mine if not graph]
 
     def clear(self) -> None:
         for owner in self.owners:
-            owner.pending = []
-        self._open = []
+            owner.refs = []
+        self._open, self._kept = [], []
 
 
 class _Drop:
-    """A gradient hook that removes one pending value. It holds the owner weakly and the value not
-    at all: autograd keeps hooks in C++, where a reference cycle through the value would never be
-    collected."""
+    """A gradient hook that unlists one pass value (its weak reference ``ref``). It holds the owner
+    weakly and the value not at all: autograd keeps hooks in C++, where a reference cycle through
+    the value would never be collected."""
 
-    def __init__(self, owner, token: int):
-        self.owner, self.token = weakref.ref(owner), token
+    def __init__(self, owner, ref: weakref.ref):
+        self.owner, self.ref = weakref.ref(owner), ref
 
     def __call__(self, grad) -> None:
         owner = self.owner()
         if owner is not None:
-            _remove(owner, self.token)
-
-
-def _remove(owner, token: int) -> None:
-    owner.pending = [entry for entry in owner.pending if entry[0] != token]
+            owner.refs = [ref for ref in owner.refs if ref is not self.ref]
