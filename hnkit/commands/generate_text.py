@@ -109,6 +109,29 @@ def check_styles_fit(model, styles, fuse: bool = False) -> None:
             require_linear(hn, "fused")
 
 
+class SeededSampler:
+    """A logits processor that samples the next token as ``generate(do_sample=True)`` does (temperature,
+    then top-k, then top-p, with transformers' own warpers), but from ``generator``, and leaves only
+    that token possible, so that greedy decoding takes it. The global torch RNG is neither reseeded nor
+    drawn from; a generator seeded with s gives the tokens ``torch.manual_seed(s)`` gave before."""
+
+    def __init__(self, generator, temperature: float, top_p: float, top_k: int):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generator = generator
+        self.warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        self.warpers += [TopKLogitsWarper(top_k)] if top_k else []  # 0: off
+        self.warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)
+        return torch.full_like(scores, -float("inf")).scatter_(1, tokens, 0.0)
+
+
 class Generator:
     """A model, its tokenizer and its styles; ``continuation(factor)`` steers at factor x strengths."""
 
@@ -116,11 +139,10 @@ class Generator:
                  greedy=False, temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=100):
         self.model, self.tokenizer, self.styles = model, tokenizer, styles
         self.blend, self.fade_in, self.fuse, self.seed = blend, fade_in, fuse, seed
-        self.options = dict(max_new_tokens=max_new_tokens, do_sample=not greedy)
-        if not greedy:
-            self.options.update(temperature=temperature, top_p=top_p, top_k=top_k)  # top_k 0: off
+        self.sampling = None if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.options["pad_token_id"] = pad
+        # greedy decoding of what SeededSampler leaves possible: generate() never draws from the global RNG
+        self.options = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
 
     def _steered(self, factor: float):
         import contextlib
@@ -142,9 +164,12 @@ class Generator:
         ids = self.tokenizer(prompt, return_tensors="pt").to(device)
         if ids.input_ids.shape[1] == 0:
             raise HnkitError("the prompt is empty")
-        torch.manual_seed(self.seed)
+        processors = []
+        if self.sampling is not None:  # a generator of its own per continuation: each starts from the seed
+            generator = torch.Generator(device).manual_seed(self.seed)
+            processors = [SeededSampler(generator, **self.sampling)]
         with self._steered(factor), torch.no_grad():
-            out = self.model.generate(**ids, streamer=streamer, **self.options)
+            out = self.model.generate(**ids, streamer=streamer, logits_processor=processors, **self.options)
         return self.tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> Path:
     o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
     output = shared.check_output(o)
     check_paths(o)
+    check_preservation(o, args.preserve_weight is not None or o["preserve_weight"] != PRESERVE_WEIGHT)
     config = shared.train_config(o, output)
     options = {**config_options(config), **task_options(o)}  # recorded in checkpoints
 
@@ -104,6 +105,9 @@ def preserve_blocks(o: dict, tokenizer, options: dict):
                                                                   o["text_field"])
     except HnkitError as exc:
         raise HnkitError(f"--preserve-data {exc}") from None
+    if options["preserve_data_tokens"] == options["data_tokens"]:  # the same text in another form or folder
+        raise HnkitError(f"--preserve-data {o['preserve_data']} is the same text as --data {o['data']} once "
+                         "tokenized; the preserved text is neutral text the style should leave alone")
     return neutral
 
 
@@ -115,5 +119,21 @@ def check_paths(o: dict) -> None:
         raise HnkitError(f"--preserve-data {o['preserve_data']}: no such file or folder")
     if not 0 <= o["val_fraction"] < 1:
         raise HnkitError(f"--val-fraction must be at least 0 and below 1, got {o['val_fraction']}")
-    if o["preserve_weight"] < 0:
-        raise HnkitError(f"--preserve-weight must be 0 or more, got {o['preserve_weight']}")
+
+
+def check_preservation(o: dict, weight_given: bool) -> None:
+    """Prior-preservation options that would be silently wrong, refused before anything is loaded.
+    ``weight_given``: --preserve-weight was given on the command line, or a recipe changed it."""
+    import math
+
+    from .eval_text import same_corpus
+
+    weight, data = o["preserve_weight"], o["preserve_data"]
+    if not (math.isfinite(weight) and weight >= 0):
+        raise HnkitError(f"--preserve-weight must be 0 or more (a finite number), got {weight}")
+    if data is None and weight_given and weight > 0:
+        raise HnkitError(f"--preserve-weight {weight:g} does nothing without --preserve-data (the neutral text "
+                         "to preserve): add --preserve-data FILE|DIR, or leave --preserve-weight out")
+    if data is not None and same_corpus(Path(o["data"]), Path(data)):
+        raise HnkitError(f"--preserve-data {data} is the same text as --data {o['data']}; the preserved text is "
+                         "neutral text the style should leave alone (e.g. general prose)")
