@@ -168,7 +168,7 @@ def other_corpus(straight, tmp_path):
 
 CHANGES = {  # flag -> (new value, or a function of (straight, tmp_path) giving it; the run's value shown)
     "--data": (other_corpus, "corpus.txt"),
-    "--preserve-data": (lambda s, t: s["lm"]["corpus"], "the run's none"),
+    "--preserve-data": (other_corpus, "the run's none"),
     "--lr": ("1e-3", "0.003"),
     "--seed": (1, 0),
     "--batch-size": (2, 4),
@@ -179,7 +179,6 @@ CHANGES = {  # flag -> (new value, or a function of (straight, tmp_path) giving 
     "--weight-decay": (0.1, 0.0),
     "--val-fraction": (0.2, 0.05),
     "--text-field": ("body", "text"),
-    "--preserve-weight": (1.0, 0.3),
     "--layer-structure": ("1,2,1", "1,0.125,1"),
     "--activation": ("tanh", "relu"),
     "--no-per-site": (None, "--per-site"),
@@ -247,13 +246,17 @@ def test_other_data_is_refused_right_after_it_is_tokenized(straight, tmp_path, c
 def test_other_preserve_data_is_refused_before_the_teacher_is_computed(straight, tmp_path, capsys, monkeypatch):
     import hnkit.preserve
 
-    out = tmp_path / "run"
-    args = train_args(straight["lm"], out, "--max-steps", 2, "--preserve-data", straight["lm"]["corpus"])
+    out, neutral = tmp_path / "run", tmp_path / "neutral.txt"
+    neutral.write_text("The weather was mild and the trains ran on time. " * 200)
+    args = train_args(straight["lm"], out, "--max-steps", 2, "--preserve-data", neutral)
     assert main(args) == 0
     teachers = Spy(monkeypatch, hnkit.preserve, "Teacher")
-    args = with_option(args + ["--resume", str(out)], "--preserve-data", other_corpus(straight, tmp_path))
-    assert_refused(with_option(args, "--max-steps", 4), out, capsys, "--preserve-data", "its text differs")
+    resume = with_option(args + ["--resume", str(out)], "--max-steps", 4)
+    assert_refused(with_option(resume, "--preserve-data", other_corpus(straight, tmp_path)), out, capsys,
+                   "--preserve-data", "its text differs")
     assert teachers.calls == 0
+    err = assert_refused(with_option(resume, "--preserve-weight", 1.0), out, capsys, "--preserve-weight", "0.3")
+    assert "differs from the run's" in err and teachers.calls == 0
 
 
 # -- the same data elsewhere ----------------------------------------------------------------------

@@ -141,7 +141,7 @@ def test_hostile_json_is_a_logged_openai_400(served, path, data, words):
 
 def test_an_unexpected_failure_is_a_logged_json_500(served):
     class Broken:  # an engine whose library fails when read
-        names, context, max_batch = ["noir"], 128, 8
+        names, context, max_batch, stack = ["noir"], 128, 8, None
         library = {}
 
         def close(self):
