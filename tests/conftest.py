@@ -94,6 +94,20 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HNKIT_CACHE", str(tmp_path_factory.getbasetemp() / "hnkit_cache"))
 
 
+def refused_in_one_line(argv: list, folder, capsys, words: str) -> str:
+    """``hnkit ARGV`` exits 2 with one stderr line holding ``words``, no traceback, and no file under
+    ``folder`` written or changed. Returns what it printed on stdout."""
+    from hnkit.commands.cli import main
+
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and words in captured.err, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    return captured.out
+
+
 def with_option(args: list, flag: str, value) -> list:
     """``args`` with ``flag`` set to ``value``: replaced where present, appended otherwise."""
     args = list(args)

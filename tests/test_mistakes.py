@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
+from conftest import refused_in_one_line
+
 import hnkit
-from hnkit.commands.cli import main
 
 
 @pytest.fixture
@@ -62,10 +63,5 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("mistake", MISTAKES)
 def test_a_mistake_is_one_line_exit_2_and_writes_nothing(mistake, world, capsys):
     make_args, words = MISTAKES[mistake]
-    before = {p: p.read_bytes() for p in world["dir"].rglob("*") if p.is_file()}
-    assert main(make_args(world)) == 2
-    captured = capsys.readouterr()
-    assert captured.err.count("\n") == 1 and words in captured.err, captured.err
-    assert "Traceback" not in captured.err + captured.out
-    assert {p: p.read_bytes() for p in world["dir"].rglob("*") if p.is_file()} == before
+    refused_in_one_line(make_args(world), world["dir"], capsys, words)
     assert not (world["dir"] / "out").exists()
