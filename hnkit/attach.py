@@ -61,8 +61,10 @@ class Attachment:
     """
 
     def __init__(self, model, entries: list[tuple[Hypernetwork, float]], blend: str = "chain",
-                 layers=None, schedule=None):
+                 layers=None, schedule=None, fast: bool = True):
         check_blend(blend)
+        if not isinstance(fast, bool):
+            raise HnkitError(f"fast must be True or False, got {fast!r}")
         if schedule is not None and not callable(schedule):
             raise HnkitError("schedule must be a function of the token index (e.g. hnkit.fade_in(50))")
         if schedule is not None and not callable(getattr(model, "generate", None)):
@@ -72,6 +74,7 @@ class Attachment:
         self.hypernetworks = [hn for hn, _ in entries]
         self.blend = blend
         self.schedule = schedule
+        self.fast = fast
         target = find_target(model)
         self.device = _device_of(model)
         self.stack = entries[0][0] if isinstance(entries[0][0], Stack) else None
@@ -101,7 +104,7 @@ class Attachment:
                 continue
             key = tuple((i, id(k), id(v)) for i, (k, v), _ in entries_here) + (factor,)
             if key not in kernels:
-                kernels[key] = make_kernel(entries_here, self._strengths, blend)
+                kernels[key] = make_kernel(entries_here, self._strengths, blend, fast)
             kernel = kernels[key]
             if site.context:
                 if (key, "memo") not in kernels:
@@ -220,6 +223,7 @@ class Attachment:
         extra = "" if self.blend == "chain" else f", blend={self.blend}"
         extra += ", per-layer factors" if any(f != 1.0 for f in self.layer_factors) else ""
         extra += ", scheduled" if self.schedule is not None else ""
+        extra += "" if self.fast else ", plain kernels"
         return f"Attachment({self.family}, {self.num_sites} sites, [{names}]{extra})"
 
 
@@ -348,7 +352,7 @@ def as_entries(hypernetwork, strength: float = 1.0, verb: str = "attach") -> lis
 
 
 def attach(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", layers=None,
-           schedule=None) -> Attachment:
+           schedule=None, fast: bool = True) -> Attachment:
     """Attach one hypernetwork at ``strength``, or a list of ``(hypernetwork, strength)`` pairs.
 
     ``blend="chain"`` (default) applies the networks one after the other, as the web UI does;
@@ -359,7 +363,9 @@ def attach(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", 
     different styles and strengths, each network computed only on the rows that use it, and a row
     whose strengths are all 0 runs the bare model bit for bit. A :class:`hnkit.Stack` attaches
     alone, with ``blend="sum"``, at a strength per member (a dict ``{name: strength}``, a list, or
-    one number for all). Returns an :class:`Attachment`;
+    one number for all). ``fast=False``, chosen here once, runs every site on the modules' own
+    forward (``kernels.Chain`` or ``kernels.Sum``) instead of the ``Collapsed`` kernel: the same
+    results, more slowly; a reference for tests and benchmarks. Returns an :class:`Attachment`;
     use it as a context manager or call ``remove()``. The hypernetworks are moved to the model's
     device and never registered inside it."""
     if isinstance(hypernetwork, Stack):
@@ -374,6 +380,6 @@ def attach(model, hypernetwork, strength: float = 1.0, *, blend: str = "chain", 
     if model in attached_models:
         raise HnkitError("this model already has hypernetworks attached: remove() them first, "
                          "or attach a list of (hypernetwork, strength) pairs at once")
-    handle = Attachment(model, entries, blend=blend, layers=layers, schedule=schedule)
+    handle = Attachment(model, entries, blend=blend, layers=layers, schedule=schedule, fast=fast)
     attached_models[model] = handle
     return handle

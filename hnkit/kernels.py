@@ -377,13 +377,15 @@ class Memo:
         return self.kernel(x, which)
 
 
-def make_kernel(entries, strengths: Strengths, blend: str) -> Chain:
-    """The kernel for a site's ``[(index, (k_module, v_module), factor)]``, chosen once."""
+def make_kernel(entries, strengths: Strengths, blend: str, fast: bool = True) -> Chain:
+    """The kernel for a site's ``[(index, (k_module, v_module), factor)]``, chosen once. With
+    ``fast=False`` a single network runs its modules' own forward (Chain), never Collapsed."""
     if isinstance(entries[0][1][0], StackedModule):
         return Stacked(entries, strengths)
     if len(entries) > 1:
         return Sum(entries, strengths) if blend == "sum" else Chain(entries, strengths)
     (_, (k, v), _), = entries
-    if not (k.has_dropout or v.has_dropout) and break_even_rows(k) is not None and break_even_rows(v) is not None:
+    if (fast and not (k.has_dropout or v.has_dropout)
+            and break_even_rows(k) is not None and break_even_rows(v) is not None):
         return Collapsed(entries, strengths)
     return Chain(entries, strengths)

@@ -194,23 +194,6 @@ def middle_half(v, base) -> str:
     return f"{q1:.3f}-{q3:.3f}"
 
 
-@contextlib.contextmanager
-def layers_only(attach):
-    """``attach()`` with every site on the plain kernels (Chain/Sum): the modules' own layers."""
-    from hnkit import kernels
-
-    attach_module = sys.modules["hnkit.attach"]
-    make = attach_module.make_kernel
-    attach_module.make_kernel = lambda entries, strengths, blend: (
-        kernels.Sum if blend == "sum" and len(entries) > 1 else kernels.Chain)(entries, strengths)
-    try:
-        with attach():
-            attach_module.make_kernel = make
-            yield
-    finally:
-        attach_module.make_kernel = make
-
-
 # -----------------------------------------------------------------------------------------------
 # diagnostics (--profile)
 
@@ -321,7 +304,7 @@ def main(argv=None) -> int:
                                                    name="linear").to(device)
     linear = hn_variant("hnkit shared [1, 2, 1] linear (Collapsed)", hn_linear_train)
     linear_layers = hn_variant("hnkit shared [1, 2, 1] linear, layers at every site (Chain)", hn_linear_train)
-    linear_layers.context = lambda: layers_only(lambda: hnkit.attach(model, hn_linear_train))
+    linear_layers.context = lambda: hnkit.attach(model, hn_linear_train, fast=False)
     # Prior preservation (train-text --preserve-data): the same step with the neutral rows and the KL
     # term that TextTask adds, against cached teacher outputs computed before anything is attached.
     torch.manual_seed(3)

@@ -122,19 +122,12 @@ def with_option(args: list, flag: str, value) -> list:
 
 def plain_run(model, hn, strength, run, monkeypatch):
     """``run()`` with ``hn`` attached (or a list of pairs, strength None) and every site on the plain
-    kernels (Chain, Sum): the modules' own forward."""
-    import sys
-
+    kernels (Chain, Sum): the modules' own forward (``attach(..., fast=False)``). ``monkeypatch`` is
+    unused, kept so that callers need not change."""
     import hnkit
-    from hnkit import kernels
 
-    def plain(entries, strengths, blend):
-        return (kernels.Sum if blend == "sum" and len(entries) > 1 else kernels.Chain)(entries, strengths)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(sys.modules["hnkit.attach"], "make_kernel", plain)
-        with hnkit.attach(model, hn, **({} if strength is None else {"strength": strength})):
-            return run()
+    with hnkit.attach(model, hn, **({} if strength is None else {"strength": strength}), fast=False):
+        return run()
 
 
 def with_biases(hn):

@@ -284,6 +284,32 @@ def test_collapsed_kernel_matches_the_modules(family, per_site, load_tiny, ids, 
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_fast_false_runs_the_plain_kernels(load_tiny, ids, monkeypatch):
+    """``attach(..., fast=False)`` puts the modules' own forward (Chain) at every site, where the
+    default still takes the Collapsed kernel: the same outputs, and no per-pass product is made."""
+    from hnkit.kernels import Chain, Collapsed
+
+    model = load_tiny("gpt2")
+    hn = with_biases(Hypernetwork.for_model(model, LINEAR).eval())
+    base = logits(model, ids)
+    products = count_products(monkeypatch)
+    with hnkit.attach(model, hn, strength=0.7) as handle:
+        assert handle.kernels and all(isinstance(k, Collapsed) for k in handle.kernels)
+        fast = logits(model, ids)
+    assert products and "plain" not in repr(handle)
+    del products[:]
+    with hnkit.attach(model, hn, strength=0.7, fast=False) as handle:
+        assert handle.kernels and all(type(k) is Chain for k in handle.kernels)
+        assert "plain kernels" in repr(handle)
+        plain = logits(model, ids)
+    assert not products  # the modules ran their layers: nothing multiplied out
+    assert not torch.allclose(plain, base, atol=1e-3)  # the network does act
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(HnkitError, match="fast must be True or False"):
+        hnkit.attach(model, hn, fast="plain")
+    assert torch.equal(logits(model, ids), base)  # the refused attach left nothing behind
+
+
 def test_collapsed_kernel_takes_the_modules_below_its_break_even(load_tiny, ids, monkeypatch):
     """Generating token by token (one row per site and pass) runs the modules; the prompt pass,
     with enough rows over all the sites that share the pair, takes the product. Same tokens and
