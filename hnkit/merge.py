@@ -26,7 +26,7 @@ from torch import nn
 from .errors import HnkitError
 from .fuse import site_affine
 from .hypernetwork import Hypernetwork, HypernetworkConfig
-from .module import is_linear_activation, make_activation
+from .module import activation_name, make_activation
 
 # Activations that mix the units of a layer (or hold parameters): no side-by-side form.
 _NOT_ELEMENTWISE = {"softmax", "softmin", "logsoftmax", "softmax2d", "glu", "multiheadattention", "prelu"}
@@ -103,7 +103,7 @@ def _folded(entries, keys, widths, blend, per_site, name) -> Hypernetwork:
 
 def _check_side_by_side(nets) -> None:
     first = nets[0]
-    act = None if is_linear_activation(first.config.activation) else first.config.activation
+    act = activation_name(first.config.activation)
     for hn in nets:
         c = hn.config
         if c.layer_norm:
@@ -113,7 +113,7 @@ def _check_side_by_side(nets) -> None:
             raise HnkitError(f"cannot merge networks of different depths exactly ({first.name!r} has "
                              f"{first.config.layer_structure}, {hn.name!r} {c.layer_structure}) unless both are "
                              "linear")
-        this = None if is_linear_activation(c.activation) else c.activation
+        this = activation_name(c.activation)
         if this != act:
             raise HnkitError(f"cannot merge networks with different activations exactly ({first.name!r}: "
                              f"{act or 'linear'}, {hn.name!r}: {this or 'linear'})")
@@ -144,7 +144,7 @@ def _side_by_side(entries, keys, widths, per_site, name) -> Hypernetwork:
     distinct_widths = set(widths.values())
     ls = [1] + [_hidden_ratio([s[j] for s in structures], distinct_widths) for j in range(1, n - 1)] + [1]
     dropout = [max(hn.config.dropout_structure[j] for hn in nets) for j in range(n)]
-    activation = nets[0].config.activation if not is_linear_activation(nets[0].config.activation) else None
+    activation = activation_name(nets[0].config.activation)
     config = HypernetworkConfig(layer_structure=ls, activation=activation, dropout_structure=dropout,
                                 per_site=per_site)
     merged = Hypernetwork(config, keys, widths=widths, name=name)

@@ -37,8 +37,13 @@ ACTIVATIONS.update(_NAMED_ACTIVATIONS)
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
 
+def activation_name(activation: str | None) -> str | None:
+    """None for no activation, which files and options also spell "linear"; else the name as given."""
+    return None if activation in (None, "linear") else activation
+
+
 def is_linear_activation(activation: str | None) -> bool:
-    return activation is None or activation == "linear"
+    return activation_name(activation) is None
 
 
 def make_activation(activation: str) -> nn.Module:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import HnkitError
 from .hypernetwork import Hypernetwork
-from .module import HypernetworkModule, is_linear_activation, make_activation
+from .module import HypernetworkModule, activation_name, is_linear_activation, make_activation
 
 
 # Activations that act on each number alone and hold no parameters: they may run over all members'
@@ -32,7 +32,7 @@ ELEMENTWISE = {"relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "
 
 
 def _activation(config) -> str | None:
-    return None if is_linear_activation(config.activation) else config.activation  # None and "linear" alike
+    return activation_name(config.activation)  # None and "linear" alike
 
 
 def check_stackable(networks: list[Hypernetwork], names: list[str]) -> None:

@@ -58,6 +58,17 @@ def cache_root() -> Path:
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", re.IGNORECASE)
 
 
+def parse_strength(text: str, what: str, expected: str = "a number such as 0.7") -> float:
+    """``text`` as a finite number (a strength, or a factor on strengths); else one line naming ``what``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise HnkitError(f"{what}: bad strength {text!r}, expected {expected}") from None
+    if not math.isfinite(value):
+        raise HnkitError(f"{what}: bad strength {text!r}, expected a finite number")
+    return value
+
+
 def parse_style_arg(text: str, default: float = 1.0) -> tuple[str, float]:
     """``"noir.pt:0.6"`` -> ``("noir.pt", 0.6)``, for every ``FILE[:STRENGTH]`` option of the CLI.
     Only a trailing ``:number`` is a strength, so ``C:/styles/noir.pt`` and ``a:b.safetensors`` are
@@ -66,10 +77,7 @@ def parse_style_arg(text: str, default: float = 1.0) -> tuple[str, float]:
         return text, default
     head, sep, tail = text.rpartition(":")
     if sep and head and _NUMBER.fullmatch(tail.strip()):
-        value = float(tail)
-        if not math.isfinite(value):
-            raise HnkitError(f"{text}: bad strength {tail!r}, expected a finite number")
-        return head, value
+        return head, parse_strength(tail, text)
     if sep and head and Path(head).is_file():
         raise HnkitError(f"{text}: bad strength {tail!r}, expected a number such as {head}:0.7")
     return text, default

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HnkitError
+from .common import check_styles_fit, load_styles, parse_factors, same_corpus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,22 +78,6 @@ def neutral_cost_limit(text: str) -> float:
 def front_plot(plot: str) -> Path:
     stem = Path(plot)
     return stem.with_name(f"{stem.stem}-front{stem.suffix or '.png'}")
-
-
-def same_corpus(a: Path, b: Path) -> bool:
-    """Whether two corpora (files or folders) are the same text: one path, or the same bytes."""
-    import filecmp
-
-    if a.resolve() == b.resolve():
-        return True
-    sizes_a, sizes_b = _file_sizes(a), _file_sizes(b)
-    return sizes_a == sizes_b and all(filecmp.cmp(a / rel, b / rel, shallow=False) for rel in sizes_a)
-
-
-def _file_sizes(path: Path) -> dict:
-    if path.is_dir():
-        return {p.relative_to(path): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
-    return {Path(): path.stat().st_size}
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -215,7 +200,6 @@ def run(args: argparse.Namespace) -> dict:
     from ..plot import line_plot
     from ..text import context_length, load_causal_lm
     from ..util import choose_device
-    from .generate_text import check_styles_fit, load_styles, parse_factors
 
     factors = parse_factors(args.strengths)
     styles = load_styles(args.hypernetwork)

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import HnkitError, first_line
 from ..util import choose_device, parse_style_arg
+from .common import parse_factors
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,28 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # -- parsing ---------------------------------------------------------------------------------------
-def parse_strength(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise HnkitError(f"{what}: bad strength {text!r}, expected a number such as 0.7") from None
-    if not math.isfinite(value):
-        raise HnkitError(f"{what}: bad strength {text!r}, expected a finite number")
-    return value
-
-
 def parse_hypernetwork_spec(spec: str) -> tuple[Path, float]:
     """``FILE[:STRENGTH]`` -> (path, strength), with the rules of every hnkit command
     (:func:`hnkit.util.parse_style_arg`)."""
     file, strength = parse_style_arg(spec)
     return Path(file), strength
-
-
-def parse_grid(text: str) -> list[float]:
-    values = [v.strip() for v in text.split(",")]
-    if not values or any(v == "" for v in values):
-        raise HnkitError(f"--grid {text!r}: expected comma-separated numbers such as 0,0.5,1")
-    return [parse_strength(v, f"--grid {text!r}") for v in values]
 
 
 def _check_numbers(args) -> None:
@@ -179,7 +163,7 @@ def run(args) -> None:
     from ..attach import attach
 
     _check_numbers(args)
-    grid = parse_grid(args.grid) if args.grid is not None else None
+    grid = parse_factors(args.grid, "--grid") if args.grid is not None else None
     specs = [parse_hypernetwork_spec(s) for s in args.hypernetwork]  # strengths checked before any loading
     if grid is not None and not specs:
         raise HnkitError("--grid varies hypernetwork strengths: give at least one --hypernetwork")

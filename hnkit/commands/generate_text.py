@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import HnkitError
+from .common import check_styles_fit, load_styles, parse_factors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,33 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strengths", metavar="F1,F2,...",
                         help="compare factors on the strengths side by side, e.g. 0,0.5,1 (0 = the bare model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-
-
-def parse_factors(text: str, option: str = "--strengths") -> list[float]:
-    import math
-
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise HnkitError(f"{option} must be comma-separated numbers, got {text!r}") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise HnkitError(f"{option} must be comma-separated finite numbers, got {text!r}")
-    return values
-
-
-def load_styles(specs: list[str], factors: list[float] | None = None):
-    """``[(Hypernetwork, strength)]`` from ``FILE[:STRENGTH]`` arguments; files checked before any model loads.
-    Each strength applied (times each of ``factors``) is within ``hnkit serve``'s bound, MAX_STRENGTH."""
-    from ..checkpoint import load
-    from ..steer import check_strength
-    from ..util import parse_style_arg
-
-    parsed = [parse_style_arg(spec) for spec in specs]
-    for spec, (_, strength) in zip(specs, parsed):
-        check_strength(strength, f"--hypernetwork {spec}")
-        for f in factors or []:
-            check_strength(strength * f, f"--hypernetwork {spec} with --strengths factor {f:g}")
-    return [(load(path), strength) for path, strength in parsed]
 
 
 def _check_options(args) -> None:
@@ -94,19 +68,6 @@ def read_prompt(args) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise HnkitError(f"{path}: not UTF-8 text") from None
-
-
-def check_styles_fit(model, styles, fuse: bool = False) -> None:
-    """Refuse, before any generation, styles whose widths fit no attention layer of ``model``."""
-    from ..attach import check_fits
-    from ..fuse import require_linear
-    from ..targets import find_sites
-
-    family, sites = find_sites(model)
-    for hn, _ in styles:
-        check_fits(hn, sites, family)
-        if fuse:
-            require_linear(hn, "fused")
 
 
 class SeededSampler:

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from ..errors import HnkitError, first_line
-from ..module import WEIGHT_INITS
+from ..module import WEIGHT_INITS, activation_name
 from ..util import cache_root
 
 NUMBERS, TEXTS = "numbers", "texts"
@@ -269,7 +269,7 @@ def module_config(opts: dict):
     from ..hypernetwork import HypernetworkConfig
 
     module = {k: opts[k] for k in MODULE}
-    module["activation"] = None if module["activation"] in (None, "linear") else module["activation"]
+    module["activation"] = activation_name(module["activation"])
     return HypernetworkConfig(**module)
 
 

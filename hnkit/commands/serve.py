@@ -328,7 +328,7 @@ def request_log(write):
 def usable_styles(library, model, say) -> None:
     """Drop from ``library`` the styles that cannot be served (a damaged file, widths that fit no
     layer of ``model``, a name with '+' or ':'), each with one line to ``say``."""
-    from .generate_text import check_styles_fit
+    from .common import check_styles_fit
 
     for name in list(library):
         reason = None

@@ -126,7 +126,7 @@ def check_preservation(o: dict, weight_given: bool) -> None:
     ``weight_given``: --preserve-weight was given on the command line, or a recipe changed it."""
     import math
 
-    from .eval_text import same_corpus
+    from .common import same_corpus
 
     weight, data = o["preserve_weight"], o["preserve_data"]
     if not (math.isfinite(weight) and weight >= 0):
