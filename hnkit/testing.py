@@ -119,6 +119,7 @@ class ServerThread:
         import threading
         import time
 
+        from . import connections
         from .commands import serve
         from .server import create_app
 
@@ -135,14 +136,14 @@ class ServerThread:
         except BaseException:
             sock.close()
             raise
-        header_timeout = header_timeout or serve.HEADER_TIMEOUT
+        header_timeout = header_timeout or connections.HEADER_TIMEOUT
         options = {"allowed_hosts": serve.allowed_hosts("127.0.0.1"), "body_timeout": header_timeout, **app_options}
         app = create_app(self.engine, self.base, api_key=api_key, fronts=fronts,
                          log=serve.request_log(log or self.lines.append), **options)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = serve.uvicorn_server(app, sock, header_timeout=header_timeout,
-                                           max_connections=max_connections or serve.MAX_CONNECTIONS,
-                                           log_level="warning")
+        self.server = connections.uvicorn_server(app, sock, header_timeout=header_timeout,
+                                                 max_connections=max_connections or connections.MAX_CONNECTIONS,
+                                                 log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30

@@ -26,6 +26,7 @@ from hnkit.commands.cli import build_parser, main
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[test]')")
 pytest.importorskip("uvicorn", reason="hnkit serve needs fastapi and uvicorn (pip install -e .)")
 
+from hnkit import connections  # noqa: E402
 from hnkit.commands import serve  # noqa: E402
 from hnkit.testing import ServerThread  # noqa: E402
 
@@ -234,9 +235,9 @@ def test_a_body_that_never_ends_is_a_408_and_frees_its_connection(tiny):
 
 @contextlib.contextmanager
 def serving(app, **limits):
-    """``app`` served as ``hnkit serve`` serves its own (serve.uvicorn_server), in a thread: its port."""
+    """``app`` served as ``hnkit serve`` serves its own (connections.uvicorn_server), in a thread: its port."""
     sock = serve.listen_socket("127.0.0.1", 0)
-    server = serve.uvicorn_server(app, sock, **limits)
+    server = connections.uvicorn_server(app, sock, **limits)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -291,7 +292,7 @@ def test_a_flood_of_loop_errors_prints_a_bounded_number_of_lines(caplog):
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 204
     told = [r for r in caplog.records if "accept() out of system resource" in r.getMessage()]
     assert 1 <= len(told) <= 10
-    budget = serve.ErrorBudget(burst=2, period=0.05)
+    budget = connections.ErrorBudget(burst=2, period=0.05)
     plain = asyncio.new_event_loop()
     try:
         caplog.clear()
@@ -309,14 +310,14 @@ def test_a_flood_of_loop_errors_prints_a_bounded_number_of_lines(caplog):
 def test_a_uvicorn_without_what_the_limits_build_on_is_refused():
     import uvicorn
 
-    serve.check_uvicorn()  # the installed one has it all
+    connections.check_uvicorn()  # the installed one has it all
 
     class Bare:
         def __init__(self):
             self.transport = None
 
     with pytest.raises(HnkitError, match=rf"uvicorn {re.escape(uvicorn.__version__)} .*H11Protocol.connections"):
-        serve.check_uvicorn(Bare, Bare)
+        connections.check_uvicorn(Bare, Bare)
 
 
 def test_the_command_says_its_connection_cap_and_restores_sigterm(tiny, capsys):
@@ -351,9 +352,9 @@ def test_the_file_limit_is_raised_at_start():
         pytest.skip("the hard limit on open files is too low to lower the soft one")
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
     try:
-        now = serve.raise_file_limit()
+        now = connections.raise_file_limit()
         assert now > 256 and resource.getrlimit(resource.RLIMIT_NOFILE)[0] == now
-        assert serve.MAX_CONNECTIONS <= now // 4
+        assert connections.MAX_CONNECTIONS <= now // 4
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
