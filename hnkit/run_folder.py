@@ -13,14 +13,13 @@ import json
 import os
 import random
 import re
-import reprlib
 import shutil
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_plain
-from .errors import HnkitError, first_line
+from .errors import HnkitError, first_line, shown
+from .safe_load import load_plain
 
 
 def complete_checkpoints(output: Path) -> list[Path]:
@@ -159,7 +158,7 @@ def read_position(folder: Path, state: dict, config, num_processes: int, example
     named = re.fullmatch(r"step-(\d+)", folder.name)
     if named and int(named[1]) != step:
         raise HnkitError(f"{path}: step {shown(step)} does not match the checkpoint's name {folder.name}")
-    run_max = state["options"].get("max_steps") if isinstance(state.get("options"), dict) else None
+    run_max = (recorded_options(state, folder) or {}).get("max_steps")
     if type(run_max) is int and step > run_max:
         raise HnkitError(f"{path}: step {step} is beyond the run's max_steps {run_max}")
     if step > config.max_steps:
@@ -171,16 +170,6 @@ def read_position(folder: Path, state: dict, config, num_processes: int, example
         raise HnkitError(f"{folder}: saved with {processes} processes, resumed with {num_processes}; "
                          "the data order would change")
     return step, epoch, offset
-
-
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 60
-_SHORT.maxlevel = 3
-
-
-def shown(value) -> str:
-    """A value read from a file, for a one-line message: cut short (strings, nesting)."""
-    return _SHORT.repr(value)
 
 
 METRIC_NUMBERS = ("loss", "lr", "epoch", "val_loss", "val_ppl")  # what the trainer logs besides the step

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from .engine import Engine, Job
-from .errors import HnkitError
+from .errors import HnkitError, shown
 
 STUDIO = Path(__file__).parent / "studio"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -80,11 +80,6 @@ def error_response(log, path: str, status: int, message: str, param=None, code=N
     headers = {"Connection": "close"} if status in (408, 413) else None
     return Response(json.dumps(error_body(message, param, code, kind)), status_code=status,
                     media_type="application/json", headers=headers)
-
-
-def short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # -- before a request is read ----------------------------------------------------------------------
@@ -203,7 +198,7 @@ def request_styles(body: dict, base: str, engine: Engine) -> dict[str, float]:
         except OverflowError:  # an integer too large for a float
             value = math.nan
         if not math.isfinite(value):
-            raise RequestError(f"strength of style {name!r} must be a finite number, got {short(s)}", field[name])
+            raise RequestError(f"strength of style {name!r} must be a finite number, got {shown(s)}", field[name])
         try:
             engine.check_styles({name: value})
         except HnkitError as exc:
@@ -218,14 +213,14 @@ def number(body: dict, key: str, default, low: float, high: float, integer: bool
         value = default
     if isinstance(value, bool) or not isinstance(value, int if integer else NUMBER) or not low <= value <= high:
         kind = "an integer" if integer else "a number"
-        raise RequestError(f"{key} must be {kind} in [{low:g}, {high:g}], got {short(value)}", key)
+        raise RequestError(f"{key} must be {kind} in [{low:g}, {high:g}], got {shown(value)}", key)
     return value
 
 
 def flag(body: dict, key: str) -> bool:
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
-        raise RequestError(f"{key} must be true or false, got {short(value)}", key)
+        raise RequestError(f"{key} must be true or false, got {shown(value)}", key)
     return bool(value)
 
 
@@ -233,7 +228,7 @@ def refuse_unsupported(body: dict) -> None:
     for key, neutral in NEUTRAL.items():
         value = body.get(key)
         if not any(type(value) is type(n) and value == n for n in neutral):
-            raise RequestError(f"{key} is not supported by hnkit serve (got {short(value)}): leave it out", key)
+            raise RequestError(f"{key} is not supported by hnkit serve (got {shown(value)}): leave it out", key)
 
 
 def sampling(body: dict, engine: Engine, max_default: int | None) -> dict:
@@ -248,10 +243,10 @@ def sampling(body: dict, engine: Engine, max_default: int | None) -> dict:
     if max_tokens is None:
         max_tokens = max_default
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise RequestError(f"max_tokens must be a positive integer, got {short(max_tokens)}", "max_tokens")
+        raise RequestError(f"max_tokens must be a positive integer, got {shown(max_tokens)}", "max_tokens")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(f"seed must be an integer, got {short(seed)}", "seed")
+        raise RequestError(f"seed must be an integer, got {shown(seed)}", "seed")
     return dict(
         ignore_eos=flags["ignore_eos"], stream=flags["stream"],
         temperature=number(body, "temperature", 1.0, 0.0, 2.0),

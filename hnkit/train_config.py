@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HnkitError
+from .errors import HnkitError, shown
 
 
 @dataclass
@@ -151,8 +151,6 @@ def _max_steps_note(now: int, was: str, current: dict) -> str:
 
 
 def _value(flag: str, value) -> str:
-    from .run_folder import shown
-
     if isinstance(value, bool):
         return flag if value else "--no-" + flag[2:]
     if value is None:

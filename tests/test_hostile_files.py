@@ -18,10 +18,11 @@ from safetensors.torch import save_file
 
 import hnkit
 from hnkit import HnkitError, Hypernetwork
-from hnkit.checkpoint import MAX_METADATA_CHARS, _metadata, _tensors, to_a1111
+from hnkit.checkpoint import _metadata, _tensors, to_a1111
 from hnkit.commands import train_text
 from hnkit.commands.cli import main
 from hnkit.commands.options import read_recipe
+from hnkit.safe_load import MAX_METADATA_CHARS
 
 BOMB_BYTES = 150 << 20  # what the zip bomb expands to: above the 100 MB the loader may take
 
