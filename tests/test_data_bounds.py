@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-from hnkit import text
+from hnkit import text, text_data
 from hnkit.commands.cli import main
 from hnkit.errors import HnkitError
-from hnkit.text import read_pieces, tokenized_blocks
+from hnkit.text import tokenized_blocks
+from hnkit.text_data import read_pieces
 from hnkit.util import cache_root
 
 
@@ -92,11 +93,11 @@ def write_data(root, corpus):
             root / "data.jsonl": kept, root / "array.json": kept, root / "saved": [corpus[:5000], corpus[5000:6000]]}
 
 
-@pytest.mark.parametrize("piece_chars", [300, text.PIECE_CHARS])
+@pytest.mark.parametrize("piece_chars", [300, text_data.PIECE_CHARS])
 def test_blocks_are_those_of_whole_documents(tiny_lm, tok, tmp_path, monkeypatch, piece_chars):
     """With pieces of 300 characters every document is cut many times, and still every token is
     the one of tokenizing the document whole (a byte-level BPE tokenizer, like GPT-2's)."""
-    monkeypatch.setattr(text, "PIECE_CHARS", piece_chars)
+    monkeypatch.setattr(text_data, "PIECE_CHARS", piece_chars)
     monkeypatch.setattr(text, "BATCH_CHARS", 1000)  # many batches too
     for data, docs in write_data(tmp_path / "data", tiny_lm["corpus"].read_text()).items():
         got = tokenized_blocks(data, tok, 32)
@@ -156,7 +157,7 @@ def build_tokenizer(kind, texts):
 
 
 def assert_blocks_of_whole_documents(tmp_path, monkeypatch, tok, docs, block_size=16):
-    monkeypatch.setattr(text, "PIECE_CHARS", 300)
+    monkeypatch.setattr(text_data, "PIECE_CHARS", 300)
     monkeypatch.setattr(text, "BATCH_CHARS", 1000)
     folder = tmp_path / "docs"
     folder.mkdir()
@@ -269,7 +270,7 @@ def test_a_json_array_over_the_limit_is_refused(tmp_path):
 
 
 def test_the_cli_refuses_a_long_line_with_one_line_and_writes_nothing(tiny_lm, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(text, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(text_data, "MAX_LINE_BYTES", 1000)
     data = tmp_path / "one-line.jsonl"
     data.write_text(json.dumps({"text": tiny_lm["corpus"].read_text()[:20000]}) + "\n")
     out = tmp_path / "out"
