@@ -95,8 +95,8 @@ def test_linear_network_is_written_as_linear_for_comfyui(tmp_path):
     raw = torch.load(hnkit.save(hn, tmp_path / "lin.pt"), weights_only=True)
     assert raw["activation_func"] == "linear"
     # through the native format too (hnkit convert)
-    raw = torch.load(hnkit.save(hnkit.load(hnkit.save(hn, tmp_path / "lin.safetensors")), tmp_path / "c.pt"),
-                     weights_only=True)
+    converted = hnkit.save(hnkit.load(hnkit.save(hn, tmp_path / "lin.safetensors")), tmp_path / "c.pt")
+    raw = torch.load(converted, weights_only=True)
     assert raw["activation_func"] == "linear"
 
 
