@@ -3,6 +3,7 @@
 from .attach import Attachment, attach
 from .checkpoint import load, save
 from .errors import HnkitError
+from .forms import LowRankModule
 from .fuse import Fusion, fuse, unfuse
 from .hypernetwork import Hypernetwork, HypernetworkConfig
 from .merge import merge
@@ -14,7 +15,7 @@ from .targets import supported_families
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attachment", "HnkitError", "Hypernetwork", "HypernetworkConfig", "HypernetworkModule",
+    "Attachment", "HnkitError", "Hypernetwork", "HypernetworkConfig", "HypernetworkModule", "LowRankModule",
     "attach", "load", "save", "supported_families", "__version__",
     "Fusion", "Stack", "StyleLibrary", "after", "fade_in", "fade_out", "fuse", "merge", "steer", "unfuse",
 ]

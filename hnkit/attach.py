@@ -19,7 +19,6 @@ Besides the strengths, an attachment has three knobs for steering generation:
 from __future__ import annotations
 
 import collections
-import math
 import warnings
 import weakref
 
@@ -27,9 +26,10 @@ import torch
 
 from .errors import HnkitError
 from .hypernetwork import Hypernetwork
-from .kernels import Collapsed, Members, Memo, PerRow, Strengths, make_kernel
+from .kernels import Collapsed, Memo, make_kernel
 from .passes import Passes
 from .stack import Stack
+from .strengths import finite, strengths_for
 from .targets import find_target
 from .targets.base import token_input
 
@@ -62,14 +62,7 @@ class Attachment:
 
     def __init__(self, model, entries: list[tuple[Hypernetwork, float]], blend: str = "chain",
                  layers=None, schedule=None, fast: bool = True):
-        check_blend(blend)
-        if not isinstance(fast, bool):
-            raise HnkitError(f"fast must be True or False, got {fast!r}")
-        if schedule is not None and not callable(schedule):
-            raise HnkitError("schedule must be a function of the token index (e.g. hnkit.fade_in(50))")
-        if schedule is not None and not callable(getattr(model, "generate", None)):
-            raise HnkitError(f"a strength schedule counts generated tokens: it needs a model with generate(), "
-                             f"not a {type(model).__name__}")
+        check_options(model, blend, schedule, fast)
         self.model = model
         self.hypernetworks = [hn for hn, _ in entries]
         self.blend = blend
@@ -77,11 +70,7 @@ class Attachment:
         self.fast = fast
         target = find_target(model)
         self.device = _device_of(model)
-        self.stack = entries[0][0] if isinstance(entries[0][0], Stack) else None
-        if self.stack is not None:
-            self._strengths = Strengths([member_strengths(self.stack, entries[0][1], self.device)])
-        else:
-            self._strengths = Strengths([strength_value(s, self.device) for _, s in entries])
+        self._strengths = strengths_for(entries, self.device)
         self.family = target.family
         for hn in self.hypernetworks:
             check_fits(hn, target.sites, self.family)
@@ -93,27 +82,7 @@ class Attachment:
         self._unfrozen = [p for p in model.parameters() if p.requires_grad]
         for p in self._unfrozen:
             p.requires_grad_(False)
-        # One kernel per group of sites with the same modules and the same layer factor, and one
-        # Memo per such kernel where the sites are fed the model call's context.
-        kernels: dict = {}
-        installs = []
-        for site, factor in zip(target.sites, self.layer_factors):
-            entries_here = [(i, hn.pair_for(site), factor) for i, hn in enumerate(self.hypernetworks)]
-            entries_here = [(i, pair, f) for i, pair, f in entries_here if pair is not None]
-            if not entries_here:
-                continue
-            key = tuple((i, id(k), id(v)) for i, (k, v), _ in entries_here) + (factor,)
-            if key not in kernels:
-                kernels[key] = make_kernel(entries_here, self._strengths, blend, fast)
-            kernel = kernels[key]
-            if site.context:
-                if (key, "memo") not in kernels:
-                    kernels[key, "memo"] = Memo(kernel, site.width)
-                kernel = kernels[key, "memo"]
-            installs.append((site, kernel))
-        for kernel, n in collections.Counter(k for _, k in installs).items():
-            if isinstance(kernel, Collapsed):
-                kernel.sites = n  # a Memo's kernel runs once per pass (hnkit.passes)
+        installs = choose_kernels(target.sites, self.hypernetworks, self.layer_factors, self._strengths, blend, fast)
         self.kernels = list(dict.fromkeys(k for _, k in installs))
         self._removers = [site.install(kernel) for site, kernel in installs]
         self.num_sites = len(installs)
@@ -134,17 +103,11 @@ class Attachment:
     def strengths(self) -> list:
         """One strength per network: a float, or a ``[B]`` tensor where it is given per row (for a
         stack, one per member)."""
-        if self.stack is not None:
-            return list(self._strengths.values[0].values)
-        return [v.s if isinstance(v, PerRow) else v for v in self._strengths.values]
+        return self._strengths.as_list()
 
     @property
     def strength(self):
-        if self.stack is not None:
-            raise HnkitError("a stack has a strength per member: use strengths / set_strength(s, member)")
-        if len(self.hypernetworks) != 1:
-            raise HnkitError("several hypernetworks are attached: use strengths / set_strength(s, index)")
-        return self.strengths[0]
+        return self._strengths.one()
 
     @strength.setter
     def strength(self, value: float) -> None:
@@ -154,22 +117,9 @@ class Attachment:
         """Change a strength in place (no re-attaching). ``index`` picks the network when several
         are attached: its position or the Hypernetwork object itself. ``value`` is a number, or one
         per batch row (a list or a 1-D tensor: see :func:`attach`). For a stack, ``index`` is a
-        member's position or name, or ``value`` a dict ``{member: value}`` setting several at once."""
-        if self.stack is not None:  # members named (by index, or a dict) keep the others' strengths
-            if index is not None:
-                value = {self.stack.index(index): value}
-            if isinstance(value, dict):
-                current = dict(enumerate(self._strengths.values[0].values))
-                value = {**current, **{self.stack.index(k): v for k, v in value.items()}}
-            self._strengths.values[0] = member_strengths(self.stack, value, self.device)
-            return
-        if index is None:
-            if len(self.hypernetworks) != 1:
-                raise HnkitError("several hypernetworks are attached: name which one with index=")
-            index = 0
-        elif isinstance(index, Hypernetwork):
-            index = next(i for i, hn in enumerate(self.hypernetworks) if hn is index)
-        self._strengths.values[index] = strength_value(value, self.device)
+        member's position or name, or ``value`` a dict ``{member: value}`` setting several at once
+        (members not named keep their strengths)."""
+        self._strengths.set(value, index)
 
     # the root hooks -------------------------------------------------------------------------
     def _before_pass(self, module, args, kwargs) -> None:
@@ -217,9 +167,8 @@ class Attachment:
         self.remove()
 
     def __repr__(self) -> str:
-        labels = self.stack.names if self.stack is not None else [hn.name for hn in self.hypernetworks]
         names = ", ".join(f"{name}@{s:g}" if not isinstance(s, torch.Tensor) else f"{name}@{s.tolist()}"
-                          for name, s in zip(labels, self.strengths))
+                          for name, s in zip(self._strengths.labels, self.strengths))
         extra = "" if self.blend == "chain" else f", blend={self.blend}"
         extra += ", per-layer factors" if any(f != 1.0 for f in self.layer_factors) else ""
         extra += ", scheduled" if self.schedule is not None else ""
@@ -227,54 +176,41 @@ class Attachment:
         return f"Attachment({self.family}, {self.num_sites} sites, [{names}]{extra})"
 
 
-def finite(value, what: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise HnkitError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise HnkitError(f"{what} must be a finite number, got {value}")
-    return value
+def check_options(model, blend: str, schedule, fast) -> None:
+    check_blend(blend)
+    if not isinstance(fast, bool):
+        raise HnkitError(f"fast must be True or False, got {fast!r}")
+    if schedule is not None and not callable(schedule):
+        raise HnkitError("schedule must be a function of the token index (e.g. hnkit.fade_in(50))")
+    if schedule is not None and not callable(getattr(model, "generate", None)):
+        raise HnkitError(f"a strength schedule counts generated tokens: it needs a model with generate(), "
+                         f"not a {type(model).__name__}")
 
 
-def strength_value(value, device=None):
-    """A checked strength: a number, or one per batch row (a list, tuple or 1-D tensor), kept as a
-    :class:`hnkit.kernels.PerRow` on ``device``."""
-    checked = checked_strength(value)
-    return checked if isinstance(checked, float) else PerRow(checked, device)
-
-
-def checked_strength(value) -> float | torch.Tensor:
-    """A strength checked: a finite number, or one per batch row as a 1-D float32 CPU tensor."""
-    if not isinstance(value, (list, tuple, torch.Tensor)) or isinstance(value, torch.Tensor) and value.dim() == 0:
-        return finite(value, "strength")
-    try:
-        s = torch.as_tensor(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError):
-        raise HnkitError(f"per-row strengths must be numbers, got {value!r}") from None
-    if s.dim() != 1 or len(s) == 0:
-        raise HnkitError(f"per-row strengths are one number per batch row (a 1-D list), got shape {list(s.shape)}")
-    if not torch.isfinite(s).all():
-        raise HnkitError(f"per-row strengths must be finite numbers, got {s.tolist()}")
-    return s
-
-
-def member_strengths(stack: Stack, value, device=None) -> Members:
-    """A stack's strengths from one number (every member), a list (one per member) or a dict
-    ``{member name or position: value}`` (members not named are 0); each value a number or one
-    per batch row."""
-    if isinstance(value, dict):
-        values = [0.0] * len(stack.names)
-        for member, v in value.items():
-            values[stack.index(member)] = v
-    elif isinstance(value, (list, tuple)):
-        if len(value) != len(stack.names):
-            raise HnkitError(f"{len(value)} strengths for a stack of {len(stack.names)} members "
-                             "(give one per member, or a dict {member: strength})")
-        values = list(value)
-    else:
-        values = [value] * len(stack.names)
-    return Members([checked_strength(v) for v in values], device)  # on the CPU: Members works the rows out once
+def choose_kernels(sites, hypernetworks, factors: list[float], strengths, blend: str, fast: bool) -> list:
+    """``[(site, kernel)]`` for the sites some network reaches: one kernel per group of sites with
+    the same modules and the same layer factor, wrapped in one Memo per such kernel where the sites
+    are fed the model call's context."""
+    kernels: dict = {}
+    installs = []
+    for site, factor in zip(sites, factors):
+        entries = [(i, hn.pair_for(site), factor) for i, hn in enumerate(hypernetworks)]
+        entries = [(i, pair, f) for i, pair, f in entries if pair is not None]
+        if not entries:
+            continue
+        key = tuple((i, id(k), id(v)) for i, (k, v), _ in entries) + (factor,)
+        if key not in kernels:
+            kernels[key] = make_kernel(entries, strengths, blend, fast)
+        kernel = kernels[key]
+        if site.context:
+            if (key, "memo") not in kernels:
+                kernels[key, "memo"] = Memo(kernel, site.width)
+            kernel = kernels[key, "memo"]
+        installs.append((site, kernel))
+    for kernel, n in collections.Counter(k for _, k in installs).items():
+        if isinstance(kernel, Collapsed):
+            kernel.sites = n  # a Memo's kernel runs once per pass (hnkit.passes)
+    return installs
 
 
 def check_blend(blend: str) -> None:

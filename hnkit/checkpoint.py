@@ -1,8 +1,10 @@
 """Save and load hypernetworks: hnkit's ``.safetensors`` and the SD web UI's ``.pt``.
 
 Native file: one ``.safetensors``; tensors are named ``<key>.<k|v>.<param>`` (``768.k.linear.0.weight``,
-``layers.3.self_attn.v.linear.2.bias``) and the header's metadata holds one entry, ``"hnkit"``, a
-JSON object: format version, key list, module config, target family, base model, step, ...
+``layers.3.self_attn.v.linear.2.bias``; a low-rank module's ``768.k.down.weight``, ``768.k.up.weight``,
+``768.k.up.bias``: :mod:`hnkit.forms`) and the header's metadata holds one entry, ``"hnkit"``, a
+JSON object: format version, key list, module config (with ``form`` and ``rank`` for a form other
+than "mlp"), target family, base model, step, ...
 
 Web UI file: a ``torch.save``d dict, integer widths -> ``(k_state_dict, v_state_dict)``, plus the
 metadata keys listed in docs/design.md. It is a pickle, so it is only ever read with
@@ -33,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from .errors import HnkitError, first_line
+from .forms import FORMS
 from .hypernetwork import MAX_SITE_KEYS, MAX_WIDTH_KEYS, Hypernetwork, HypernetworkConfig
 from .safe_load import load_plain, parse_metadata
 from .util import atomic_write
@@ -112,9 +115,12 @@ def to_a1111(hn: Hypernetwork, path: Path | str = "hypernetwork.pt") -> dict:
     """The dict the web UI itself would ``torch.save`` for this network. A linear network's
     ``activation_func`` is ``"linear"``, as the web UI's create tab writes it (ComfyUI refuses
     ``None``); reading ``None`` still works, so a file that had it is written back with ``"linear"``."""
-    if hn.config.per_site:
-        raise HnkitError(f"{path}: a per-site hypernetwork cannot be written as a web UI .pt (it is keyed by width)")
     c = hn.config
+    if not FORMS[c.form].webui_format:
+        raise HnkitError(f"{path}: a {c.form!r} hypernetwork cannot be written as a web UI .pt (the web UI knows "
+                         f"only the MLP form); save it as {Path(path).with_suffix('.safetensors').name}")
+    if c.per_site:
+        raise HnkitError(f"{path}: a per-site hypernetwork cannot be written as a web UI .pt (it is keyed by width)")
     data: dict = {key: (hn[key][0].state_dict(), hn[key][1].state_dict()) for key in hn.keys()}
     data.update({
         "step": hn.step,

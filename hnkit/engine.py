@@ -20,8 +20,8 @@ a row leaves it, not per token.
 
 A row whose sampling or decoding fails ends alone with an error (``emit(message, True, "error")``);
 the rest of its batch goes on. :meth:`Engine.close` ends every row not finished, waiting or running,
-the same way with "the server is shutting down" (``finish_reason`` "shutdown"), and makes every
-:meth:`Engine.call` still waiting, or made later, raise that as an HnkitError.
+the same way with "the server is shutting down" (``finish_reason`` "shutdown"), as it does every
+job submitted later.
 """
 
 from __future__ import annotations
@@ -41,25 +41,6 @@ from .text import context_length
 
 GREEDY_BELOW = 1e-5  # a lower temperature samples greedily: one-hot anyway, and dividing by a tinier one overflows
 SHUTTING_DOWN = "the server is shutting down"
-
-
-class Call:
-    """A function to run in the engine's thread between batches (:meth:`Engine.call`): its result or
-    its error, and ``done`` once it has either."""
-
-    def __init__(self, fn):
-        self.fn, self.done, self.value, self.error = fn, threading.Event(), None, None
-
-    def __call__(self) -> None:
-        try:
-            self.value = self.fn()
-        except BaseException as exc:  # handed to the caller
-            self.error = exc
-        self.done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.done.set()
 
 
 @dataclass
@@ -114,7 +95,7 @@ class Engine:
         except HnkitError:
             self.stack = None
         self.attachment = self.attach_styles()
-        self.waiting: list = []  # Jobs submitted, not yet in a batch (and Engine.call's Calls)
+        self.waiting: list[Job] = []  # submitted, not yet in a batch
         self._changed = threading.Condition()
         self.busy = threading.Lock()  # held while a batch is taken and run: holding it queues requests up
         self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0}  # what the batches were
@@ -161,34 +142,15 @@ class Engine:
                 return
         self._end(job, "shutdown", SHUTTING_DOWN)
 
-    def call(self, fn):
-        """Run ``fn()`` in the engine's thread between batches and return its result (benchmarks
-        time ``generate()`` there, in the same thread as the batches). On a closed engine, or one
-        closed before ``fn`` ran, raises HnkitError("the server is shutting down")."""
-        call = Call(fn)
-        with self._changed:
-            if self._stop.is_set():
-                raise HnkitError(SHUTTING_DOWN)
-            self.waiting.append(call)
-            self._changed.notify()
-        call.done.wait()
-        if call.error is not None:
-            raise call.error
-        return call.value
-
     def close(self) -> None:
         """Stop serving and take the styles off the model. Jobs still waiting, and the rows of the
-        batch running (at its next step), end with "the server is shutting down"; calls waiting
-        raise it (a call running finishes first)."""
+        batch running (at its next step), end with "the server is shutting down"."""
         with self._changed:
             self._stop.set()
             queued, self.waiting = self.waiting, []
             self._changed.notify()
-        for item in queued:
-            if isinstance(item, Job):
-                self._end(item, "shutdown", SHUTTING_DOWN)
-            else:
-                item.fail(HnkitError(SHUTTING_DOWN))
+        for job in queued:
+            self._end(job, "shutdown", SHUTTING_DOWN)
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.attachment is not None:
@@ -208,30 +170,24 @@ class Engine:
             if self._stop.is_set():
                 return
             with self.busy:  # everything waiting when the engine is free goes into one batch
-                if self._stop.is_set() or not self.waiting:  # closed (or emptied) while busy was held
-                    continue
-                with self._changed:  # the leading jobs, up to max_batch, or one Engine.call Call
-                    n = 0
-                    while n < min(len(self.waiting), self.max_batch) and isinstance(self.waiting[n], Job):
-                        n += 1
-                    taken = self.waiting[:max(n, 1)]
-                    del self.waiting[:max(n, 1)]
-                if n == 0:
-                    taken[0]()
-                    continue
-                jobs = taken
-                batch = [j for j in jobs if not j.cancelled]
-                if not batch:
-                    continue
-                try:
-                    self.run(batch)
-                except Exception as exc:  # a failed batch ends its requests with the error, not the server
-                    for j in batch:
-                        self._end(j, "error", f"{type(exc).__name__}: {exc}")
-                except BaseException:  # Ctrl-C or SIGTERM in this thread: the batch's clients are told
-                    for j in batch:
-                        self._end(j, "shutdown", SHUTTING_DOWN)
-                    raise
+                with self._changed:  # the leading jobs, up to max_batch (once closed, close() ends them)
+                    taken = [] if self._stop.is_set() else self.waiting[:self.max_batch]
+                    del self.waiting[:len(taken)]
+                batch = [j for j in taken if not j.cancelled]
+                if batch:
+                    self.run_batch(batch)
+
+    def run_batch(self, batch: list[Job]) -> None:
+        """:meth:`run`, its failure ending its rows, not the server."""
+        try:
+            self.run(batch)
+        except Exception as exc:
+            for j in batch:
+                self._end(j, "error", f"{type(exc).__name__}: {exc}")
+        except BaseException:  # Ctrl-C or SIGTERM in this thread: the batch's clients are told
+            for j in batch:
+                self._end(j, "shutdown", SHUTTING_DOWN)
+            raise
 
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> None:

@@ -1,10 +1,11 @@
 """Fold a linear hypernetwork into the K/V projection weights, so that inference costs nothing extra.
 
 A hypernetwork module without activation and layer norm is an affine map, ``mlp(x) = A x + c``
-(dropout is off at inference), so its site computes ``x' = x + D x + t`` with ``D = s A`` and
-``t = s c``. Several networks compose the same way (chain: one after the other; sum: ``D = sum
-s_i A_i``). A projection ``W x + b`` fed ``x'`` becomes ``(W + W D) x + (b + W t)``: new weights,
-same code. The arithmetic is done in float64 and rounded once to the weights' dtype.
+(dropout is off at inference), as is a low-rank one (:mod:`hnkit.forms`), so its site computes
+``x' = x + D x + t`` with ``D = s A`` and ``t = s c``. Several networks compose the same way
+(chain: one after the other; sum: ``D = sum s_i A_i``). A projection ``W x + b`` fed ``x'``
+becomes ``(W + W D) x + (b + W t)``: new weights, same code. The arithmetic is done in float64
+and rounded once to the weights' dtype.
 
 ``fuse`` swaps in new Parameter objects and keeps the originals; ``unfuse`` (or the handle's
 ``remove()``) puts the very same original Parameters back, and removes the biases it added to
@@ -19,13 +20,12 @@ from torch import nn
 from .attach import attached_models, fused_models, as_entries, check_blend, check_fits, finite, layer_factors
 from .errors import HnkitError
 from .hypernetwork import Hypernetwork
-from .module import HypernetworkModule
 from .targets import find_sites
 
 
-def affine_map(module: HypernetworkModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, c)`` in float64 with ``mlp(x) = A x + c`` for a module without activation or layer
-    norm (dropout ignored, as at inference)."""
+def affine_map(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, c)`` in float64 with ``f(x) = A x + c`` for an affine module of any form (an MLP
+    without activation or layer norm, dropout ignored as at inference; a low-rank one)."""
     with torch.no_grad():
         return module.affine(torch.float64)
 

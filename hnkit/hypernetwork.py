@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import HnkitError
-from .module import (MAX_WIDTH, HypernetworkModule, check_structure, is_linear_activation,
-                     legacy_dropout_structure)
+from .forms import FORMS, check_form, make_module
+from .module import MAX_WIDTH, check_structure, legacy_dropout_structure
 
 # How many pairs a hypernetwork may hold, so that a file cannot make hnkit build millions of modules.
 # Keyed by width, a model has a few distinct attention input widths (SD 1.x: 320, 640, 768, 1280);
@@ -31,6 +31,10 @@ class HypernetworkConfig:
     weight_init: str = "Normal"  # weight_initialization
     zero_init_last: bool = False  # hnkit only: last Linear starts at zero (exact identity)
     per_site: bool = False  # hnkit only: one pair per attention site instead of per width
+    # hnkit only: the module form (hnkit.forms.FORMS): "mlp" (the options above) or "lowrank", of
+    # rank `rank` (1 to the input width; the MLP options are not used by it)
+    form: str = "mlp"
+    rank: int | None = None
 
     def __post_init__(self):
         self.layer_structure = list(self.layer_structure)
@@ -41,14 +45,19 @@ class HypernetworkConfig:
         self.dropout_structure = [float(p) for p in self.dropout_structure]
         self.use_dropout = bool(self.use_dropout or any(self.dropout_structure))
         check_structure(self.layer_structure, self.dropout_structure)
+        check_form(self.form, self.rank)
 
     @property
     def is_linear(self) -> bool:
-        """No activation and no layer norm: the module is an affine map (it can be fused)."""
-        return is_linear_activation(self.activation) and not self.layer_norm
+        """The modules are affine maps (they can be fused): an MLP without activation and layer norm."""
+        return FORMS[self.form].config_is_linear(self)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, without ``form`` and ``rank`` for an MLP: its files stay as they were."""
+        d = dataclasses.asdict(self)
+        if self.form == "mlp":
+            del d["form"], d["rank"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "HypernetworkConfig":
@@ -59,8 +68,13 @@ class HypernetworkConfig:
         return cls(**d)
 
 
+def pair_name(key) -> str:
+    """The ModuleDict name of a key's pair: names cannot hold dots (the real key is kept apart)."""
+    return str(key).replace(".", ":")
+
+
 class Hypernetwork(nn.Module):
-    """Named ``(k, v)`` pairs of :class:`HypernetworkModule`.
+    """Named ``(k, v)`` pairs of modules of ``config.form`` (:mod:`hnkit.forms`).
 
     Keys are input widths (``int``: every attention site whose K/V input has that width shares the
     pair) or, with ``config.per_site``, site names (``str``, e.g. ``"layers.3.self_attn"``).
@@ -108,11 +122,6 @@ class Hypernetwork(nn.Module):
     def keyed_by(self) -> str:
         return "site" if self.config.per_site else "width"
 
-    @staticmethod
-    def _module_name(key) -> str:
-        # ModuleDict names cannot hold dots; the real key is kept in self._keys.
-        return str(key).replace(".", ":")
-
     def add_pair(self, key, width: int) -> None:
         if isinstance(key, int) == self.config.per_site:
             raise HnkitError(f"key {key!r} does not fit a hypernetwork keyed by {self.keyed_by}")
@@ -123,12 +132,7 @@ class Hypernetwork(nn.Module):
             raise HnkitError(f"more than {limit} hypernetwork keys (keyed by {self.keyed_by}); no model has that many")
         if isinstance(width, bool) or not isinstance(width, int) or not 0 < width <= MAX_WIDTH:
             raise HnkitError(f"key {key!r}: input width {width!r} is not an integer from 1 to {MAX_WIDTH}")
-        c = self.config
-        make = lambda: HypernetworkModule(  # noqa: E731
-            width, c.layer_structure, c.activation, c.layer_norm, c.dropout_structure,
-            c.activate_output, c.weight_init, c.zero_init_last,
-        )
-        self.pairs[self._module_name(key)] = nn.ModuleList([make(), make()])
+        self.pairs[pair_name(key)] = nn.ModuleList([make_module(self.config, width) for _ in "kv"])
         self._keys.append(key)
         self._widths[key] = width
 
@@ -141,10 +145,10 @@ class Hypernetwork(nn.Module):
     def __contains__(self, key) -> bool:
         return key in self._widths
 
-    def __getitem__(self, key) -> tuple[HypernetworkModule, HypernetworkModule]:
+    def __getitem__(self, key) -> tuple[nn.Module, nn.Module]:
         if key not in self._widths:
             raise KeyError(key)
-        k, v = self.pairs[self._module_name(key)]
+        k, v = self.pairs[pair_name(key)]
         return k, v
 
     def key_for(self, site):
@@ -158,8 +162,11 @@ class Hypernetwork(nn.Module):
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.parameters())
-        return (f"Hypernetwork(name={self.name!r}, keyed_by={self.keyed_by}, keys={self._keys}, "
-                f"layer_structure={self.config.layer_structure}, activation={self.config.activation!r}, "
+        c = self.config
+        shape = (f"rank={c.rank}" if c.form == "lowrank" else
+                 f"layer_structure={c.layer_structure}, activation={c.activation!r}")
+        form = "" if c.form == "mlp" else f"form={c.form!r}, "
+        return (f"Hypernetwork(name={self.name!r}, keyed_by={self.keyed_by}, keys={self._keys}, {form}{shape}, "
                 f"params={n})")
 
     # -- construction --------------------------------------------------------------------------

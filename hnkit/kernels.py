@@ -8,11 +8,12 @@ pass. The kind of kernel is chosen once, when attaching (:func:`make_kernel`):
 
 - :class:`Chain`: the networks one after the other (the web UI's way; also one network alone);
 - :class:`Sum`: ``x + sum_i s_i * mlp_i(x)``, each network on the unmodified input;
-- :class:`Collapsed`: one linear network whose layers widen its input (the web UI's ``[1, 2, 1]``
-  linear): in a forward pass with enough rows, ``mlp(x) = x @ M.T + c`` with ``M`` multiplied out
-  once for the whole pass (:mod:`hnkit.passes`), a quarter of the arithmetic at every row;
+- :class:`Collapsed`: one affine network whose modules say multiplying out pays
+  (``break_even_rows()``, :mod:`hnkit.forms`; the web UI's ``[1, 2, 1]`` linear): in a forward
+  pass with enough rows, ``mlp(x) = x @ M.T + c`` with ``M`` multiplied out once for the whole
+  pass (:mod:`hnkit.passes`), a quarter of the arithmetic at every row;
 - :class:`Stacked`: the members of a :class:`hnkit.stack.Stack`, summed with two matrix products
-  over the members that some row uses (strengths per member: :class:`Members`);
+  over the members that some row uses (strengths per member: :class:`hnkit.strengths.Members`);
 - :class:`Memo` wraps the kernel of a site fed the model call's context (the SD UNet's
   cross-attention): its result for that tensor is computed once per pass (:mod:`hnkit.passes`).
 
@@ -25,113 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import HnkitError
-from .module import HypernetworkModule
-from .stack import StackedModule
+from .strengths import PerRow, Strengths, check_rows
 
 
-class Strengths:
-    """The values the kernels of one attachment read at call time, changed in place: one strength
-    per network (``values``: a float, or a :class:`PerRow` for a strength per batch row) and the
-    schedule's factor for the current forward pass (``scale``)."""
-
-    def __init__(self, values: list):
-        self.values = Values(values)
-        self.scale = 1.0
-
-
-class Values:
-    """One strength per network, read and set by index, that knows which are not 0 (``nonzero``,
-    their indices): a kernel of many networks looks at those only, so its cost does not grow with the
-    networks at 0. Not a list: setting by index is the only change, so ``nonzero`` stays true."""
-
-    def __init__(self, values: list):
-        self._values = list(values)
-        self.nonzero = {i for i, v in enumerate(self._values) if not is_zero(v)}
-
-    def __getitem__(self, index: int):
-        return self._values[index]
-
-    def __setitem__(self, index: int, value) -> None:
-        index = range(len(self._values))[index]  # -1 is the last; IndexError past the end
-        self._values[index] = value
-        if is_zero(value):
-            self.nonzero.discard(index)
-        else:
-            self.nonzero.add(index)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __iter__(self):
-        return iter(self._values)
-
-
-def is_zero(value) -> bool:  # per-row strengths count as set: their rows are checked even at 0
-    return not isinstance(value, (PerRow, Members)) and value == 0
-
-
-class PerRow:
-    """A strength per batch row: ``s`` (``[B]``, float32, on the model's device) and the rows whose
-    strength is not 0 (``rows``; None when all are), worked out once when the strengths are set, so a
-    kernel never asks the device which rows are active. Rows at 0 are never computed: they leave the
-    site bit-identical to the bare model."""
-
-    def __init__(self, s: torch.Tensor, device=None):
-        active = (s != 0).nonzero().flatten()  # on the CPU, once
-        values = s[active]
-        self.s = s.to(device) if device is not None else s
-        self.rows = None if len(active) == len(s) else active.to(self.s.device)
-        self.empty = len(active) == 0
-        # the active rows' strengths: one number when they share it (no per-row multiply), else [n]
-        self.same = float(values[0]) if len(values) and bool((values == values[0]).all()) else None
-        self.active = values.to(self.s.device)
-
-    def scaled(self, factor: float, dims: int):
-        """The active rows' strengths times ``factor``: a number, or a tensor shaped to broadcast
-        against a ``dims``-dimensional input (``[n, 1, ..., 1]``)."""
-        if self.same is not None:
-            return self.same * factor
-        return (self.active * factor).view(-1, *[1] * (dims - 1))
-
-
-class Members:
-    """The strengths of a stack's members (:class:`hnkit.stack.Stack`): a number, or a ``[B]``
-    float32 CPU tensor (one per row), each. Worked out once when they are set: ``lo..hi-1``, the
-    members some row uses, and ``members``: None when all of ``lo..hi-1`` are used, else the used
-    ones' positions (the others are never computed, however many there are); ``s``, their strengths
-    on the rows that use any (``[n, used]``, or ``[1, used]`` when no strength is per row), on the
-    model's device; ``rows``, those rows (None when all are); ``batch``, the rows the per-row
-    strengths are given for (None when none are)."""
-
-    def __init__(self, values: list, device=None):
-        self.values = values
-        lengths = sorted({len(v) for v in values if isinstance(v, torch.Tensor)})
-        if len(lengths) > 1:
-            raise HnkitError(f"per-row strengths of a stack's members must be given for the same rows, got "
-                             f"{' and '.join(map(str, lengths))} rows (set them together, as a dict)")
-        self.batch = lengths[0] if lengths else None
-        used = [i for i, v in enumerate(values) if (bool(v.any()) if isinstance(v, torch.Tensor) else v != 0)]
-        self.empty = not used
-        self.lo, self.hi = (used[0], used[-1] + 1) if used else (0, 0)
-        contiguous = len(used) == self.hi - self.lo
-        self.members = None if contiguous else torch.tensor(used, device=device)
-        columns = [values[i] if isinstance(values[i], torch.Tensor)
-                   else torch.full((self.batch or 1,), float(values[i])) for i in used]
-        full = torch.stack(columns, dim=1) if used else torch.zeros(self.batch or 1, 0)  # [rows, used], on the CPU
-        active = (full != 0).any(1).nonzero().flatten()
-        self.rows = None if self.batch is None or len(active) == self.batch else active.to(device)
-        self.s = (full if self.rows is None else full[active]).to(device)
-
-
-def check_rows(n: int, x: torch.Tensor) -> None:
-    if n != x.shape[0]:
-        raise HnkitError(f"per-row strengths are given for {n} rows, but the batch has "
-                         f"{x.shape[0]} (num_return_sequences, beams and classifier-free guidance "
-                         "multiply the rows: give a strength for each)")
-
-
-def run_rows(module: HypernetworkModule, x: torch.Tensor, strength: PerRow, factor: float) -> torch.Tensor:
+def run_rows(module, x: torch.Tensor, strength: PerRow, factor: float) -> torch.Tensor:
     """``module.forward`` on the rows of ``x`` whose strength is not 0, each at its own strength
     times ``factor``; the other rows are returned untouched (gathered and scattered, as multi-LoRA
     servers do)."""
@@ -174,7 +72,7 @@ class Chain:
 
 class Sum(Chain):
     """``x + sum_i s_i * mlp_i(x)``, added left to right in the first module's dtype (fp32) and cast
-    back at the end, as HypernetworkModule.forward does for one module."""
+    back at the end, as a module's forward does (hnkit.forms)."""
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
         values, scale = self.strengths.values, self.strengths.scale
@@ -224,21 +122,6 @@ class Sum(Chain):
         if out is None:
             return x
         return out if out.dtype == x.dtype else out.to(x.dtype)
-
-
-def break_even_rows(module: HypernetworkModule) -> int | None:
-    """Rows (over a whole pass) from which multiplying a linear module out first costs less than
-    running its layers row by row: the product costs ``once`` multiply-adds, and then saves
-    ``per_row - d^2`` at every row. None where it never pays (not affine, or no wider than ``d x d``)."""
-    if not module.is_affine:
-        return None
-    linears = [m for m in module.linear if isinstance(m, torch.nn.Linear)]
-    d = module.dim
-    per_row = sum(m.in_features * m.out_features for m in linears)
-    once = sum(m.out_features * m.in_features * d for m in linears[1:])
-    if per_row <= d * d:
-        return None
-    return once // (per_row - d * d) + 1
 
 
 class PassValue:
@@ -293,7 +176,7 @@ class Collapsed(Chain):
         super().__init__(entries, strengths)
         (_, pair, _), = entries
         self.pair = pair
-        self.break_even = break_even_rows(pair[0])
+        self.break_even = pair[0].break_even_rows()
         self.sites = 1  # set by attach
         self.refs = []  # weak references to the PassValues of passes that may still read them, newest last
 
@@ -380,12 +263,12 @@ class Memo:
 def make_kernel(entries, strengths: Strengths, blend: str, fast: bool = True) -> Chain:
     """The kernel for a site's ``[(index, (k_module, v_module), factor)]``, chosen once. With
     ``fast=False`` a single network runs its modules' own forward (Chain), never Collapsed."""
-    if isinstance(entries[0][1][0], StackedModule):
+    if entries[0][1][0].is_stack:
         return Stacked(entries, strengths)
     if len(entries) > 1:
         return Sum(entries, strengths) if blend == "sum" else Chain(entries, strengths)
     (_, (k, v), _), = entries
     if (fast and not (k.has_dropout or v.has_dropout)
-            and break_even_rows(k) is not None and break_even_rows(v) is not None):
+            and k.break_even_rows() is not None and v.break_even_rows() is not None):
         return Collapsed(entries, strengths)
     return Chain(entries, strengths)

@@ -21,15 +21,11 @@ import argparse
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .errors import HnkitError
 from .fuse import site_affine
 from .hypernetwork import Hypernetwork, HypernetworkConfig
-from .module import activation_name, make_activation
-
-# Activations that mix the units of a layer (or hold parameters): no side-by-side form.
-_NOT_ELEMENTWISE = {"softmax", "softmin", "logsoftmax", "softmax2d", "glu", "multiheadattention", "prelu"}
+from .module import activation_name, is_elementwise
 
 
 def merge(styles, *, blend: str = "sum", name: str = "merged", library=None) -> Hypernetwork:
@@ -58,7 +54,7 @@ def merge(styles, *, blend: str = "sum", name: str = "merged", library=None) -> 
         raise HnkitError(f"a chain through {bad.name!r} (non-linear) is not one residual MLP; merge with "
                          "blend='sum', or attach the networks with blend='chain'")
     per_site = nets[0].config.per_site
-    if all_linear and (blend == "chain" or not _side_by_side_is_smaller(nets)):
+    if all_linear and (blend == "chain" or not _side_by_side_is_smaller(nets)):  # low-rank forms too
         merged = _folded(entries, keys, widths, blend, per_site, name)
     else:
         merged = _side_by_side(entries, keys, widths, per_site, name)
@@ -72,7 +68,10 @@ def merge(styles, *, blend: str = "sum", name: str = "merged", library=None) -> 
 
 
 def _side_by_side_is_smaller(nets) -> bool:
-    """Whether the side-by-side network has fewer weights than a square ``[1, 1]`` layer (per d^2)."""
+    """Whether the side-by-side network has fewer weights than a square ``[1, 1]`` layer (per d^2).
+    Only MLPs go side by side: other (affine) forms are folded."""
+    if any(hn.config.form != "mlp" for hn in nets):
+        return False
     depths = {len(hn.config.layer_structure) for hn in nets}
     if len(depths) > 1:
         return False
@@ -89,7 +88,7 @@ def _folded(entries, keys, widths, blend, per_site, name) -> Hypernetwork:
     for key in keys:
         pairs = [(s, hn[key]) for hn, s in entries if key in hn]
         for which in (0, 1):
-            lin = merged[key][which].linear[0]
+            lin, = merged[key][which].linear_layers()
             affine = site_affine(pairs, which, blend, torch.device("cpu"))
             if affine is None:  # only zero strengths: the identity
                 lin.weight.zero_()
@@ -106,6 +105,9 @@ def _check_side_by_side(nets) -> None:
     act = activation_name(first.config.activation)
     for hn in nets:
         c = hn.config
+        if c.form != "mlp":
+            raise HnkitError(f"cannot merge {hn.name!r} (form {c.form!r}) with non-linear networks exactly: only "
+                             "linear networks fold into one; attach them together with blend='sum' instead")
         if c.layer_norm:
             raise HnkitError(f"cannot merge {hn.name!r} exactly: layer norm normalizes across the whole hidden "
                              "layer, so networks side by side would change each other's output")
@@ -120,7 +122,7 @@ def _check_side_by_side(nets) -> None:
         if act is not None and c.activate_output:
             raise HnkitError(f"cannot merge {hn.name!r} exactly: its output is activated (activate_output), and a "
                              "sum of activated outputs is not one activated output")
-    if act is not None and (act in _NOT_ELEMENTWISE or any(True for _ in make_activation(act).parameters())):
+    if not is_elementwise(act):
         raise HnkitError(f"cannot merge networks with activation {act!r} exactly: it is not element-wise")
 
 
@@ -152,9 +154,8 @@ def _side_by_side(entries, keys, widths, per_site, name) -> Hypernetwork:
         d = widths[key]
         sizes = [[int(d * s[j]) for j in range(n)] for s in structures]  # layer widths per network
         for which in (0, 1):
-            linears = [[m for m in hn[key][which].linear if isinstance(m, nn.Linear)] if key in hn else None
-                       for hn in nets]
-            target = [m for m in merged[key][which].linear if isinstance(m, nn.Linear)]
+            linears = [hn[key][which].linear_layers() if key in hn else None for hn in nets]
+            target = merged[key][which].linear_layers()
             for j, lin in enumerate(target):
                 blocks_w, blocks_b = [], []
                 for (hn, s), layers, size in zip(entries, linears, sizes):

@@ -46,6 +46,30 @@ def is_linear_activation(activation: str | None) -> bool:
     return activation_name(activation) is None
 
 
+# Activations that act on each number alone, the same way every time, and hold no parameters: a layer
+# of them may run over the hidden units of several networks at once (stacked, or merged side by
+# side). An allow-list, so that a new torch activation is not assumed to be one (softmax, GLU and
+# PReLU are not; RReLU draws a random slope in training).
+ELEMENTWISE = frozenset({
+    "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish", "softplus", "hardtanh",
+    "relu6", "selu", "celu", "softsign", "tanhshrink", "hardsigmoid", "logsigmoid", "hardswish", "softshrink",
+    "hardshrink"})
+
+
+def is_elementwise(activation: str | None) -> bool:
+    """The one rule for stacking and merging: no activation, or one of ELEMENTWISE."""
+    return is_linear_activation(activation) or activation in ELEMENTWISE
+
+
+def break_even(per_row: int, once: int, d: int) -> int | None:
+    """Rows (over a whole pass) from which multiplying an affine module out to one ``d x d`` matrix
+    (``once`` multiply-adds) costs less than running it at ``per_row`` multiply-adds a row; None
+    where it never pays (``per_row`` no more than ``d^2``)."""
+    if per_row <= d * d:
+        return None
+    return once // (per_row - d * d) + 1
+
+
 def make_activation(activation: str) -> nn.Module:
     cls = ACTIVATIONS.get(activation)
     if cls is None:
@@ -86,7 +110,12 @@ def check_structure(layer_structure, dropout_structure) -> None:
 
 
 class HypernetworkModule(nn.Module):
-    """``y = x + strength * mlp(x)`` for inputs of width ``dim``."""
+    """``y = x + strength * mlp(x)`` for inputs of width ``dim``: the form "mlp", the web UI's
+    (the interface every form provides: :mod:`hnkit.forms`)."""
+
+    form = "mlp"
+    webui_format = True  # the web UI's .pt holds it
+    is_stack = False
 
     def __init__(
         self,
@@ -122,6 +151,31 @@ class HypernetworkModule(nn.Module):
         self.linear = nn.Sequential(*layers)
         self._init_weights(weight_init, activation, zero_init_last)
 
+    # -- what a config says about the form (hnkit.forms) ------------------------------------------
+    @classmethod
+    def from_config(cls, config, width: int) -> "HypernetworkModule":
+        return cls(width, config.layer_structure, config.activation, config.layer_norm, config.dropout_structure,
+                   config.activate_output, config.weight_init, config.zero_init_last)
+
+    @staticmethod
+    def config_is_linear(config) -> bool:
+        return is_linear_activation(config.activation) and not config.layer_norm
+
+    @staticmethod
+    def signature(config) -> tuple:
+        """What two configs must share for their modules to compute alike (given the width)."""
+        return (list(config.layer_structure), activation_name(config.activation), config.layer_norm,
+                config.activate_output)
+
+    @staticmethod
+    def stack_problem(config) -> str | None:
+        """Why networks of this config cannot be stacked, or None."""
+        if len(config.layer_structure) != 3 or config.layer_norm or config.activate_output:
+            return "only two-layer networks ([1, m, 1]) without layer norm or an activated output can"
+        if not is_elementwise(config.activation):
+            return f"its activation {config.activation!r} does not act on each hidden unit alone"
+        return None
+
     @torch.no_grad()
     def _init_weights(self, weight_init: str, activation: str | None, zero_init_last: bool) -> None:
         nonlinearity = "leaky_relu" if activation == "leakyrelu" else "relu"
@@ -156,6 +210,38 @@ class HypernetworkModule(nn.Module):
     @property
     def has_dropout(self) -> bool:
         return any(isinstance(m, nn.Dropout) for m in self.linear)
+
+    @property
+    def stack_activation(self) -> str | None:
+        """The name of the activation between the layers (None: none), as ``stack_weights()`` needs it."""
+        acts = [m for m in self.linear if not isinstance(m, (nn.Linear, nn.LayerNorm, nn.Dropout))]
+        return type(acts[0]).__name__.lower() if acts else None
+
+    def linear_layers(self) -> list[nn.Linear]:
+        """The Linear layers, in order (what an MLP merge puts side by side: hnkit.merge)."""
+        return [m for m in self.linear if isinstance(m, nn.Linear)]
+
+    def break_even_rows(self) -> int | None:
+        """Rows over a pass from which multiplying the layers out first pays (:func:`break_even`):
+        the product costs a ``d x d`` product per layer after the first. None where not affine."""
+        if not self.is_affine:
+            return None
+        linears, d = self.linear_layers(), self.dim
+        per_row = sum(m.in_features * m.out_features for m in linears)
+        once = sum(m.out_features * m.in_features * d for m in linears[1:])
+        return break_even(per_row, once, d)
+
+    def stack_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w1 [H, D], b1 [H], w2 [D, H], b2 [D])`` with ``mlp(x) = w2 act(w1 x + b1) + b2``, ``act``
+        the ``stack_activation`` (dropout left out, as at inference)."""
+        layers, linears = list(self.linear), self.linear_layers()
+        after_last = layers[layers.index(linears[-1]) + 1:]
+        if (len(linears) != 2 or any(isinstance(m, nn.LayerNorm) for m in layers)
+                or not all(isinstance(m, nn.Dropout) for m in after_last)):
+            raise HnkitError("only two-layer modules ([1, m, 1]) without layer norm or an activated output can "
+                             "be stacked")
+        first, last = linears
+        return first.weight, first.bias, last.weight, last.bias
 
     def residual(self, h: torch.Tensor) -> torch.Tensor:
         """``mlp(h)`` for ``h`` already in the module's dtype."""

@@ -16,53 +16,37 @@ and one line in the log (path, status, reason); the server keeps serving:
   UTF-16 surrogate (400), larger than ``max_body_bytes`` (413, read no further than the limit), or
   not all there within ``body_timeout`` seconds of its being read (408); after a 413 or a 408
   the connection closes (the rest of the body would otherwise be read as the next request);
-- a prompt of more than ``max_prompt_tokens`` tokens (400; a prompt with more than
-  ``CHARS_PER_TOKEN`` characters per allowed token is refused before it is tokenized);
-- ``stream``, ``ignore_eos`` and ``echo`` that are not true/false (400);
-- OpenAI parameters hnkit does not implement (``NEUTRAL``: ``logprobs``, ``top_logprobs``,
-  ``echo``, ``best_of``, ``suffix``, ``logit_bias``) unless absent, null or neutral (``logprobs``
-  false, ``top_logprobs`` 0, ``echo`` false, ``best_of`` 1, ``suffix`` "", ``logit_bias`` {}): 400
-  naming the parameter. Other unknown fields are ignored, as OpenAI's servers do.
+- a prompt of more than ``max_prompt_tokens`` tokens, and the other mistakes
+  :mod:`hnkit.request_parsing` lists (400, naming the ``param``; an unknown model is a 404).
 
 A row whose generation fails ends with an error (a 500, or an error event in a stream) and the rest
 of its batch goes on; when the engine closes, unfinished rows end with "the server is shutting down"
 (a 503, or an error event then ``data: [DONE]``). Any other failure before the response has started
 is a logged JSON 500. Once a stream has started its status is sent: an unexpected failure in it (a
-bug) closes the connection mid-stream, so the client sees the response end without ``data: [DONE]``;
-it is not in the request log (uvicorn reports it to its own logger, which ``hnkit serve`` runs at
-level critical).
+bug) ends the stream with an error event (``server_error``) then ``data: [DONE]``, logged as one
+line, and the request's rows leave the batch.
+
+The parts, each testable alone: :mod:`hnkit.request_parsing` (a body -> a checked request, or a
+4xx naming its ``param``), :class:`Completion` (the request's rows in the engine) and the answer's
+JSON (:func:`completion_json`, :func:`chunk_event`, :func:`error_body`). This module holds them
+together: routes, guards and logging.
 """
 
 # no "from __future__ import annotations": FastAPI reads the endpoints' annotations at run time
 import asyncio
 import json
-import math
 import re
 import secrets
 import time
 from pathlib import Path
 
 from .engine import Engine, Job
-from .errors import HnkitError, shown
+from .request_parsing import CompletionRequest, RequestError, max_tokens_for, parse_json, parse_request, prompt_ids
 
 STUDIO = Path(__file__).parent / "studio"
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CHAT_MAX_TOKENS = 512  # a chat request without max_tokens: a batch runs until its longest row ends
 MAX_BODY_BYTES = 1_000_000  # a whole context of text is far less
 BODY_TIMEOUT = 10.0  # seconds for a request's body (hnkit serve: --header-timeout): 1 MB needs 100 kB/s
-CHARS_PER_TOKEN = 32  # no tokenizer's tokens average this many characters over a real prompt
-NUMBER = (int, float)
-FLAGS = ("stream", "ignore_eos", "echo")  # must be JSON booleans
-# OpenAI parameters not implemented here: refused unless one of these values (compared with types)
-NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-           "suffix": (None, ""), "logit_bias": (None, {})}
-
-
-class RequestError(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
-        self.kind = "server_error" if status >= 500 else "invalid_request_error"
+DONE = "data: [DONE]\n\n"
 
 
 def error_body(message: str, param=None, code=None, kind="invalid_request_error") -> dict:
@@ -132,8 +116,9 @@ async def read_body(request, limit: int) -> bytes:
 
 
 async def read_json(request, limit: int, timeout: float) -> dict:
-    """The request's JSON object, read no further than ``limit`` bytes, within ``timeout`` seconds
-    (a client that sends half a body would otherwise hold its connection forever)."""
+    """The request's JSON object (:func:`hnkit.request_parsing.parse_json`), read no further than
+    ``limit`` bytes, within ``timeout`` seconds (a client that sends half a body would otherwise hold
+    its connection forever)."""
     if not request.headers.get("content-type", "").startswith("application/json"):
         # a form or text/plain POST is what another web page could send to this machine unasked
         raise RequestError("the request body must be JSON with Content-Type: application/json")
@@ -142,206 +127,89 @@ async def read_json(request, limit: int, timeout: float) -> dict:
     except asyncio.TimeoutError:
         raise RequestError(f"the request body did not arrive within {timeout:g} seconds", status=408,
                            code="request_timeout") from None
-    try:
-        body = json.loads(data)
-    except RecursionError:
-        raise RequestError("the request body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    try:  # JSON may escape a lone surrogate (\ud800), which no text can hold
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except RecursionError:
-        raise RequestError("the request body is nested too deeply") from None
-    except UnicodeEncodeError:
-        raise RequestError("the request body holds a lone UTF-16 surrogate (such as \\ud800) in a string: "
-                           "that is not text") from None
-    return body
+    return parse_json(data)
 
 
-# -- reading a request ---------------------------------------------------------------------------
-def parse_model(name, base: str) -> dict[str, float]:
-    """``{style: strength}`` from ``base[+style[:strength]]...``."""
-    if not isinstance(name, str) or not name:
-        raise RequestError("model must be a string such as " + repr(base), "model")
-    head, *parts = name.split("+")
-    if head != base:
-        raise RequestError(f"unknown model {head!r}; this server serves {base!r} (GET /v1/models lists "
-                           "it with its styles)", "model", 404, "model_not_found")
-    styles = {}
-    for part in parts:
-        style, _, value = part.partition(":")
-        try:
-            styles[style] = float(value) if value else 1.0
-        except ValueError:
-            raise RequestError(f"model {name!r}: strength {value!r} of style {style!r} is not a number",
-                               "model") from None
-    return styles
+# -- the answer in OpenAI's JSON -------------------------------------------------------------------
+def answer_head(request: CompletionRequest) -> dict:
+    """The id, time and model that a request's answer, or each of its chunks, carries."""
+    return {"id": ("chatcmpl-" if request.chat else "cmpl-") + secrets.token_hex(12), "created": int(time.time()),
+            "model": request.model}
 
 
-def request_styles(body: dict, base: str, engine: Engine) -> dict[str, float]:
-    """The request's ``{style: strength}``, every name known (even at 0), the zeros left out. An error
-    names the field the strength came from: ``model`` (``base+noir:9``) or ``hypernetworks``."""
-    styles = parse_model(body.get("model", base), base)
-    field = dict.fromkeys(styles, "model")
-    extra = body.get("hypernetworks")
-    if extra is not None:
-        if not isinstance(extra, dict):
-            raise RequestError("hypernetworks must be an object {style: strength}", "hypernetworks")
-        styles.update(extra)
-        field.update(dict.fromkeys(extra, "hypernetworks"))
-    out = {}
-    for name, s in styles.items():
-        try:
-            value = float(s) if isinstance(s, NUMBER) and not isinstance(s, bool) else math.nan
-        except OverflowError:  # an integer too large for a float
-            value = math.nan
-        if not math.isfinite(value):
-            raise RequestError(f"strength of style {name!r} must be a finite number, got {shown(s)}", field[name])
-        try:
-            engine.check_styles({name: value})
-        except HnkitError as exc:
-            raise RequestError(str(exc), field[name]) from None
-        out[name] = value
-    return {name: value for name, value in out.items() if value != 0}
+def completion_json(head: dict, chat: bool, texts: list[str], reasons: list, usage: dict) -> dict:
+    """A whole answer: one choice per row."""
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                    "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+    else:
+        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+    return {"id": head["id"], "object": "chat.completion" if chat else "text_completion",
+            "created": head["created"], "model": head["model"], "choices": choices, "usage": usage}
 
 
-def number(body: dict, key: str, default, low: float, high: float, integer: bool = False):
-    value = body.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, int if integer else NUMBER) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise RequestError(f"{key} must be {kind} in [{low:g}, {high:g}], got {shown(value)}", key)
-    return value
+def chunk_event(head: dict, chat: bool, index: int, text: str, reason, delta=None) -> str:
+    """A server-sent event with row ``index``'s next ``text`` (and its ``reason`` when it ends)."""
+    if chat:
+        choice = {"index": index, "delta": delta or ({"content": text} if text else {}), "finish_reason": reason}
+    else:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    return event({"id": head["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+                  "created": head["created"], "model": head["model"], "choices": [choice]})
 
 
-def flag(body: dict, key: str) -> bool:
-    value = body.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise RequestError(f"{key} must be true or false, got {shown(value)}", key)
-    return bool(value)
+def event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
 
 
-def refuse_unsupported(body: dict) -> None:
-    for key, neutral in NEUTRAL.items():
-        value = body.get(key)
-        if not any(type(value) is type(n) and value == n for n in neutral):
-            raise RequestError(f"{key} is not supported by hnkit serve (got {shown(value)}): leave it out", key)
+def usage(prompts: list[list[int]], jobs: list[Job]) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, as OpenAI counts it
+    completion = sum(len(j.tokens) for j in jobs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def sampling(body: dict, engine: Engine, max_default: int | None) -> dict:
-    """The request's options, each checked: those of its rows, and ``stream`` and ``n``."""
-    flags = {key: flag(body, key) for key in FLAGS}
-    refuse_unsupported(body)
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise RequestError("stop must be a non-empty string or a list of up to 4 of them", "stop")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = max_default
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise RequestError(f"max_tokens must be a positive integer, got {shown(max_tokens)}", "max_tokens")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(f"seed must be an integer, got {shown(seed)}", "seed")
-    return dict(
-        ignore_eos=flags["ignore_eos"], stream=flags["stream"],
-        temperature=number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
-        max_tokens=max_tokens, stop=stop, seed=seed,
-        n=number(body, "n", 1, 1, engine.max_batch, integer=True),
-    )
-
-
-def too_long(n: int, limit: int, engine: Engine, unit: str = "tokens") -> RequestError:
-    where = " (the model's context)" if limit == engine.context else ""
-    return RequestError(f"the prompt has {n} {unit}: more than this server's limit of {limit} tokens{where}", "prompt")
-
-
-async def completion_ids(engine: Engine, prompts: list[str], limit: int) -> list[list[int]]:
-    """The prompts' token ids, tokenized off the event loop, each at most ``limit`` tokens."""
-    for p in prompts:  # a huge prompt is refused before it costs anything
-        if len(p) > CHARS_PER_TOKEN * limit:
-            raise too_long(len(p), limit, engine, "characters")
-    ids = await asyncio.to_thread(lambda: [engine.tokenizer(p, add_special_tokens=True).input_ids for p in prompts])
-    for x in ids:
-        if len(x) > limit:
-            raise too_long(len(x), limit, engine)
-    return ids
-
-
-async def chat_ids(engine: Engine, messages, limit: int) -> list[int]:
-    """The chat template's token ids for ``messages``, off the event loop, at most ``limit`` tokens."""
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise RequestError("messages must be a list of {role, content} objects with string content", "messages")
-    if not getattr(engine.tokenizer, "chat_template", None):
-        raise RequestError("this model has no chat template: use /v1/completions", "messages")
-    chars = sum(len(m["role"]) + len(m["content"]) for m in messages)
-    if chars > CHARS_PER_TOKEN * limit:
-        raise too_long(chars, limit, engine, "characters")
-    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
-    try:
-        ids = await asyncio.to_thread(engine.tokenizer.apply_chat_template, turns, add_generation_prompt=True,
-                                      tokenize=True)
-    except Exception as exc:  # templates raise on what they refuse (roles that do not alternate, ...)
-        raise RequestError(f"the model's chat template refused the messages: {exc}", "messages") from None
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    if len(ids) > limit:
-        raise too_long(len(ids), limit, engine)
-    return list(ids)
+def row_failure(job: Job, text: str) -> tuple[int, str, str]:
+    """The status, message and code of a row ended by an error: 503 when the server is shutting down."""
+    if job.finish_reason == "shutdown":
+        return 503, text, "server_shutting_down"
+    return 500, f"generation failed: {text}", "server_error"
 
 
 # -- running a request -----------------------------------------------------------------------------
 class Completion:
     """A request's rows in the engine, and its answer: whole (:meth:`answer`) or streamed
-    (:meth:`stream`). Made in the event loop, which the engine's thread hands each piece of text."""
+    (:meth:`stream`). Made in the event loop, whose queue the engine's thread hands each piece of
+    text as ``(row, text, done, reason)``."""
 
-    def __init__(self, engine: Engine, request, body: dict, prompts: list[list[int]], chat: bool, log, base: str):
-        self.engine, self.request, self.prompts, self.chat, self.log = engine, request, prompts, chat, log
-        self.path = request.scope["path"]
-        self.styles = request_styles(body, base, engine)
-        opts = sampling(body, engine, None if chat else DEFAULT_MAX_TOKENS)
-        n, self.streaming = opts.pop("n"), opts.pop("stream")
-        if len(prompts) * n > engine.max_batch:
-            raise RequestError(f"{len(prompts)} prompts x n={n} rows: at most {engine.max_batch} per request", "n")
-        for ids in prompts:
-            try:
-                engine.check(self.styles, len(ids), self.max_tokens_for(ids, opts["max_tokens"]))
-            except HnkitError as exc:
-                raise RequestError(str(exc), "prompt") from None
-        loop = asyncio.get_running_loop()
+    def __init__(self, engine: Engine, request: CompletionRequest, prompts: list[list[int]], log, path: str):
+        self.request, self.prompts, self.log, self.path = request, prompts, log, path
+        self.head = answer_head(request)
         self.events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        seed = request.options["seed"]
         self.jobs = []
         for ids in prompts:
-            for k in range(n):
-                seed = None if opts["seed"] is None else (opts["seed"] + k) % 2**63  # any integer is a seed
-
-                def emit(text, done, reason, index=len(self.jobs)):
-                    loop.call_soon_threadsafe(self.events.put_nowait, (index, text, done, reason))
-
-                self.jobs.append(Job(ids, self.styles, self.max_tokens_for(ids, opts["max_tokens"]), emit,
-                                     temperature=opts["temperature"], top_p=opts["top_p"], stop=opts["stop"],
-                                     seed=seed, ignore_eos=opts["ignore_eos"]))
-        self.ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        self.created, self.model = int(time.time()), body.get("model", base)
+            for k in range(request.n):
+                options = {**request.options, "seed": None if seed is None else (seed + k) % 2**63}  # any integer
+                self.jobs.append(Job(ids, request.styles, max_tokens_for(request, len(ids), engine.context),
+                                     self.emitter(loop, len(self.jobs)), **options))
+        self.pending = len(self.jobs)  # rows not ended
         self.started = time.perf_counter()
         for job in self.jobs:
             engine.submit(job)
 
-    def max_tokens_for(self, ids, limit):  # no max_tokens (chat): up to CHAT_MAX_TOKENS, within the context
-        return limit if limit is not None else max(1, min(CHAT_MAX_TOKENS, self.engine.context - len(ids)))
+    def emitter(self, loop, index: int):
+        def emit(text, done, reason):  # called in the engine's thread
+            loop.call_soon_threadsafe(self.events.put_nowait, (index, text, done, reason))
+        return emit
 
-    def failure(self, index: int, text: str) -> tuple[int, str, str]:
-        """The status, message and code of a row ended by an error: 503 when the server is shutting down."""
-        if self.jobs[index].finish_reason == "shutdown":
-            return 503, text, "server_shutting_down"
-        return 500, f"generation failed: {text}", "server_error"
+    async def next_event(self, timeout: float | None = None):
+        """The next ``(row, text, done, reason)``; a row's last one counts it as ended."""
+        item = await asyncio.wait_for(self.events.get(), timeout)
+        if item[2]:
+            self.pending -= 1
+        return item
 
     def cancel(self) -> None:  # the rows not ended yet leave the batch
         for j in self.jobs:
@@ -349,85 +217,72 @@ class Completion:
 
     def finish_log(self, status: str) -> None:
         tokens = sum(len(j.tokens) for j in self.jobs)
-        mix = " ".join(f"{k}:{v:g}" for k, v in self.styles.items()) or "no style"
+        mix = " ".join(f"{k}:{v:g}" for k, v in self.request.styles.items()) or "no style"
         self.log(f"{self.path} {status} {mix} rows={len(self.jobs)} prompt={sum(len(p) for p in self.prompts)} "
                  f"new={tokens} {time.perf_counter() - self.started:.2f}s")
 
-    def usage(self) -> dict:
-        prompt_tokens = sum(len(p) for p in self.prompts)  # once per prompt, as OpenAI counts it
-        completion = sum(len(j.tokens) for j in self.jobs)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
-
-    def chunk(self, index, text, reason, delta=None) -> str:
-        if self.chat:
-            delta = delta or ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "finish_reason": reason}
-        else:
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
-        data = {"id": self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice]}
-        return f"data: {json.dumps(data)}\n\n"
-
     async def stream(self):
-        pending = len(self.jobs)
+        """Server-sent events: each row's text, an error event for a row that fails, then ``[DONE]``.
+        An unexpected failure (a bug) ends the stream with an error event and ``[DONE]`` too."""
         try:
-            if self.chat:
-                for i in range(len(self.jobs)):
-                    yield self.chunk(i, "", None, delta={"role": "assistant", "content": ""})
-            while pending:
-                index, text, done, reason = await self.events.get()
-                if reason == "error":
-                    status, message, code = self.failure(index, text)
-                    self.log(f"{self.path} stream {status} {message[:200]}")
-                    yield f"data: {json.dumps(error_body(message, code=code, kind='server_error'))}\n\n"
-                    pending -= 1
-                    continue
-                if text:
-                    yield self.chunk(index, text, None)
-                if done:
-                    pending -= 1
-                    yield self.chunk(index, "", reason)
-            yield "data: [DONE]\n\n"
+            async for piece in self.chunks():
+                yield piece
+            yield DONE
             self.finish_log("stream")
+        except Exception as exc:
+            self.log(f"{self.path} stream 500 {type(exc).__name__}: {str(exc)[:200]}")
+            self.cancel()  # the request's rows not ended
+            self.pending = 0
+            yield event(error_body(f"internal server error ({type(exc).__name__}); see the server's log",
+                                   kind="server_error"))
+            yield DONE
         finally:
-            if pending:  # the client went away
+            if self.pending:  # the client went away, or the stream failed
                 self.cancel()
                 self.finish_log("disconnected")
 
-    async def answer(self):
+    async def chunks(self):
+        chat = self.request.chat
+        if chat:
+            for i in range(len(self.jobs)):
+                yield chunk_event(self.head, chat, i, "", None, delta={"role": "assistant", "content": ""})
+        while self.pending:
+            index, text, done, reason = await self.next_event()
+            if reason == "error":
+                status, message, code = row_failure(self.jobs[index], text)
+                self.log(f"{self.path} stream {status} {message[:200]}")
+                yield event(error_body(message, code=code, kind="server_error"))
+                continue
+            if text:
+                yield chunk_event(self.head, chat, index, text, None)
+            if done:
+                yield chunk_event(self.head, chat, index, "", reason)
+
+    async def answer(self, disconnected):
+        """The whole answer; None when ``await disconnected()`` says the client went away first."""
         texts, reasons = [""] * len(self.jobs), [None] * len(self.jobs)
-        pending = len(self.jobs)
         try:
-            while pending:
+            while self.pending:
                 try:
-                    index, text, done, reason = await asyncio.wait_for(self.events.get(), 1.0)
+                    index, text, done, reason = await self.next_event(1.0)
                 except asyncio.TimeoutError:
-                    if await self.request.is_disconnected():
+                    if await disconnected():
                         return None
                     continue
                 if reason == "error":
-                    status, message, code = self.failure(index, text)
+                    status, message, code = row_failure(self.jobs[index], text)
                     self.cancel()  # the request's other rows
-                    pending = 0
+                    self.pending = 0
                     raise RequestError(message, status=status, code=code)
                 texts[index] += text
                 if done:
                     reasons[index] = reason
-                    pending -= 1
         finally:
-            if pending:  # the client went away
+            if self.pending:  # the client went away
                 self.cancel()
                 self.finish_log("disconnected")
         self.finish_log("200")
-        if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
-        else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
-        return {"id": self.ident, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": choices, "usage": self.usage()}
+        return completion_json(self.head, self.request.chat, texts, reasons, usage(self.prompts, self.jobs))
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -512,27 +367,20 @@ def add_completion_routes(app, engine: Engine, base: str, log, max_body_bytes: i
     from fastapi import Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    async def respond(request: Request, body: dict, prompts: list[list[int]], chat: bool):
-        run = Completion(engine, request, body, prompts, chat, log, base)
-        if run.streaming:
+    async def respond(request: Request, chat: bool):
+        body = await read_json(request, max_body_bytes, body_timeout)
+        parsed = parse_request(body, engine, base, chat)
+        prompts = await asyncio.to_thread(prompt_ids, parsed, engine, prompt_limit)  # off the event loop
+        run = Completion(engine, parsed, prompts, log, request.scope["path"])
+        if parsed.stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream")
-        answer = await run.answer()
+        answer = await run.answer(request.is_disconnected)
         return JSONResponse({}, status_code=499) if answer is None else answer  # None: the client hung up
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request, max_body_bytes, body_timeout)
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
-            raise RequestError("prompt must be a string or a list of strings", "prompt")
-        if len(prompt) > engine.max_batch:
-            raise RequestError(f"{len(prompt)} prompts: at most {engine.max_batch} per request", "prompt")
-        return await respond(request, body, await completion_ids(engine, prompt, prompt_limit), chat=False)
+        return await respond(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request, max_body_bytes, body_timeout)
-        ids = await chat_ids(engine, body.get("messages"), prompt_limit)
-        return await respond(request, body, [ids], chat=True)
+        return await respond(request, chat=True)

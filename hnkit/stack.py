@@ -1,8 +1,9 @@
 """Several styles of one shape as one network, for serving them to different batch rows at once.
 
-A :class:`Stack` copies N hypernetworks with the same two-layer modules (``[1, m, 1]``, an
-element-wise activation between the layers, no layer norm) into one tensor per layer and site:
-``w1 [N, H, D]``, ``b1 [N, H]``, ``w2 [N, H, D]`` (the second layer transposed) and ``b2 [N, D]``.
+A :class:`Stack` copies N hypernetworks with the same two-layer modules (any form whose
+``stack_weights()`` give ``f(x) = w2 act(w1 x + b1) + b2``, :mod:`hnkit.forms`: an MLP ``[1, m, 1]``
+with an element-wise activation and no layer norm, or a low-rank module) into one tensor per layer
+and site: ``w1 [N, H, D]``, ``b1 [N, H]``, ``w2 [N, H, D]`` (the second layer transposed) and ``b2 [N, D]``.
 Attached with ``blend="sum"``, a site then computes ``x + sum_i s_i * mlp_i(x)`` for every row and
 member with two matrix products over the active members, instead of two small products per member
 (:class:`hnkit.kernels.Stacked`): the cost of 8 styles on 8 rows approaches that of one network
@@ -20,19 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import HnkitError
-from .hypernetwork import Hypernetwork
-from .module import HypernetworkModule, activation_name, is_linear_activation, make_activation
-
-
-# Activations that act on each number alone and hold no parameters: they may run over all members'
-# hidden units at once (softmax, GLU or PReLU may not).
-ELEMENTWISE = {"relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish", "softplus",
-               "hardtanh", "relu6", "selu", "celu", "softsign", "tanhshrink", "hardsigmoid", "logsigmoid",
-               "hardswish", "softshrink", "hardshrink"}
-
-
-def _activation(config) -> str | None:
-    return activation_name(config.activation)  # None and "linear" alike
+from .forms import FORMS
+from .hypernetwork import Hypernetwork, pair_name
+from .module import is_elementwise, make_activation
 
 
 def check_stackable(networks: list[Hypernetwork], names: list[str]) -> None:
@@ -46,38 +37,40 @@ def check_stackable(networks: list[Hypernetwork], names: list[str]) -> None:
         raise HnkitError(f"stack members need distinct names, got {names}")
     first = networks[0]
     c = first.config
-    if len(c.layer_structure) != 3 or c.layer_norm or c.activate_output:
-        raise HnkitError(f"hypernetwork {names[0]!r} cannot be stacked: only two-layer networks ([1, m, 1]) "
-                         "without layer norm or an activated output can")
-    if not (is_linear_activation(c.activation) or c.activation in ELEMENTWISE):
-        raise HnkitError(f"hypernetwork {names[0]!r} cannot be stacked: its activation {c.activation!r} does "
-                         "not act on each hidden unit alone")
+    form = FORMS[c.form]
+    problem = form.stack_problem(c)
+    if problem:
+        raise HnkitError(f"hypernetwork {names[0]!r} cannot be stacked: {problem}")
     for name, hn in zip(names, networks):
         h = hn.config
-        same = (h.layer_structure == c.layer_structure and _activation(h) == _activation(c) and not h.layer_norm
-                and not h.activate_output and h.per_site == c.per_site and hn.keys() == first.keys()
+        same = (h.form == c.form and form.signature(h) == form.signature(c)
+                and h.per_site == c.per_site and hn.keys() == first.keys()
                 and all(hn.width_of(k) == first.width_of(k) for k in first.keys())
                 and {(p.dtype, p.device) for p in hn.parameters()} == {(p.dtype, p.device) for p in first.parameters()})
         if not same:
-            raise HnkitError(f"hypernetwork {name!r} cannot share a stack with {names[0]!r}: their layer "
+            raise HnkitError(f"hypernetwork {name!r} cannot share a stack with {names[0]!r}: their forms, layer "
                              "structures, activations, sites, dtypes or devices differ")
 
 
 class StackedModule(nn.Module):
     """One site's K (or V) modules of N networks, stacked; ``mix`` computes their weighted sum."""
 
-    def __init__(self, modules: list[HypernetworkModule], activation: str | None):
+    def __init__(self, modules: list[nn.Module]):
         super().__init__()
-        linears = [[m for m in module.linear if isinstance(m, nn.Linear)] for module in modules]
+        weights = [module.stack_weights() for module in modules]  # (w1, b1, w2, b2) each: hnkit.forms
         with torch.no_grad():  # torch.stack copies: the stack owns its weights
-            self.w1 = nn.Parameter(torch.stack([a.weight for a, _ in linears]))  # [N, H, D]
-            self.b1 = nn.Parameter(torch.stack([a.bias for a, _ in linears]))  # [N, H]
-            self.w2 = nn.Parameter(torch.stack([b.weight.t() for _, b in linears]))  # [N, H, D], contiguous
-            self.b2 = nn.Parameter(torch.stack([b.bias for _, b in linears]))  # [N, D]
-        self.activation = None if is_linear_activation(activation) else make_activation(activation)
+            self.w1 = nn.Parameter(torch.stack([w[0] for w in weights]))  # [N, H, D]
+            self.b1 = nn.Parameter(torch.stack([w[1] for w in weights]))  # [N, H]
+            self.w2 = nn.Parameter(torch.stack([w[2].t() for w in weights]))  # [N, H, D], contiguous
+            self.b2 = nn.Parameter(torch.stack([w[3] for w in weights]))  # [N, D]
+        activation = modules[0].stack_activation
+        if not is_elementwise(activation):
+            raise HnkitError(f"activation {activation!r} does not act on each hidden unit alone: it cannot be stacked")
+        self.activation = None if activation is None else make_activation(activation)
         self.dim = modules[0].dim
 
     has_dropout = False  # left out of a stack, as at inference
+    is_stack = True  # the kernels run it as a stack's members (hnkit.kernels.Stacked)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -127,8 +120,8 @@ class Stack(nn.Module):
         self._widths = {key: first.width_of(key) for key in self._keys}
         self.pairs = nn.ModuleDict()
         for key in self._keys:
-            self.pairs[Hypernetwork._module_name(key)] = nn.ModuleList(
-                [StackedModule([hn[key][which] for hn in networks], self.config.activation) for which in (0, 1)])
+            self.pairs[pair_name(key)] = nn.ModuleList(
+                [StackedModule([hn[key][which] for hn in networks]) for which in (0, 1)])
 
     def keys(self) -> list:
         return list(self._keys)
@@ -140,7 +133,7 @@ class Stack(nn.Module):
         key = site.key if self.config.per_site else site.width
         if key not in self._widths:
             return None
-        k, v = self.pairs[Hypernetwork._module_name(key)]
+        k, v = self.pairs[pair_name(key)]
         return k, v
 
     def index(self, member: int | str) -> int:

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hnkit.kernels import Chain, Strengths  # noqa: E402
+from hnkit.kernels import Chain  # noqa: E402
+from hnkit.strengths import Strengths  # noqa: E402
 from hnkit.module import HypernetworkModule  # noqa: E402
 
 

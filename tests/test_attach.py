@@ -494,24 +494,36 @@ def test_half_precision_base_with_the_collapsed_kernel(load_tiny, ids, monkeypat
     torch.testing.assert_close(got.float(), reference.float(), rtol=0.05, atol=0.05)
 
 
-def test_per_pass_values_are_freed_after_backward(load_tiny, ids):
-    """The hook that drops a value after its backward must not keep it alive (autograd holds hooks
-    in C++, out of reach of Python's cycle collector)."""
+def test_per_pass_values_are_freed_after_backward(load_tiny, ids, monkeypatch):
+    """The products a pass multiplies out (``HypernetworkModule.affine``) are held for its backward,
+    and no longer: the hook that holds them must not keep them alive (autograd holds hooks in C++,
+    out of reach of Python's cycle collector)."""
     import gc
     import weakref
 
+    from hnkit.module import HypernetworkModule
+
+    made = []
+    affine = HypernetworkModule.affine
+
+    def recorded(self, dtype=None):
+        m, c = affine(self, dtype)
+        made.extend([weakref.ref(m), weakref.ref(c)])
+        return m, c
+
+    monkeypatch.setattr(HypernetworkModule, "affine", recorded)
     model = load_tiny("llama")
     hn = Hypernetwork.for_model(model, LINEAR)
-    kept = []
-    with hnkit.attach(model, hn) as handle:
-        (kernel,) = handle.kernels
+    with hnkit.attach(model, hn):
         for _ in range(3):
             out = model(ids, labels=ids)
-            kept.append(weakref.ref(kernel.pending[-1][1][0][0]))
+            gc.collect()
+            assert len(made) == 4 and all(ref() is not None for ref in made)  # K's and V's (M, c), held
             out.loss.backward()
             del out
-    gc.collect()
-    assert all(ref() is None for ref in kept)
+            gc.collect()
+            assert all(ref() is None for ref in made)  # freed once the backward is done
+            made.clear()
 
 
 @pytest.mark.parametrize("sequence", ["grad_then_no_grad", "two_grad_passes"])

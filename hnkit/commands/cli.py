@@ -19,13 +19,17 @@ def cmd_inspect(args) -> None:
     hn = load(args.file)
     c = hn.config
     table = Table(title=f"{args.file}", show_header=False)
+    if c.form == "mlp":
+        shape = [("layer structure", c.layer_structure), ("activation", c.activation or "linear"),
+                 ("layer norm", c.layer_norm), ("dropout structure", c.dropout_structure),
+                 ("activate output", c.activate_output), ("weight init", c.weight_init)]
+    else:
+        shape = [("form", c.form), ("rank", c.rank)]
     rows = [
         ("name", hn.name), ("step", hn.step), ("keyed by", hn.keyed_by),
         ("keys", ", ".join(map(str, hn.keys()))),
         ("parameters", f"{sum(p.numel() for p in hn.parameters()):,}"),
-        ("layer structure", c.layer_structure), ("activation", c.activation or "linear"),
-        ("layer norm", c.layer_norm), ("dropout structure", c.dropout_structure),
-        ("activate output", c.activate_output), ("weight init", c.weight_init),
+        *shape,
         ("family", hn.family), ("base model", hn.base_model), ("description", hn.description or None),
     ] + [(k, v) for k, v in hn.extra.items()]
     if hn.optimizer_state is not None:

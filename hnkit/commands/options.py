@@ -62,7 +62,12 @@ MODULE = {
     "weight_init": (WEIGHT_INITS, "Normal", "initialization of the Linear weights"),
     "zero_init_last": (bool, False, "start as an exact identity"),
     "per_site": (bool, False, "one module pair per attention layer instead of per width"),
+    "form": (("mlp", "lowrank"), "mlp", "module form: mlp (the web UI's, the options above) or lowrank "
+                                        "(x + B A x + c, of --rank; the MLP options are not used; .safetensors only)"),
+    "rank": (int, None, "rank of the lowrank form (1 to the input width)"),
 }
+MLP_ONLY = ("layer_structure", "activation", "layer_norm", "dropout_structure", "activate_output", "weight_init",
+            "zero_init_last")
 
 
 def with_defaults(table: dict, **defaults) -> dict:
@@ -268,9 +273,20 @@ def check_output(opts: dict) -> Path:
 def module_config(opts: dict):
     from ..hypernetwork import HypernetworkConfig
 
-    module = {k: opts[k] for k in MODULE}
+    module = {k: opts.get(k, default) for k, (_, default, _) in MODULE.items()}
     module["activation"] = activation_name(module["activation"])
-    return HypernetworkConfig(**module)
+    if module["form"] != "mlp":  # the MLP's options (a command's defaults) do not describe another form
+        module = {k: v for k, v in module.items() if k not in MLP_ONLY}
+    try:
+        config = HypernetworkConfig(**module)
+    except HnkitError as exc:
+        if module["form"] != "mlp" or module["rank"] is not None:
+            raise HnkitError(f"--form {module['form']} --rank {module['rank']}: {exc}") from None
+        raise
+    if opts.get("save_pt") and config.form != "mlp":
+        raise HnkitError(f"--save-pt: a {config.form!r} hypernetwork cannot be written as a web UI .pt (the web UI "
+                         "knows only the MLP form); leave --save-pt off and use the .safetensors")
+    return config
 
 
 def train_config(opts: dict, output: Path):
