@@ -281,6 +281,12 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_sd, images, tmp_path, capsys):
         lines = [line for line in err.splitlines() if not line.startswith("hnkit: warning:")]
         assert len(lines) == 1 and message in lines[0], err
         assert not (tmp_path / f"out{i}").exists()
+    # the network's options are refused before the pipeline loads (a missing model is not the first error)
+    for extra, message in (([], "--form lowrank --rank None"),
+                           (["--rank", "2", "--save-pt"], "--save-pt: a 'lowrank' hypernetwork cannot be written")):
+        args = [*train_args(tmp_path / "no_model", images, tmp_path / "lr", "--form", "lowrank"), *extra]
+        assert main([str(a) for a in args]) == 2, message
+        assert message in capsys.readouterr().err
     out = tmp_path / "done"  # an existing run is never overwritten
     assert run(*train_args(tiny_sd["sd1"], images, out, "--max-steps", 1)) == 0
     before = (out / "hypernetwork.safetensors").read_bytes()

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> Path:
 
     o = shared.resolve_options(args, OPTIONS)  # defaults <- recipe YAML <- command line
     output = shared.check_output(o)
+    module = shared.module_config(o)  # the network's options (and --save-pt) checked before anything loads
     check_resolution(o["resolution"])
     if not 0 <= o["val_fraction"] < 1:
         raise HnkitError(f"--val-fraction must be at least 0 and below 1, got {o['val_fraction']}")
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> Path:
         hn = load(shared.checkpoint_file(Path(o["resume"])))  # the structure it was trained with
     else:
         torch.manual_seed(o["seed"])
-        hn = Hypernetwork.for_model(sd.unet, shared.module_config(o), name=o["name"])
+        hn = Hypernetwork.for_model(sd.unet, module, name=o["name"])
         hn.extra["sd_checkpoint_name"] = Path(o["model"]).name  # shown by the web UI for .pt files
     train, val = split_images(len(images), o["val_fraction"], o["seed"])
     task = ImageTask(sd, hn, images, captions, name=o["name"], templates=templates, shuffle_tags=o["shuffle_tags"],
