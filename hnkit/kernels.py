@@ -43,7 +43,10 @@ def run_rows(module, x: torch.Tensor, strength: PerRow, factor: float) -> torch.
 
 
 class Chain:
-    """``x`` through each network's K (or V) module in turn: ``x <- x + s * mlp(x)``."""
+    """Computes ``x <- x + s_i * f_i(x)`` for each network ``i`` in turn (its K or V module).
+
+    ``s_i`` is the network's strength times the layer factor and the schedule's factor; a network
+    at 0 is skipped, and one with a strength per row runs on its rows only (:func:`run_rows`)."""
 
     def __init__(self, entries, strengths: Strengths):
         self.entries = entries  # [(index of the network, (k_module, v_module), layer factor)]
@@ -71,8 +74,10 @@ class Chain:
 
 
 class Sum(Chain):
-    """``x + sum_i s_i * mlp_i(x)``, added left to right in the first module's dtype (fp32) and cast
-    back at the end, as a module's forward does (hnkit.forms)."""
+    """Computes ``x + sum_i s_i * f_i(x)``, every ``f_i`` on the unmodified ``x``.
+
+    Added left to right in the first module's dtype (fp32) and cast back at the end, as a module's
+    forward does (hnkit.forms)."""
 
     def __call__(self, x: torch.Tensor, which: int) -> torch.Tensor:
         values, scale = self.strengths.values, self.strengths.scale
@@ -168,7 +173,9 @@ class _Hold:
 
 
 class Collapsed(Chain):
-    """One linear network whose layers widen its input. Its value for a pass (:mod:`hnkit.passes`)
+    """Computes ``x + s * (x @ M.T + c)`` for one affine network, ``(M, c)`` multiplied out once per pass.
+
+    For a network whose layers widen its input. Its value for a pass (:mod:`hnkit.passes`)
     is ``((M_k, c_k), (M_v, c_v))`` when the pass's rows times ``sites`` (the sites that share this
     kernel) reach ``break_even``, None otherwise: then the modules run as in Chain."""
 
@@ -207,8 +214,10 @@ class Collapsed(Chain):
 
 
 class Stacked:
-    """A stack's members at a site: ``x + f * sum_i s_i * mlp_i(x)`` on the rows that use any member,
-    with ``f`` the layer factor times the schedule's; the other rows are returned untouched."""
+    """Computes ``x + f * sum_i s_i * f_i(x)`` over a stack's members with two matrix products.
+
+    ``s_i`` is member ``i``'s strength on each row, ``f`` the layer factor times the schedule's;
+    only the rows that use any member are computed, the others are returned untouched."""
 
     def __init__(self, entries, strengths: Strengths):
         (self.index, self.pair, self.factor), = entries
@@ -231,7 +240,9 @@ class Stacked:
 
 
 class Memo:
-    """The kernel of a site fed the model call's context. Its value for a pass (:mod:`hnkit.passes`)
+    """Computes ``kernel(context)`` once per pass, for the sites fed the model call's context.
+
+    Its value for a pass (:mod:`hnkit.passes`)
     is ``(context, (k_input, v_input))``, returned when the site's input *is* that tensor; any other
     input is computed by the kernel."""
 
