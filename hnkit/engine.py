@@ -11,7 +11,7 @@ its own temperature, top-p and seed, and leaves the batch (its KV rows are dropp
 at the end-of-text token, a stop string, ``max_tokens`` or its client's cancellation.
 
 A row's tokens are those of the same request run alone (greedy; sampling too, with the same seed):
-a style absent from a row is skipped for it (:class:`hnkit.kernels.PerRow`), so a row without styles
+a style absent from a row is skipped for it (:class:`hnkit.strengths.PerRow`), so a row without styles
 is the bare model's. Only the styles some row of the batch uses are computed, and only those (and the
 last batch's) are set: a library of thousands of styles costs the model's passes no more than the
 few it uses. One cost does grow with the library: on a stack, setting strengths rebuilds all N

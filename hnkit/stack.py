@@ -102,7 +102,7 @@ class Stack(nn.Module):
 
     ``Stack([noir, whimsy])`` names the members by ``hn.name``; ``names=`` overrides. It has the
     keys and ``pair_for(site)`` of a :class:`Hypernetwork`, so :func:`hnkit.attach` installs it like
-    one; its strength is one per member (see :class:`hnkit.kernels.Members`)."""
+    one; its strength is one per member (see :class:`hnkit.strengths.Members`)."""
 
     def __init__(self, networks: list[Hypernetwork], names: list[str] | None = None):
         super().__init__()
