@@ -20,8 +20,7 @@ import torch
 
 from .errors import HnkitError, first_line
 from .image_data import ImageRecord, load_image, warn
-from .util import check_hub_model
-from .util import atomic_write, cache_root
+from .util import atomic_write, cache_root, model_source
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -52,16 +51,7 @@ def load_sd(name: str) -> SDModel:
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
-    looks_local = name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
-    path = Path(name).expanduser()
-    source = str(path) if looks_local else name
-    if looks_local:
-        if not path.is_dir():
-            raise HnkitError(f"{name}: no such model folder")
-        if not (path / "model_index.json").is_file():
-            raise HnkitError(f"{name}: not a diffusers pipeline folder (no model_index.json)")
-    else:
-        check_hub_model(name, "model_index.json")
+    source = model_source(name, "model_index.json", "diffusers pipeline")
     try:
         index = DiffusionPipeline.load_config(source)
     except (OSError, ValueError) as exc:
@@ -73,8 +63,9 @@ def load_sd(name: str) -> SDModel:
                          "hnkit train-image needs a Stable Diffusion UNet")
     if missing:
         raise HnkitError(f"{name}: not a Stable Diffusion pipeline (no {', '.join(missing)})")
-    if looks_local and not (path / "unet" / "config.json").is_file():
-        raise HnkitError(f"{name}: the pipeline lists a UNet but {path / 'unet'} holds no config.json")
+    unet_folder = Path(source) / "unet"
+    if os.path.isdir(source) and not (unet_folder / "config.json").is_file():
+        raise HnkitError(f"{name}: the pipeline lists a UNet but {unet_folder} holds no config.json")
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
@@ -143,63 +134,81 @@ def encode_images(sd: SDModel, records: list[ImageRecord], resolution: int, devi
     """Decode, resize and VAE-encode every image once (fp32); unreadable files are skipped with a
     warning that names them, and none readable is an error. Cached on disk unless ``disk_cache``
     is off."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save
-
     cache = cache_root() / "image" / f"{_latent_cache_key(records, resolution, sd.vae)}.safetensors"
     if disk_cache and cache.is_file():
-        with safe_open(str(cache), framework="pt") as f:
-            meta = json.loads(f.metadata()["hnkit"])
-        t = load_file(str(cache))
-        encoded = EncodedImages(t["mean"], t["std"], t["sizes"], meta["names"], meta["skipped"])
+        encoded = _read_latents(cache)
     else:
-        vae = sd.vae
-        device = torch.device(device or "cpu")
-        original = next(vae.parameters()).device, next(vae.parameters()).dtype
-        vae.to(device, torch.float32)
-        means, stds, sizes, names, skipped = [], [], [], [], []
-        pending = []
-
-        def flush():
-            dist = vae.encode(torch.stack([p for p, _, _ in pending]).to(device)).latent_dist
-            means.append(dist.mean.float().cpu().contiguous())  # as the disk cache holds them: a cold run
-            # and a warm one then compute on the same layout, bit for bit (a VAE may return channels-last)
-            stds.append(dist.std.float().cpu().contiguous())
-            for _, size, name in pending:
-                sizes.append(size)
-                names.append(name)
-            pending.clear()
-
-        for r in records:
-            try:
-                pixels, size = load_image(r.path, resolution)
-            except Exception as exc:  # PIL raises many types for a damaged or foreign file
-                skipped.append(f"{r.name} ({first_line(exc)})")
-                continue
-            pending.append((pixels, size, r.name))
-            if len(pending) == batch_size:
-                flush()
-        if pending:
-            flush()
-        vae.to(*original)
-        if not names:
-            encoded = EncodedImages(torch.zeros(0), torch.zeros(0), torch.zeros(0, 4, dtype=torch.long), [], skipped)
-        else:
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            scale = vae.config.scaling_factor
-            encoded = EncodedImages((torch.cat(means) - shift) * scale, torch.cat(stds) * scale,
-                                    torch.tensor(sizes, dtype=torch.long), names, skipped)
-        if disk_cache and names:
-            tensors = {"mean": encoded.mean.contiguous(), "std": encoded.std.contiguous(), "sizes": encoded.sizes}
-            blob = save(tensors, metadata={"hnkit": json.dumps({"names": names, "skipped": skipped})})
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache, lambda f: f.write(blob))
+        encoded = _encode_with_vae(sd.vae, records, resolution, torch.device(device or "cpu"), batch_size)
+        if disk_cache and len(encoded):
+            _write_latents(cache, encoded)
     for s in encoded.skipped:
         warn(f"skipped unreadable image {s}")
     if not len(encoded):
         root = records[0].path.parents[len(Path(records[0].name).parts) - 1]
         raise HnkitError(f"{root}: none of the {len(records)} images could be read (first: {encoded.skipped[0]})")
     return encoded
+
+
+def _read_latents(cache: Path) -> EncodedImages:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(cache), framework="pt") as f:
+        meta = json.loads(f.metadata()["hnkit"])
+    t = load_file(str(cache))
+    return EncodedImages(t["mean"], t["std"], t["sizes"], meta["names"], meta["skipped"])
+
+
+def _write_latents(cache: Path, encoded: EncodedImages) -> None:
+    from safetensors.torch import save
+
+    tensors = {"mean": encoded.mean.contiguous(), "std": encoded.std.contiguous(), "sizes": encoded.sizes}
+    blob = save(tensors, metadata={"hnkit": json.dumps({"names": encoded.names, "skipped": encoded.skipped})})
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache, lambda f: f.write(blob))
+
+
+def _encode_with_vae(vae, records: list[ImageRecord], resolution: int, device: torch.device,
+                     batch_size: int) -> EncodedImages:
+    """The readable ``records`` through ``vae`` in fp32 on ``device``, ``batch_size`` at a time;
+    the VAE goes back to its device and dtype afterwards."""
+    original = next(vae.parameters()).device, next(vae.parameters()).dtype
+    vae.to(device, torch.float32)
+    means, stds, sizes, names, skipped = [], [], [], [], []
+    try:
+        for batch in _readable_batches(records, resolution, batch_size, skipped):
+            dist = vae.encode(torch.stack([p for p, _, _ in batch]).to(device)).latent_dist
+            means.append(dist.mean.float().cpu().contiguous())  # as the disk cache holds them: a cold run
+            # and a warm one then compute on the same layout, bit for bit (a VAE may return channels-last)
+            stds.append(dist.std.float().cpu().contiguous())
+            sizes += [size for _, size, _ in batch]
+            names += [name for _, _, name in batch]
+    finally:
+        vae.to(*original)
+    if not names:
+        return EncodedImages(torch.zeros(0), torch.zeros(0), torch.zeros(0, 4, dtype=torch.long), [], skipped)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scale = vae.config.scaling_factor
+    return EncodedImages((torch.cat(means) - shift) * scale, torch.cat(stds) * scale,
+                         torch.tensor(sizes, dtype=torch.long), names, skipped)
+
+
+def _readable_batches(records: list[ImageRecord], resolution: int, batch_size: int, skipped: list):
+    """Lists of up to ``batch_size`` ``(pixels, size, name)``; each unreadable file is added to
+    ``skipped`` as "name (reason)" instead."""
+    batch = []
+    for r in records:
+        try:
+            pixels, size = load_image(r.path, resolution)
+        except Exception as exc:  # PIL raises many types for a damaged or foreign file
+            skipped.append(f"{r.name} ({first_line(exc)})")
+            continue
+        batch.append((pixels, size, r.name))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # -- text encoding -----------------------------------------------------------------------------

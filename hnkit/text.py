@@ -43,7 +43,7 @@ import torch
 from . import text_data
 from .errors import HnkitError, first_line
 from .preserve import WEIGHT as PRESERVE_WEIGHT
-from .util import atomic_write, cache_root, check_hub_model
+from .util import atomic_write, cache_root, model_source
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -51,17 +51,10 @@ def load_causal_lm(name: str, dtype=None):
     """A causal LM and its tokenizer from a local folder or a hub id; one-line errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    looks_local = name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
-    path = Path(name).expanduser()
-    if looks_local and not path.is_dir():
-        raise HnkitError(f"{name}: no such model folder")
-    if looks_local and not (path / "config.json").is_file():
-        raise HnkitError(f"{name}: not a transformers model folder (no config.json)")
-    if not looks_local:
-        check_hub_model(name)
+    source = model_source(name, "config.json", "transformers model")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name)
-        model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise HnkitError(f"{name}: could not load the model ({first_line(exc)})") from None
     return model, tokenizer

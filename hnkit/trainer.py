@@ -95,6 +95,17 @@ class _StopOnCtrlC:
             signal.signal(sig, previous)
 
 
+def _progress_bar(enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[speed]} it/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
 class TrainingStopped(HnkitError):
     """Training stopped on a NaN/inf loss; the last good checkpoint is kept."""
 
@@ -283,66 +294,73 @@ class Trainer:
         clean_leftovers(self.output)
 
     def _train(self) -> Path:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         c, acc, task = self.config, self.accelerator, self.task
         if acc.is_main_process and not self.resumed:
             self._start_fresh()
         acc.wait_for_everyone()
         if c.tensorboard:
             acc.init_trackers(c.name)
-        params = [p for p in task.hypernetwork.parameters()]
-        progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[speed]} it/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            disable=not acc.is_main_process,
-        )
+        params = list(task.hypernetwork.parameters())
+        progress = _progress_bar(acc.is_main_process)
         bar = progress.add_task("training", total=c.max_steps, completed=self.step, loss="-", lr="-", speed="-")
-        plain = acc.is_main_process and not progress.console.is_terminal
+        plain = acc.is_main_process and not progress.console.is_terminal  # a log file: no live bar
         handle = attach(task.model, task.hypernetwork, strength=1.0)
         task.hypernetwork.train()
-        started, steps_done = time.perf_counter(), 0
-        self.started = started
+        self.started, steps_done = time.perf_counter(), 0
         if c.eval_every and self.step == 0:
             self._run_eval()  # the baseline: the untrained hypernetwork
         try:
             with progress, _StopOnCtrlC() as ctrl_c:
                 while self.step < c.max_steps:
                     loss = self._train_step(params)
-                    self.step += 1
-                    steps_done += 1
-                    lr = self.scheduler.get_last_lr()[0]
-                    speed = steps_done / (time.perf_counter() - started)
-                    progress.update(bar, completed=self.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{speed:.2f}")
-                    if self.step % c.log_every == 0 or self.step == c.max_steps:
-                        self.log({"step": self.step, "loss": loss, "lr": lr, "epoch": self.epoch})
-                        if plain:  # no live bar in a log file: a line per logged step instead
-                            print(f"step {self.step}/{c.max_steps} loss {loss:.4f} lr {lr:.2e} {speed:.2f} it/s",
-                                  flush=True)
-                    if c.eval_every and self.step % c.eval_every == 0:
-                        self._run_eval()
-                    if c.sample_every and self.step % c.sample_every == 0:
-                        self._run_samples()
-                    if c.save_every and self.step % c.save_every == 0 and self.step < c.max_steps:
-                        self.save_checkpoint()
+                    self.step, steps_done = self.step + 1, steps_done + 1
+                    self._report_step(loss, steps_done, progress, bar, plain)
+                    self._periodic_work()
                     if self._any_process(ctrl_c.requested) and self.step < c.max_steps:
-                        path = self.save_checkpoint()
-                        if acc.is_main_process:
-                            print(f"interrupted at step {self.step}: saved {path}; "
-                                  f"continue with the same command and --resume {self.output}")
-                        raise KeyboardInterrupt
+                        self._stop_interrupted()
         finally:
             handle.remove()
             if c.tensorboard:
                 acc.end_training()
+        return self._save_final()
+
+    def _report_step(self, loss: float, steps_done: int, progress, bar, plain: bool) -> None:
+        """The progress bar, and on a logged step the metrics row (and a printed line when ``plain``)."""
+        c = self.config
+        lr = self.scheduler.get_last_lr()[0]
+        speed = steps_done / (time.perf_counter() - self.started)
+        progress.update(bar, completed=self.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{speed:.2f}")
+        if self.step % c.log_every == 0 or self.step == c.max_steps:
+            self.log({"step": self.step, "loss": loss, "lr": lr, "epoch": self.epoch})
+            if plain:
+                print(f"step {self.step}/{c.max_steps} loss {loss:.4f} lr {lr:.2e} {speed:.2f} it/s", flush=True)
+
+    def _periodic_work(self) -> None:
+        """Validation, previews and checkpoints, each at its ``--*-every`` steps."""
+        c = self.config
+        if c.eval_every and self.step % c.eval_every == 0:
+            self._run_eval()
+        if c.sample_every and self.step % c.sample_every == 0:
+            self._run_samples()
+        if c.save_every and self.step % c.save_every == 0 and self.step < c.max_steps:
+            self.save_checkpoint()
+
+    def _stop_interrupted(self) -> None:
+        path = self.save_checkpoint()
+        if self.accelerator.is_main_process:
+            print(f"interrupted at step {self.step}: saved {path}; "
+                  f"continue with the same command and --resume {self.output}")
+        raise KeyboardInterrupt
+
+    def _save_final(self) -> Path:
+        """The last checkpoint, then the finished network ``NAME.safetensors`` and the loss plot."""
         self.save_checkpoint()
-        final = self.output / f"{c.name}.safetensors"
-        if acc.is_main_process:
-            task.hypernetwork.step = self.step
-            save(task.hypernetwork, final)
+        final = self.output / f"{self.config.name}.safetensors"
+        if self.accelerator.is_main_process:
+            self.task.hypernetwork.step = self.step
+            save(self.task.hypernetwork, final)
             self._plot_loss()
-        acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         return final
 
     def summary(self) -> str:

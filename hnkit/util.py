@@ -1,5 +1,5 @@
 """Small helpers shared across hnkit: atomic file writes, the cache folder, ``FILE[:STRENGTH]``
-arguments and the device a command runs on."""
+arguments, the device a command runs on and where a model loads from."""
 
 from __future__ import annotations
 
@@ -98,7 +98,23 @@ def choose_device(name: str | None = None) -> torch.device:
     return device
 
 
-# -- the hub ---------------------------------------------------------------------------------------
+# -- models: a local folder or a hub id -------------------------------------------------------------
+def model_source(name: str, marker: str, what: str) -> str:
+    """Where ``--model NAME`` loads from: a local folder holding ``marker`` (e.g. config.json), as its
+    expanded path, or a hub id that is cached or reachable, as given; otherwise one line.
+    ``what`` names the kind of folder, e.g. "transformers model". A name that starts like a path
+    (``/``, ``./``, ``../``, ``~``) or exists is a folder; anything else is a hub id."""
+    if not (name.startswith(("/", "./", "../", "~")) or os.path.exists(name)):
+        check_hub_model(name, marker)
+        return name
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise HnkitError(f"{name}: no such model folder")
+    if not (path / marker).is_file():
+        raise HnkitError(f"{name}: not a {what} folder (no {marker})")
+    return str(path)
+
+
 def check_hub_model(name: str, file: str = "config.json") -> None:
     """For a hub id: fine when the model is in the local Hugging Face cache or the hub answers;
     otherwise one line at once, instead of the libraries' minute of retries."""

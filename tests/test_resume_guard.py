@@ -327,16 +327,22 @@ def test_a_moved_model_is_a_note_and_a_changed_config_is_refused(straight, tmp_p
                    f"--model {model}: its config.json differs", "--force")
 
 
-def test_the_metrics_barrier_is_met_without_a_metrics_file(tmp_path):
-    """Every process waits once, whether or not it sees metrics.jsonl (else a run would hang)."""
-    from types import SimpleNamespace
+def test_each_of_two_processes_stops_on_a_damaged_metrics_file(tiny_lm, tmp_path):
+    """Every process reads metrics.jsonl on resume, so a damaged one stops each of them with the
+    line naming it, and none waits for the others forever."""
+    out = tmp_path / "run"
+    metrics = out / "metrics.jsonl"
 
-    from hnkit.trainer import Trainer
+    def launch(*extra):  # with no GPU, accelerate runs DDP over gloo on the CPU
+        args = with_option(train_args(tiny_lm, out, *extra), "--batch-size", 2)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hnkit", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-    waits = []
-    acc = SimpleNamespace(wait_for_everyone=lambda: waits.append(1), is_main_process=False)
-    Trainer._load_metrics(SimpleNamespace(output=tmp_path, step=2, metrics=[], accelerator=acc))
-    assert waits == [1]
+    assert launch("--max-steps", 1).returncode == 0
+    metrics.write_text('{"step": "x", "loss": 1.0}\n' + metrics.read_text())
+    r = launch("--max-steps", 2, "--resume", out)
+    assert r.returncode != 0 and r.stderr.count(f"hnkit: error: {metrics}: line 1: ") == 2, r.stderr[-3000:]
 
 
 # -- what may change ------------------------------------------------------------------------------

@@ -8,14 +8,12 @@ import os
 import shutil
 import signal
 import time
-from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from hnkit.commands.cli import main
 from hnkit.run_folder import OutputLock, clean_leftovers, complete_checkpoints
-from hnkit.trainer import Trainer
 from hnkit.util import atomic_write
 from test_train_text import assert_same, rows, start_training, train_args
 
@@ -99,14 +97,25 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(tiny_lm, tmp_p
     assert names(out / "checkpoints") == ["step-0000002"]
 
 
-def test_the_last_good_checkpoint_named_after_a_nan_has_finite_weights(tmp_path):
-    for step, value in ((2, 1.0), (4, float("nan"))):
-        folder = tmp_path / "checkpoints" / f"step-{step:07d}"
-        folder.mkdir(parents=True)
-        save_file({"w": torch.full((2,), value)}, str(folder / "hypernetwork.safetensors"))
-        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
-    message = Trainer._nan_message(SimpleNamespace(output=tmp_path, step=5), torch.tensor(float("nan")))
-    assert "the last good checkpoint is" in message and message.endswith("step-0000002 (try a lower --lr or --precision fp32)")
+def test_the_last_good_checkpoint_named_after_a_nan_has_finite_weights(tiny_lm, tmp_path, capsys):
+    """A run resumed from step 2 with weights that overflow stops at its first step; the newer
+    checkpoint whose weights are NaN is not the one it names."""
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny_lm, out, "--max-steps", 4, "--save-every", 2, "--keep-last", 5)) == 0
+    for step, value in ((2, 1e38), (4, float("nan"))):
+        path = out / "checkpoints" / f"step-{step:07d}" / "hypernetwork.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        save_file({k: torch.full_like(t, value) for k, t in load_file(str(path)).items()}, str(path), metadata)
+    capsys.readouterr()
+    step2 = out / "checkpoints" / "step-0000002"
+    assert main(train_args(tiny_lm, out, "--max-steps", 4, "--resume", step2)) == 2
+    err = capsys.readouterr().err
+    assert "loss became" in err and "at step 3: training stopped" in err and err.count("\n") == 1, err
+    assert err.endswith(f"the last good checkpoint is {step2} (try a lower --lr or --precision fp32)\n"), err
+    assert names(out / "checkpoints") == ["step-0000002", "step-0000004"]  # nothing saved over them
 
 
 def test_a_second_run_into_the_same_folder_is_refused(tiny_lm, tmp_path, capsys):

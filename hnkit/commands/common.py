@@ -19,19 +19,30 @@ def parse_factors(text: str, option: str = "--strengths") -> list[float]:
     return [parse_strength(item, f"{option} {text!r}", expected) for item in items]
 
 
-def load_styles(specs: list[str], factors: list[float] | None = None):
-    """``[(Hypernetwork, strength)]`` from ``FILE[:STRENGTH]`` arguments; files checked before any model loads.
-    Each strength applied (times each of ``factors``) is within ``hnkit serve``'s bound, MAX_STRENGTH."""
-    from ..checkpoint import load
+def parse_styles(specs: list[str], factors: list[float] | None = None, *, option: str = "--hypernetwork",
+                 factor_option: str = "--strengths", bounded: bool = True) -> list[tuple[Path, float]]:
+    """``[(path, strength)]`` from ``FILE[:STRENGTH]`` arguments (:func:`hnkit.util.parse_style_arg`),
+    nothing read yet. With ``bounded``, each strength applied (times each of ``factors``) must be
+    within ``hnkit serve``'s bound, MAX_STRENGTH; errors name ``option`` and ``factor_option``."""
     from ..steer import check_strength
     from ..util import parse_style_arg
 
     parsed = [parse_style_arg(spec) for spec in specs]
     for spec, (_, strength) in zip(specs, parsed):
-        check_strength(strength, f"--hypernetwork {spec}")
-        for f in factors or []:
-            check_strength(strength * f, f"--hypernetwork {spec} with --strengths factor {f:g}")
-    return [(load(path), strength) for path, strength in parsed]
+        if bounded:
+            check_strength(strength, f"{option} {spec}")
+            for f in factors or []:
+                check_strength(strength * f, f"{option} {spec} with {factor_option} factor {f:g}")
+    return [(Path(path), strength) for path, strength in parsed]
+
+
+def load_styles(specs: list[str], factors: list[float] | None = None, **options):
+    """``[(Hypernetwork, strength)]`` from ``FILE[:STRENGTH]`` arguments, the one way every command
+    reads its styles: all of them checked by :func:`parse_styles` (``options`` are its keywords)
+    before any file is read, then each read safely with :func:`hnkit.checkpoint.load`."""
+    from ..checkpoint import load
+
+    return [(load(path), strength) for path, strength in parse_styles(specs, factors, **options)]
 
 
 def check_styles_fit(model, styles, fuse: bool = False) -> None:

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ..errors import HnkitError, first_line
-from ..util import choose_device, parse_style_arg
-from .common import parse_factors
+from ..util import choose_device, model_source
+from .common import load_styles, parse_factors, parse_styles
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,9 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # -- parsing ---------------------------------------------------------------------------------------
 def parse_hypernetwork_spec(spec: str) -> tuple[Path, float]:
     """``FILE[:STRENGTH]`` -> (path, strength), with the rules of every hnkit command
-    (:func:`hnkit.util.parse_style_arg`)."""
-    file, strength = parse_style_arg(spec)
-    return Path(file), strength
+    (:func:`hnkit.commands.common.parse_styles`; generate-image takes any finite strength)."""
+    return parse_styles([spec], bounded=False)[0]
 
 
 def _check_numbers(args) -> None:
@@ -72,20 +71,15 @@ def _check_numbers(args) -> None:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def _pipeline_class(model: str):
+def _pipeline_class(source: str):
     """StableDiffusionXLPipeline or StableDiffusionPipeline, read from a local folder's
-    model_index.json; DiffusionPipeline (which reads it itself) for a hub id."""
+    model_index.json; DiffusionPipeline (which reads it itself) for a hub id. ``source``: what
+    :func:`hnkit.util.model_source` returned."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    folder = Path(model)
-    if not folder.exists():
-        # "org/name" may be a hub id; anything else that does not exist is a missing folder.
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith("."):
-            return DiffusionPipeline
-        raise HnkitError(f"{model}: no such model folder")
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise HnkitError(f"{model}: not a diffusers pipeline folder (no model_index.json)")
+    if not Path(source).is_dir():
+        return DiffusionPipeline
+    index = Path(source) / "model_index.json"
     try:
         class_name = json.loads(index.read_text(encoding="utf-8"))["_class_name"]
     except (ValueError, KeyError, TypeError) as exc:
@@ -94,28 +88,20 @@ def _pipeline_class(model: str):
 
 
 def load_pipeline(model: str, device: torch.device):
-    cls = _pipeline_class(model)
+    """The pipeline of ``--model`` (a folder or a hub id) on ``device``, without a progress bar."""
+    source = model_source(model, "model_index.json", "diffusers pipeline")
+    cls = _pipeline_class(source)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     try:
         with warnings.catch_warnings():  # newer diffusers call it `dtype`; older ones know only `torch_dtype`
             warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-            pipe = cls.from_pretrained(model, torch_dtype=dtype)
+            pipe = cls.from_pretrained(source, torch_dtype=dtype)
     except Exception as exc:  # missing parts, wrong files, no network for a hub id: all the user's input
         raise HnkitError(f"{model}: cannot load a Stable Diffusion pipeline ({first_line(exc)})") from None
     if getattr(pipe, "unet", None) is None:
         raise HnkitError(f"{model}: a {type(pipe).__name__} has no UNet; use an SD 1.x, 2.x or SDXL pipeline")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def load_hypernetworks(specs: list[str]):
-    from ..checkpoint import load
-
-    loaded = []
-    for spec in specs:
-        path, strength = parse_hypernetwork_spec(spec)
-        loaded.append((path, load(path), strength))
-    return loaded
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -160,44 +146,69 @@ def make_grid(rows: list[list]):
 
 # -- the command -----------------------------------------------------------------------------------
 def run(args) -> None:
-    from ..attach import attach
+    grid = _check_arguments(args)
+    styles = load_styles(args.hypernetwork, bounded=False)
+    files = [str(path) for path, _ in parse_styles(args.hypernetwork, bounded=False)]
+    device = choose_device(args.device)
+    pipe = load_pipeline(args.model, device)
+    _check_fit(pipe, styles, files)
+    output, taken = Path(args.output), set()
+    output.mkdir(parents=True, exist_ok=True)
+    rows = _generate_all(pipe, args, styles, files, grid, output, taken, device)
+    if grid is not None:
+        path = _free_name(output, "grid", taken)
+        _write_png(make_grid(rows), path, {"columns": grid, "prompts": args.prompt,
+                                           "seeds": list(range(args.seed, args.seed + args.num_images))})
+        print(f"wrote {path} (rows: prompt x seed, columns: strength factor {', '.join(f'{g:g}' for g in grid)})")
 
+
+def _check_arguments(args) -> list[float] | None:
+    """Everything but the files' contents, checked before anything is read or written; the grid."""
     _check_numbers(args)
     grid = parse_factors(args.grid, "--grid") if args.grid is not None else None
-    specs = [parse_hypernetwork_spec(s) for s in args.hypernetwork]  # strengths checked before any loading
+    specs = parse_styles(args.hypernetwork, bounded=False)
     if grid is not None and not specs:
         raise HnkitError("--grid varies hypernetwork strengths: give at least one --hypernetwork")
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise HnkitError(f"{output}: exists and is not a folder")
-    device = choose_device(args.device)
-    _pipeline_class(args.model)  # a missing model folder is reported before the hypernetworks are read
-    networks = load_hypernetworks(args.hypernetwork)
-    pipe = load_pipeline(args.model, device)
-    for path, hn, _ in networks:  # which file does not fit, named before anything is generated
+    choose_device(args.device)
+    # a missing or broken model folder is reported before the hypernetworks are read
+    _pipeline_class(model_source(args.model, "model_index.json", "diffusers pipeline"))
+    return grid
+
+
+def _check_fit(pipe, styles, files) -> None:
+    """Name the file whose widths fit no layer of the UNet, before anything is generated."""
+    from ..attach import attach
+
+    for path, (hn, _) in zip(files, styles):
         try:
             attach(pipe.unet, hn).remove()
         except HnkitError as exc:
             raise HnkitError(f"{path}: {exc}") from None
 
-    handle = attach(pipe.unet, [(hn, s) for _, hn, s in networks]) if networks else None
-    factors = grid if grid is not None else [1.0]
-    output.mkdir(parents=True, exist_ok=True)
-    taken: set = set()
+
+def _generate_all(pipe, args, styles, files, grid, output: Path, taken: set, device) -> list[list]:
+    """Every image, each written as a PNG that records how it was made; one row per prompt and
+    seed, one image per grid factor (which multiplies every strength)."""
+    from ..attach import attach
+
+    handle = attach(pipe.unet, styles) if styles else None
     rows = []
     try:
         for p_index, prompt in enumerate(args.prompt):
             for seed in range(args.seed, args.seed + args.num_images):
                 row = []
-                for factor in factors:
-                    for i, (_, _, strength) in enumerate(networks):
+                for factor in grid if grid is not None else [1.0]:
+                    for i, (_, strength) in enumerate(styles):
                         handle.set_strength(strength * factor, index=i)
                     image = _generate(pipe, args, prompt, seed, device)
                     stem = f"{p_index:02d}-{_slug(prompt)}-seed{seed}" + (f"-x{factor:g}" if grid else "")
                     path = _free_name(output, stem, taken)
                     info = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed,
                             "steps": args.steps, "guidance": args.guidance, "model": args.model,
-                            "hypernetworks": [[str(p), s * factor] for p, _, s in networks]}
+                            "hypernetworks": [[f, s * factor] for f, (_, s) in zip(files, styles)]}
                     _write_png(image, path, info)
                     print(f"wrote {path}")
                     row.append(image)
@@ -205,11 +216,7 @@ def run(args) -> None:
     finally:
         if handle is not None:
             handle.remove()
-    if grid is not None:
-        path = _free_name(output, "grid", taken)
-        _write_png(make_grid(rows), path, {"columns": grid, "prompts": args.prompt,
-                                           "seeds": list(range(args.seed, args.seed + args.num_images))})
-        print(f"wrote {path} (rows: prompt x seed, columns: strength factor {', '.join(f'{g:g}' for g in grid)})")
+    return rows
 
 
 def _generate(pipe, args, prompt: str, seed: int, device: torch.device):
