@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-from .errors import HnkitError
+from .errors import HnkitError, HnkitWarning
 from .hypernetwork import Hypernetwork
 from .kernels import Collapsed, Memo, make_kernel
 from .passes import Passes
@@ -270,7 +270,7 @@ def check_fits(hn: Hypernetwork, sites, family: str) -> None:
     unused = [w for w in hn.keys() if w not in model_widths]
     if unused:
         warnings.warn(f"hypernetwork {hn.name!r}: widths {unused} fit no attention layer of this model "
-                      "and are ignored", stacklevel=3)
+                      "and are ignored", HnkitWarning, stacklevel=3)
 
 
 def as_entries(hypernetwork, strength: float = 1.0, verb: str = "attach") -> list[tuple[Hypernetwork, float]]:

@@ -34,7 +34,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from .errors import HnkitError, first_line
+from .compat import warn_if_not_portable
+from .errors import HnkitError, HnkitWarning, first_line
 from .forms import FORMS
 from .hypernetwork import MAX_SITE_KEYS, MAX_WIDTH_KEYS, Hypernetwork, HypernetworkConfig
 from .safe_load import load_plain, parse_metadata
@@ -71,6 +72,7 @@ def save(hn: Hypernetwork, path: str | os.PathLike, format: str | None = None) -
         torch.save(data, buffer)
         blob = buffer.getvalue()
         atomic_write(path, lambda f: f.write(blob))
+        warn_if_not_portable(path, data)  # one line where the web UI or ComfyUI will not load it as is
         if state is not None:
             # Written after the .pt: a crash in between leaves an old sidecar whose hash no longer
             # matches, which readers (hnkit and the web UI) ignore.
@@ -226,7 +228,7 @@ def read_optim_sidecar(path: str | os.PathLike) -> dict | None:
     blob = path.read_bytes()
     if data.get("hash") not in (_short_hash(blob), _legacy_hash(blob)):
         warnings.warn(f"{sidecar}: optimizer state is for another version of {path.name} "
-                      f"(hash {data.get('hash')!r} does not match); ignored", stacklevel=3)
+                      f"(hash {data.get('hash')!r} does not match); ignored", HnkitWarning, stacklevel=3)
         return None
     return {"optimizer_name": data.get("optimizer_name") or "AdamW", "hash": data["hash"],
             "optimizer_state_dict": data["optimizer_state_dict"]}

@@ -10,6 +10,10 @@ class HnkitError(Exception):
     """Bad input: a file, an option or a model that hnkit cannot use. The message is one line."""
 
 
+class HnkitWarning(UserWarning):
+    """Something the user should know that is not an error (the CLI prints it as one line)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type name), for one-line errors."""
     text = str(exc).strip()

@@ -6,8 +6,11 @@ import argparse
 import importlib
 import signal
 import sys
+import warnings
 
-from ..errors import HnkitError
+from ..errors import HnkitError, HnkitWarning
+
+default_showwarning = warnings.showwarning
 
 
 def cmd_inspect(args) -> None:
@@ -15,6 +18,7 @@ def cmd_inspect(args) -> None:
     from rich.table import Table
 
     from ..checkpoint import load
+    from ..compat import inspect_rows
 
     hn = load(args.file)
     c = hn.config
@@ -36,6 +40,9 @@ def cmd_inspect(args) -> None:
         rows.append(("optimizer state", f"{hn.optimizer_state['optimizer_name']} (from {args.file}.optim)"))
     for key, value in rows:
         table.add_row(key, "-" if value is None else str(value))
+    table.add_section()
+    for key, value in inspect_rows(args.file, hn):  # where the file loads: the web UI, ComfyUI
+        table.add_row(key, value)
     Console().print(table)
 
 
@@ -49,7 +56,7 @@ def cmd_convert(args) -> None:
     if Path(args.output).exists() and not args.force:
         raise HnkitError(f"{args.output}: already exists; choose another name or add --force to replace it")
     hn = load(args.input)
-    out = save(hn, args.output, format=args.format)
+    out = save(hn, args.output, format=args.format)  # warns where the web UI or ComfyUI will not load a .pt as is
     print(f"wrote {out}")
     if hn.optimizer_state is not None:
         if (args.format or ("a1111" if out.suffix in A1111_SUFFIXES else "hnkit")) == "a1111":
@@ -67,6 +74,7 @@ COMMANDS = {
     "eval-text": ("commands.eval_text", "perplexity on a style and a neutral corpus across strengths, with a plot"),
     "merge": ("merge", "merge weighted hypernetworks into one file (their sum blend, exactly)"),
     "serve": ("commands.serve", "serve a folder of styles: an OpenAI-compatible API and a studio page"),
+    "export": ("commands.export", "a style as a LoRA on the K/V projections: a PEFT folder or a GGUF file"),
 }
 
 
@@ -106,12 +114,22 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """hnkit's own warnings as one ``hnkit: warning:`` line on stderr; the libraries' as Python prints them."""
+    if issubclass(category, HnkitWarning):
+        print(f"hnkit: warning: {message}", file=sys.stderr)
+    else:
+        default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command.startswith(("train", "generate", "eval", "serve")):
             quiet_libraries()
-        args.func(args)
+        with warnings.catch_warnings():  # restores showwarning when the command returns
+            warnings.showwarning = one_line_warning
+            args.func(args)
     except HnkitError as exc:
         print(f"hnkit: error: {exc}", file=sys.stderr)
         return 2
