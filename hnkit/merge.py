@@ -194,13 +194,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     from .checkpoint import save
-    from .util import parse_style_arg
+    from .commands.common import load_styles, parse_styles
 
     output = Path(args.output)
-    styles = [parse_style_arg(text) for text in args.styles]
-    for path, _ in styles:
-        if Path(path).resolve() == output.resolve():
+    for path, _ in parse_styles(args.styles, bounded=False):
+        if path.resolve() == output.resolve():
             raise HnkitError(f"{output}: output is one of the inputs; choose another name")
+    styles = load_styles(args.styles, bounded=False)
     merged = merge(styles, blend=args.blend, name=args.name or output.stem)
     out = save(merged, output)
     c = merged.config

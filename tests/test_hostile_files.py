@@ -14,11 +14,12 @@ import zipfile
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import hnkit
 from hnkit import HnkitError, Hypernetwork
-from hnkit.checkpoint import _metadata, _tensors, to_a1111
+from hnkit.checkpoint import to_a1111
 from hnkit.commands import train_text
 from hnkit.commands.cli import main
 from hnkit.commands.options import read_recipe
@@ -110,15 +111,17 @@ def network_with(path, items: dict):
     return path
 
 
-def safetensors_with(path, meta_text):
-    hn = Hypernetwork(keys=[32])
-    save_file(_tensors(hn), str(path), metadata={"hnkit": meta_text})
+def safetensors_with(path, meta_text=None, **change):
+    """A small network saved at ``path``, then written again with its hnkit metadata replaced by
+    ``meta_text``, or changed by ``change`` (``config`` entries merged into the config)."""
+    hnkit.save(Hypernetwork(keys=[32]), path)
+    with safe_open(path, framework="pt") as f:
+        tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
+        meta = json.loads(f.metadata()["hnkit"])
+    if meta_text is None:
+        meta_text = json.dumps({**meta, **change, "config": {**meta["config"], **change.get("config", {})}})
+    save_file(tensors, str(path), metadata={"hnkit": meta_text})
     return path
-
-
-def _meta(**change):
-    meta = _metadata(Hypernetwork(keys=[32]))
-    return json.dumps({**meta, **change, "config": {**meta["config"], **change.get("config", {})}})
 
 
 # name -> (how to build it at a path, what its one-line refusal must say)
@@ -130,12 +133,12 @@ HOSTILE = {
     "widths.pt": (lambda p: network_with(p, {w: ({}, {}) for w in range(1, 100_001)}), "more than 500,000 operations"),
     "65-widths.pt": (lambda p: network_with(p, {w: ({}, {}) for w in range(1, 66)}), "65 width keys"),
     "deep-meta.safetensors": (lambda p: safetensors_with(p, "[" * 100_000 + "]" * 100_000), "nested more than"),
-    "deep-extra.safetensors": (lambda p: safetensors_with(p, _meta(extra={"x": shared_lists(500, 1)})),
+    "deep-extra.safetensors": (lambda p: safetensors_with(p, extra={"x": shared_lists(500, 1)}),
                                "nested more than 32 levels"),
-    "long-meta.safetensors": (lambda p: safetensors_with(p, _meta(extra={"x": [0] * MAX_METADATA_CHARS})),
+    "long-meta.safetensors": (lambda p: safetensors_with(p, extra={"x": [0] * MAX_METADATA_CHARS}),
                               "hnkit metadata of"),
-    "many-sites.safetensors": (lambda p: safetensors_with(p, _meta(
-        keys=[f"s{i}" for i in range(5000)], widths=[32] * 5000, config={"per_site": True})), "5,000 keys"),
+    "many-sites.safetensors": (lambda p: safetensors_with(
+        p, keys=[f"s{i}" for i in range(5000)], widths=[32] * 5000, config={"per_site": True}), "5,000 keys"),
 }
 
 

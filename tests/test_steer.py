@@ -115,18 +115,13 @@ def test_per_layer_factors(load_tiny, ids):
         hnkit.steer(model, a, layers=[1, 1, 1])
 
 
-def installed_kernels(model):
-    hooks = [h for layer in model.model.layers for h in layer.self_attn.k_proj._forward_pre_hooks.values()]
-    return {id(h.kernel) for h in hooks}
-
-
 def test_sites_with_equal_strengths_share_one_kernel(load_tiny):
     model = load_tiny("llama")
     a, _ = two_styles(model)
-    with hnkit.steer(model, a, layers=[0.5, 0.5], blend="sum"):
-        assert len(installed_kernels(model)) == 1
-    with hnkit.steer(model, a, layers=[0.5, 1.0]):
-        assert len(installed_kernels(model)) == 2
+    with hnkit.steer(model, a, layers=[0.5, 0.5], blend="sum") as handle:
+        assert handle.num_sites == 2 and len(handle.kernels) == 1
+    with hnkit.steer(model, a, layers=[0.5, 1.0]) as handle:
+        assert handle.num_sites == 2 and len(handle.kernels) == 2
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])

@@ -511,7 +511,11 @@ def test_generate_image_sdxl(sd_dirs, tmp_path):
 
 
 def test_hypernetwork_spec_parsing(tmp_path):
-    from hnkit.commands.generate_image import parse_hypernetwork_spec as parse
+    """``FILE[:STRENGTH]`` as every command reads it (generate-image: any finite strength)."""
+    from hnkit.commands.common import parse_styles
+
+    def parse(spec):
+        return parse_styles([spec], bounded=False)[0]
 
     assert parse("ink.pt") == (Path("ink.pt"), 1.0)
     assert parse("ink.pt:0.75")[1] == 0.75 and parse("ink.pt:-1e-1")[1] == -0.1

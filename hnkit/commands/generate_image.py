@@ -51,12 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # -- parsing ---------------------------------------------------------------------------------------
-def parse_hypernetwork_spec(spec: str) -> tuple[Path, float]:
-    """``FILE[:STRENGTH]`` -> (path, strength), with the rules of every hnkit command
-    (:func:`hnkit.commands.common.parse_styles`; generate-image takes any finite strength)."""
-    return parse_styles([spec], bounded=False)[0]
-
-
 def _check_numbers(args) -> None:
     if args.steps < 1:
         raise HnkitError(f"--steps {args.steps}: must be at least 1")
