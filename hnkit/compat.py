@@ -81,7 +81,7 @@ def _comfyui_problems(data: dict) -> list[Problem]:
     output = _output_activation(data, act)
     if output:
         problems.append(Problem(False, output))
-    if _comfyui_dropouts(data):
+    if comfyui_dropouts(data):
         problems.append(Problem(False, "it adds dropout (p=0.3) for use_dropout and never turns it off, so "
                                        "every step drops random hidden units (the web UI turns it off)"))
     return problems
@@ -104,7 +104,7 @@ def _output_activation(data: dict, act: str) -> str | None:
             f"activation ({act}) after the last layer")
 
 
-def _comfyui_dropouts(data: dict) -> int:
+def comfyui_dropouts(data: dict) -> int:
     """How many Dropout layers ComfyUI builds into a module: it walks the state dict's ``.weight``
     entries (a LayerNorm's too, taken in one step with its Linear) and adds one after every Linear
     but the last two, and after the last but one with ``last_layer_dropout``."""

@@ -157,3 +157,25 @@ def served(tmp_path_factory):
     server = ServerThread(built["model"], built["styles"])
     yield {"server": server, "model": built["model"], "styles": built["styles"], "url": server.url}
     server.close()
+
+
+def torch_hooks(*owners) -> int:
+    """How many hooks torch holds for ``owners`` (modules, each with all its submodules; optimizers),
+    or with no owner, its process-wide module and optimizer hooks. torch keeps them in these dicts
+    and offers no public way to list them."""
+    from torch.nn.modules import module as nn_module
+    from torch.optim import optimizer as torch_optimizer
+
+    if not owners:
+        return sum(len(d) for d in (nn_module._global_forward_pre_hooks, nn_module._global_forward_hooks,
+                                    nn_module._global_backward_pre_hooks, nn_module._global_backward_hooks,
+                                    torch_optimizer._global_optimizer_pre_hooks,
+                                    torch_optimizer._global_optimizer_post_hooks))
+    dicts = []
+    for owner in owners:
+        if isinstance(owner, torch.nn.Module):
+            dicts += [d for m in owner.modules() for d in (m._forward_pre_hooks, m._forward_hooks,
+                                                           m._backward_pre_hooks, m._backward_hooks)]
+        else:
+            dicts += [owner._optimizer_step_pre_hooks, owner._optimizer_step_post_hooks]
+    return sum(len(d) for d in dicts)

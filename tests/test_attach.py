@@ -11,7 +11,7 @@ from hnkit import HnkitError, Hypernetwork, HypernetworkConfig
 from hnkit.models import enable_gradient_checkpointing
 from hnkit.targets import find_sites
 
-from conftest import FAMILIES, grads_of, plain_run, with_biases
+from conftest import FAMILIES, grads_of, plain_run, torch_hooks, with_biases
 
 # A hypernetwork strong enough to change the model visibly.
 STRONG = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", weight_init="XavierNormal")
@@ -410,28 +410,6 @@ def test_every_way_of_writing_the_weights_is_seen_by_the_next_call(config, write
             fresh_inner = model.model(ids).last_hidden_state
     assert torch.equal(after, fresh) and not torch.allclose(after, first)
     assert torch.equal(inner, fresh_inner)
-
-
-def torch_hooks(*owners) -> int:
-    """How many hooks torch holds for ``owners`` (modules, each with all its submodules; optimizers),
-    or with no owner, its process-wide module and optimizer hooks. torch keeps them in these dicts
-    and offers no public way to list them."""
-    from torch.nn.modules import module as nn_module
-    from torch.optim import optimizer as torch_optimizer
-
-    if not owners:
-        return sum(len(d) for d in (nn_module._global_forward_pre_hooks, nn_module._global_forward_hooks,
-                                    nn_module._global_backward_pre_hooks, nn_module._global_backward_hooks,
-                                    torch_optimizer._global_optimizer_pre_hooks,
-                                    torch_optimizer._global_optimizer_post_hooks))
-    dicts = []
-    for owner in owners:
-        if isinstance(owner, torch.nn.Module):
-            dicts += [d for m in owner.modules() for d in (m._forward_pre_hooks, m._forward_hooks,
-                                                           m._backward_pre_hooks, m._backward_hooks)]
-        else:
-            dicts += [owner._optimizer_step_pre_hooks, owner._optimizer_step_post_hooks]
-    return sum(len(d) for d in dicts)
 
 
 def test_attach_changes_nothing_it_was_not_handed(load_tiny, ids):

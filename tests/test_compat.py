@@ -10,7 +10,7 @@ import hnkit
 from hnkit import Hypernetwork, HypernetworkConfig
 from hnkit.checkpoint import to_a1111
 from hnkit.commands.cli import main
-from hnkit.compat import (COMFYUI, WEB_UI, PortabilityWarning, _comfyui_dropouts, where_dict_loads,
+from hnkit.compat import (COMFYUI, WEB_UI, PortabilityWarning, comfyui_dropouts, where_dict_loads,
                           where_it_loads)
 
 WIDTHS = [768, 320]
@@ -127,7 +127,7 @@ def test_dropout_loads_differently_in_comfyui(tmp_path):
 def test_where_comfyui_puts_dropout(structure, layer_norm, last_layer_dropout, expected):
     data = {**to_a1111(network(layer_structure=structure, layer_norm=layer_norm)),
             "use_dropout": True, "last_layer_dropout": last_layer_dropout}
-    assert _comfyui_dropouts(data) == expected
+    assert comfyui_dropouts(data) == expected
     assert verdicts(where_dict_loads(data))[COMFYUI] == ("yes" if expected == 0 else "differently")
 
 
