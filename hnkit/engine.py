@@ -1,9 +1,9 @@
 """Batched generation with a style mix per row: what ``hnkit serve`` runs.
 
-Every style of a :class:`hnkit.StyleLibrary` is attached once (``blend="sum"``: a row's styles add
-their residuals to the same input, so the order in which a request names them does not matter): as
-one :class:`hnkit.Stack` when they share a shape (two matrix products per site for any mix of
-styles), else network by network.
+The styles of a :class:`hnkit.StyleLibrary` (up to ``max_styles`` of them) are attached at strength 0
+(``blend="sum"``: a row's styles add their residuals to the same input, so the order in which a
+request names them does not matter): as one :class:`hnkit.Stack` when they share a shape (two matrix
+products per site for any mix of styles), else network by network.
 Requests wait in a queue; a worker thread takes all that are waiting (up to ``max_batch`` rows),
 left-pads their prompts into one batch, sets each style's strength per row and decodes them together
 with the KV cache. Requests that arrive while a batch runs join the next one. Each row samples with
@@ -18,6 +18,13 @@ few it uses. One cost does grow with the library: on a stack, setting strengths 
 members' strengths in Python (:meth:`hnkit.Attachment.set_strength`), once per batch and whenever
 a row leaves it, not per token.
 
+The library may change while the engine runs (``hnkit serve`` polls its folder: :meth:`watch`). At
+most ``max_styles`` styles are attached at once: between batches, never while one runs, the engine
+takes off the styles whose files were removed or replaced, reads those the next batch names that are
+not attached (the least recently used make room) and attaches the new set in place of the old. A
+batch keeps the weights it started with to its end; a job still waiting whose style is gone by then
+ends as a request naming an unknown style would ("unknown style ...").
+
 A row whose sampling or decoding fails ends alone with an error (``emit(message, True, "error")``);
 the rest of its batch goes on. :meth:`Engine.close` ends every row not finished, waiting or running,
 the same way with "the server is shutting down" (``finish_reason`` "shutdown"), as it does every
@@ -29,6 +36,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -36,11 +44,12 @@ import torch
 from .attach import attach
 from .errors import HnkitError
 from .stack import Stack
-from .steer import MAX_STRENGTH
+from .steer import MAX_STRENGTH, StyleLibrary
 from .text import context_length
 
 GREEDY_BELOW = 1e-5  # a lower temperature samples greedily: one-hot anyway, and dividing by a tinier one overflows
 SHUTTING_DOWN = "the server is shutting down"
+MAX_STYLES = 64  # styles attached at once (hnkit serve --max-styles): the others are read when named
 
 
 @dataclass
@@ -72,12 +81,10 @@ class Engine:
     work spread over two threads that each use intra-op parallelism (two OpenMP thread teams) ran
     about 2x slower on a 2-core CPU than in the thread that loaded the model (docs/benchmarks.md)."""
 
-    def __init__(self, model, tokenizer, library, max_batch: int = 8, window: float = 0.05, thread: bool = False):
+    def __init__(self, model, tokenizer, library, max_batch: int = 8, window: float = 0.05, thread: bool = False,
+                 max_styles: int = MAX_STYLES):
         self.model, self.tokenizer, self.library = model, tokenizer, library
-        self.names = list(library)
-        self.positions = {name: i for i, name in enumerate(self.names)}
-        self._set: set[str] = set()  # the styles the last batch set (every other one is at 0)
-        self.max_batch = max_batch
+        self.max_batch, self.max_styles = max_batch, max_styles
         self.window = window  # seconds a new batch waits for more requests (those sent together run together)
         self.device = next(model.parameters()).device
         self.context = context_length(model) or 2048
@@ -89,43 +96,75 @@ class Engine:
         # the prompt pass needs the last position's logits only, not [B, T, vocab]
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
-        networks = [library[name] for name in self.names]
-        try:  # chosen once: a stack when the styles share a shape
-            self.stack = Stack(networks, self.names) if networks else None
-        except HnkitError:
-            self.stack = None
-        self.attachment = self.attach_styles()
+        # the styles attached: name -> (its files' signature, network), least recently used first
+        self.resident: OrderedDict[str, tuple] = OrderedDict()
+        for name in self.names[:max_styles]:
+            try:
+                self.resident[name] = (self._signature(name), library[name])
+            except (HnkitError, OSError):  # read again when a request names it
+                pass
+        self.attachment = None
+        self.attach_styles()
         self.waiting: list[Job] = []  # submitted, not yet in a batch
         self._changed = threading.Condition()
         self.busy = threading.Lock()  # held while a batch is taken and run: holding it queues requests up
-        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0}  # what the batches were
+        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0, "attached": 1}  # what the batches were
         self._stop = threading.Event()
         self._thread = None
         if thread:
             self._thread = threading.Thread(target=self.serve_forever, name="hnkit-engine", daemon=True)
             self._thread.start()
 
+    @property
+    def names(self) -> list[str]:
+        """Every style the library holds now, attached or not."""
+        return list(self.library)
+
+    def _signature(self, name: str):
+        """What changes when a style's file is replaced (None for a plain mapping of networks)."""
+        return self.library.signature(name) if isinstance(self.library, StyleLibrary) else None
+
     def attach_styles(self):
-        """Attach every style at strength 0 (the stack, or each network); None without styles."""
+        """Attach the resident styles at strength 0, in place of what was attached: one stack when they
+        share a shape, else each network. Returns ``attachment`` (None without styles)."""
+        if self.attachment is not None:
+            self.attachment.remove()
+            self.attachment = None
+        self.members = list(self.resident)
+        self.positions = {name: i for i, name in enumerate(self.members)}
+        self._set: set[str] = set()  # the styles the last batch set (every other one is at 0)
+        networks = [hn for _, hn in self.resident.values()]
+        try:  # a stack when the styles share a shape
+            self.stack = Stack(networks, self.members) if networks else None
+        except HnkitError:
+            self.stack = None
         if self.stack is not None:
-            return attach(self.model, self.stack, 0.0, blend="sum")
-        entries = [(self.library[name], 0.0) for name in self.names]
-        return attach(self.model, entries, blend="sum") if entries else None
+            self.attachment = attach(self.model, self.stack, 0.0, blend="sum")
+        elif networks:
+            self.attachment = attach(self.model, [(hn, 0.0) for hn in networks], blend="sum")
+        return self.attachment
 
     # -- requests --------------------------------------------------------------------------------
     def check_styles(self, styles: dict[str, float]) -> None:
         """Refuse unknown styles (at any strength, 0 too) and strengths out of bounds."""
         for name, s in styles.items():
-            if name not in self.positions:
-                more = f", ... ({len(self.names)} in all)" if len(self.names) > 20 else ""
-                known = ", ".join(self.names[:20]) + more
-                raise HnkitError(f"unknown style {name!r}; styles: {known or 'none'}")
+            if name not in self.library:
+                raise HnkitError(self._unknown(name))
             if not isinstance(s, (int, float)) or isinstance(s, bool) or not -MAX_STRENGTH <= s <= MAX_STRENGTH:
                 raise HnkitError(f"strength of {name!r} must be a number in [{-MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got {s!r}")
 
+    def _unknown(self, name: str) -> str:
+        names = self.names
+        known = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+        return f"unknown style {name!r}; styles: {known or 'none'}"
+
     def check(self, styles: dict[str, float], n_prompt: int, max_tokens: int) -> None:
-        """Refuse what a batch could not run: unknown styles, bad strengths, prompts past the context."""
+        """Refuse what a batch could not run: unknown styles, bad strengths, more styles than can be
+        attached at once, prompts past the context."""
         self.check_styles(styles)
+        if len(styles) > self.max_styles:
+            raise HnkitError(f"{len(styles)} styles in one request: this server attaches at most "
+                             f"{self.max_styles} at once (hnkit serve --max-styles)")
         if n_prompt == 0:
             raise HnkitError("the prompt is empty")
         if n_prompt + max_tokens > self.context:
@@ -157,6 +196,34 @@ class Engine:
             self.attachment.remove()
             self.attachment = None
 
+    def watch(self, interval: float, say=print) -> None:
+        """List the library's folder again every ``interval`` seconds, in a thread of its own, until
+        :meth:`close`: styles added, replaced or removed are served from the next batch on (a new or
+        replaced file is read, and checked against the model, before it is listed); one line to
+        ``say`` for each, and for each file left out."""
+        threading.Thread(target=self._watch, args=(interval, say), name="hnkit-styles", daemon=True).start()
+
+    def _watch(self, interval: float, say) -> None:
+        failing = None  # the listing's error, said once
+        while not self._stop.wait(interval):
+            try:
+                changes = self.library.refresh(check=self.check_style_file)
+                failing = None
+            except OSError as exc:
+                if str(exc) != failing:
+                    say(f"hnkit serve: cannot list {self.library.folder}: {exc.strerror or exc}; still serving")
+                failing = str(exc)
+                continue
+            for name, reason in changes.items():
+                if reason is not None:
+                    say(f"hnkit serve: skipped style {name!r} in {self.library.folder}: {reason}")
+                else:
+                    say(f"hnkit serve: style {name!r} {'ready' if name in self.library else 'removed'}")
+
+    def check_style_file(self, name: str, hn) -> None:
+        """Refuse a style that cannot be served here (:func:`check_servable`)."""
+        check_servable(self.model, name, hn)
+
     # -- the worker ------------------------------------------------------------------------------
     def serve_forever(self) -> None:
         """Take and run batches until :meth:`close`."""
@@ -170,17 +237,30 @@ class Engine:
             if self._stop.is_set():
                 return
             with self.busy:  # everything waiting when the engine is free goes into one batch
-                with self._changed:  # the leading jobs, up to max_batch (once closed, close() ends them)
-                    taken = [] if self._stop.is_set() else self.waiting[:self.max_batch]
-                    del self.waiting[:len(taken)]
+                with self._changed:  # the leading jobs (once closed, close() ends them)
+                    taken = [] if self._stop.is_set() else self._take()
                 batch = [j for j in taken if not j.cancelled]
                 if batch:
                     self.run_batch(batch)
 
+    def _take(self) -> list[Job]:
+        """The leading waiting jobs, up to ``max_batch``, that name at most ``max_styles`` styles together."""
+        taken, styles = [], set()
+        for job in self.waiting[:self.max_batch]:
+            more = styles | set(job.styles)
+            if taken and len(more) > self.max_styles:
+                break
+            taken.append(job)
+            styles = more
+        del self.waiting[:len(taken)]
+        return taken
+
     def run_batch(self, batch: list[Job]) -> None:
-        """:meth:`run`, its failure ending its rows, not the server."""
+        """:meth:`run` once the batch's styles are attached; a failure ends its rows, not the server."""
         try:
-            self.run(batch)
+            batch = self.prepare(batch)
+            if batch:
+                self.run(batch)
         except Exception as exc:
             for j in batch:
                 self._end(j, "error", f"{type(exc).__name__}: {exc}")
@@ -188,6 +268,37 @@ class Engine:
             for j in batch:
                 self._end(j, "shutdown", SHUTTING_DOWN)
             raise
+
+    def prepare(self, jobs: list[Job]) -> list[Job]:
+        """Between batches: take off the styles whose files were removed or replaced, attach those
+        ``jobs`` name (the least recently used making room). Returns the jobs to run: one naming a
+        style that is gone, or whose file cannot be read now, ends with an error."""
+        needed = {name for j in jobs for name in j.styles}
+        stale = [name for name, (signature, _) in self.resident.items()
+                 if name not in self.library or self._signature(name) != signature]
+        for name in stale:
+            del self.resident[name]
+        failed, changed = {}, bool(stale)
+        for name in sorted(needed - set(self.resident)):
+            try:
+                if name not in self.library:
+                    raise HnkitError(self._unknown(name))
+                self.resident[name] = (self._signature(name), self.library[name])
+                changed = True
+            except (HnkitError, OSError) as exc:
+                failed[name] = str(exc)
+        for name in sorted(needed & set(self.resident)):
+            self.resident.move_to_end(name)  # most recently used last
+        while len(self.resident) > self.max_styles:  # a batch names at most max_styles (_take)
+            self.resident.popitem(last=False)
+        if changed:
+            self.attach_styles()
+            self.stats["attached"] += 1
+        for j in jobs:
+            gone = next((name for name in j.styles if name in failed), None)
+            if gone is not None:
+                self._end(j, "unknown_style" if gone not in self.library else "error", failed[gone])
+        return [j for j in jobs if j.finish_reason is None]
 
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> None:
@@ -311,6 +422,18 @@ class Engine:
         job.emit(job.text[job.sent:], True, ended)
         job.sent = len(job.text)
         return False
+
+
+def check_servable(model, name: str, hn) -> None:
+    """Refuse a style ``hnkit serve`` cannot serve: a name holding '+' or ':' (they separate styles and
+    strengths in a model name), or widths that fit no attention layer of ``model``."""
+    from .attach import check_fits
+    from .targets import find_sites
+
+    if "+" in name or ":" in name:
+        raise HnkitError("a style name cannot hold '+' or ':' (they separate styles and strengths in a model name)")
+    family, sites = find_sites(model)
+    check_fits(hn, sites, family)
 
 
 def _as_list(value) -> list[int]:

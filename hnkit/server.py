@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from .engine import Engine, Job
+from .errors import HnkitError
 from .request_parsing import CompletionRequest, RequestError, max_tokens_for, parse_json, parse_request, prompt_ids
 
 STUDIO = Path(__file__).parent / "studio"
@@ -173,6 +174,8 @@ def row_failure(job: Job, text: str) -> tuple[int, str, str]:
     """The status, message and code of a row ended by an error: 503 when the server is shutting down."""
     if job.finish_reason == "shutdown":
         return 503, text, "server_shutting_down"
+    if job.finish_reason == "unknown_style":  # removed from the folder while the request waited
+        return 400, text, None
     return 500, f"generation failed: {text}", "server_error"
 
 
@@ -290,7 +293,8 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
                allowed_hosts=None, max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None,
                body_timeout: float = BODY_TIMEOUT):
     """The FastAPI app serving ``engine`` under the model name ``base``. ``fronts``: style name ->
-    PNG path of its perplexity front (shown by the studio page). ``allowed_hosts``: the host names
+    PNG path of its perplexity front (shown by the studio page), or a function giving that mapping
+    as it is now (the styles' folder changes while the server runs). ``allowed_hosts``: the host names
     the Host header may name (None: any); ``max_body_bytes``: the largest request body;
     ``max_prompt_tokens``: the longest prompt (None: the model's context); ``body_timeout``:
     seconds a request's body may take to arrive."""
@@ -300,7 +304,7 @@ def create_app(engine: Engine, base: str, api_key: str | None = None, log=None, 
     log = log or (lambda line: None)
     hosts = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
     install_guards(app, log, api_key, hosts)
-    add_page_routes(app, engine, base, fronts or {})
+    add_page_routes(app, engine, base, fronts if callable(fronts) else (lambda: fronts or {}))
     add_completion_routes(app, engine, base, log, max_body_bytes, max_prompt_tokens or engine.context, body_timeout)
     return app
 
@@ -333,28 +337,46 @@ def install_guards(app, log, api_key: str | None, hosts: set | None) -> None:
                                            kind="server_error"), status_code=500)
 
 
-def add_page_routes(app, engine: Engine, base: str, fronts: dict) -> None:
-    """The model list, the styles, their fronts and the studio page."""
+def style_info(library, name: str) -> dict:
+    """A style's description and base model: the library's record of its file's metadata, or (a
+    plain mapping of networks) the network's."""
+    if hasattr(library, "info"):
+        try:
+            return library.info(name)
+        except (HnkitError, OSError):  # its file went bad since it was listed: the next listing drops it
+            return {"description": "", "base_model": None}
+    hn = library[name]
+    return {"description": hn.description or "", "base_model": hn.base_model}
+
+
+def add_page_routes(app, engine: Engine, base: str, fronts) -> None:
+    """The model list, the styles, their fronts and the studio page. ``fronts()``: style name -> PNG."""
     from fastapi.responses import FileResponse, HTMLResponse
 
     @app.get("/v1/models")
     async def models():
         created = int(time.time())
-        names = [base] + [f"{base}+{name}" for name in engine.names]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "hnkit"}
-                                           for n in names]}
+        entries = [{"id": base, "object": "model", "created": created, "owned_by": "hnkit"}]
+        for name in engine.names:
+            info = style_info(engine.library, name)
+            entries.append({"id": f"{base}+{name}", "object": "model", "created": created, "owned_by": "hnkit",
+                            "description": info["description"], "base_model": info["base_model"]})
+        return {"object": "list", "data": entries}
 
     @app.get("/hnkit/styles")
     async def styles():
-        return {"model": base, "stacked": engine.stack is not None, "styles": [
-            {"name": name, "description": engine.library[name].description or "",
-             "front": f"/hnkit/styles/{name}/front.png" if name in fronts else None} for name in engine.names]}
+        pictures, attached = fronts(), set(getattr(engine, "members", ()))
+        return {"model": base, "stacked": engine.stack is not None, "max_styles": getattr(engine, "max_styles", None),
+                "styles": [{"name": name, **style_info(engine.library, name), "attached": name in attached,
+                            "front": f"/hnkit/styles/{name}/front.png" if name in pictures else None}
+                           for name in engine.names]}
 
     @app.get("/hnkit/styles/{name}/front.png")
     async def front(name: str):
-        if name not in fronts:
+        picture = fronts().get(name)
+        if picture is None:
             raise RequestError(f"no perplexity front for style {name!r}", status=404)
-        return FileResponse(fronts[name], media_type="image/png")
+        return FileResponse(picture, media_type="image/png")
 
     @app.get("/", response_class=HTMLResponse)
     async def studio():

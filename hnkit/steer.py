@@ -12,6 +12,8 @@ Strengths may be negative (steer away from a style) or above 1.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -68,22 +70,66 @@ def after(tokens: int):
 
 
 # -- a folder of styles --------------------------------------------------------------------------
+def _signature(entry: os.DirEntry) -> tuple[int, int, int]:
+    """What tells one version of a file from another: size, modification time and inode (a file put
+    in place by a rename is a new inode, even within the clock's resolution)."""
+    st = entry.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _by_stem(files) -> dict[str, list[str]]:
+    stems: dict[str, list[str]] = {}
+    for name in sorted(files):
+        stems.setdefault(Path(name).stem, []).append(name)
+    return stems
+
+
+def _info_of(hn: Hypernetwork) -> dict:
+    return {"description": hn.description or "", "base_model": hn.base_model}
+
+
 class StyleLibrary(Mapping):
     """The hypernetworks in a folder (``.safetensors`` and the web UI's ``.pt``), by file stem.
 
     Files are read when first asked for and kept: ``library["noir"]``, ``list(library)``,
-    ``"noir" in library``. A name with both a ``.pt`` and a ``.safetensors`` file is ambiguous and
-    refused when used (pass the path instead)."""
+    ``"noir" in library``; with ``max_loaded``, only that many (the least recently used are dropped
+    and read again when asked for). A name with both a ``.pt`` and a ``.safetensors`` file is
+    ambiguous and refused when used (pass the path instead). Hidden files (``.*``: hnkit writes
+    there before its atomic rename) are no styles.
 
-    def __init__(self, folder: str | os.PathLike):
+    The folder is listed once; :meth:`refresh` lists it again (``hnkit serve`` polls it). A file
+    added or replaced since counts once it is complete: when two listings in a row saw the same
+    size, time and inode (until then its name keeps the file it had); a file removed goes at once."""
+
+    def __init__(self, folder: str | os.PathLike, max_loaded: int | None = None):
         self.folder = Path(folder).expanduser()
         if not self.folder.is_dir():
             raise HnkitError(f"{folder}: no such folder of styles")
-        self._files: dict[str, list[Path]] = {}
-        for path in sorted(self.folder.iterdir()):
-            if path.is_file() and path.suffix in STYLE_SUFFIXES and not path.name.startswith("."):
-                self._files.setdefault(path.stem, []).append(path)
-        self._loaded: dict[str, Hypernetwork] = {}
+        self.max_loaded = max_loaded
+        self._lock = threading.Lock()
+        self._listing = self._scan()  # file name -> signature, as last seen
+        self._skipped: dict[str, tuple] = {}  # name -> the signature it was discarded at
+        self._publish(dict(self._listing))  # complete: the folder as it is when the library is made
+        self._loaded: OrderedDict[str, tuple] = OrderedDict()  # name -> (signature, network), oldest first
+        self._info: dict[str, dict] = {}  # name -> description and base model, from its file
+        self.version = 0  # counts the changes :meth:`refresh` and :meth:`discard` made
+
+    def _scan(self) -> dict[str, tuple]:
+        with os.scandir(self.folder) as entries:
+            return {e.name: _signature(e) for e in entries if e.name.endswith(STYLE_SUFFIXES)
+                    and not e.name.startswith(".") and e.is_file()}
+
+    def _publish(self, accepted: dict[str, tuple]) -> None:
+        """Make ``accepted`` (file name -> signature) the files in use; skipped names stay out."""
+        stems = _by_stem(accepted)
+        files = {stem: [self.folder / f for f in names] for stem, names in stems.items()
+                 if self._skipped.get(stem) != tuple(accepted[f] for f in names)}
+        self._accepted, self._stems, self._files = accepted, stems, files  # each read alone by other threads
+
+    def signature(self, name: str) -> tuple:
+        """The signatures of the files a name stands for now (empty: no such file)."""
+        accepted = self._accepted
+        return tuple(accepted.get(f) for f in self._stems.get(name, ()))
 
     def path(self, name: str) -> Path:
         files = self._files.get(name)
@@ -96,18 +142,88 @@ class StyleLibrary(Mapping):
         return files[0]
 
     def __getitem__(self, name: str) -> Hypernetwork:
-        if name not in self._loaded:
-            from .checkpoint import load
+        signature = self.signature(name)
+        with self._lock:
+            kept = self._loaded.get(name)
+            if kept is not None and kept[0] == signature:
+                self._loaded.move_to_end(name)
+                return kept[1]
+        hn = self._read(name, self.path(name))
+        self._info[name] = _info_of(hn)
+        self._keep(name, signature, hn)
+        return hn
 
-            hn = load(self.path(name))
-            hn.name = name  # the library's name for it, whatever the file's metadata says
-            self._loaded[name] = hn
-        return self._loaded[name]
+    def _read(self, name: str, path: Path) -> Hypernetwork:
+        from .checkpoint import load
+
+        hn = load(path)
+        hn.name = name  # the library's name for it, whatever the file's metadata says
+        return hn
+
+    def _keep(self, name: str, signature: tuple, hn: Hypernetwork) -> None:
+        with self._lock:
+            self._loaded[name] = (signature, hn)
+            self._loaded.move_to_end(name)
+            while self.max_loaded is not None and len(self._loaded) > self.max_loaded:
+                self._loaded.popitem(last=False)
+
+    def info(self, name: str) -> dict:
+        """``{"description", "base_model"}`` of a style, from its file's metadata (read once)."""
+        info = self._info.get(name)
+        return _info_of(self[name]) if info is None else info
+
+    def refresh(self, check=None) -> dict[str, str | None]:
+        """List the folder again. Returns the names whose files were added, replaced or removed and
+        are complete (the same in this listing and the last), each with None (in use now, or gone)
+        or why it is left out: its file does not load, or ``check(name, network)`` raised an
+        HnkitError. Each is read here, before the library shows it."""
+        listing = self._scan()
+        previous, self._listing = self._listing, listing
+        accepted = {f: sig for f, sig in listing.items() if previous.get(f) == sig}  # complete
+        accepted.update({f: self._accepted[f] for f in listing if f not in accepted and f in self._accepted})
+        changed = sorted({Path(f).stem for f in set(accepted) | set(self._accepted)
+                          if accepted.get(f) != self._accepted.get(f)})
+        stems, reasons, infos = _by_stem(accepted), {}, {}
+        for name in changed:
+            reasons[name] = None
+            if name in stems:
+                signature = tuple(accepted[f] for f in stems[name])
+                try:
+                    infos[name] = _info_of(self._check_new(name, stems[name], signature, check))
+                except (HnkitError, OSError) as exc:
+                    reasons[name] = str(exc)
+                if reasons[name] is not None:
+                    self._skipped[name] = signature
+        if changed:
+            with self._lock:
+                for name in changed:
+                    if reasons[name] is not None or name not in stems:
+                        self._loaded.pop(name, None)
+                        self._info.pop(name, None)
+                self._publish(accepted)
+                self._info.update(infos)  # with the new files' signatures: what the library shows is served
+                self.version += 1
+        return reasons
+
+    def _check_new(self, name: str, files: list[str], signature: tuple, check) -> Hypernetwork:
+        """Read a new or replaced style's file (and ``check`` it), keeping the network."""
+        if len(files) > 1:
+            raise HnkitError(f"style {name!r} is ambiguous in {self.folder}: {', '.join(files)}")
+        hn = self._read(name, self.folder / files[0])
+        if check is not None:
+            check(name, hn)
+        self._keep(name, signature, hn)
+        return hn
 
     def discard(self, name: str) -> None:
-        """Leave a style out of this library (``hnkit serve`` drops the files it cannot use)."""
-        self._files.pop(name, None)
-        self._loaded.pop(name, None)
+        """Leave a style out of this library (``hnkit serve`` drops the files it cannot use) until
+        its file changes."""
+        with self._lock:
+            self._skipped[name] = self.signature(name)
+            self._files = {k: v for k, v in self._files.items() if k != name}
+            self._loaded.pop(name, None)
+            self._info.pop(name, None)
+            self.version += 1
 
     def __iter__(self):
         return iter(self._files)

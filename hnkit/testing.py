@@ -114,7 +114,8 @@ class ServerThread:
     :func:`hnkit.server.create_app` (``max_body_bytes``, ``allowed_hosts``, ...)."""
 
     def __init__(self, model, styles, api_key=None, max_batch=8, name="tiny", device="cpu", engine_thread=True,
-                 header_timeout=None, max_connections=None, log=None, engine=None, **app_options):
+                 header_timeout=None, max_connections=None, log=None, engine=None, max_styles=None,
+                 poll_interval=None, **app_options):
         import argparse
         import threading
         import time
@@ -126,7 +127,9 @@ class ServerThread:
         sock = serve.listen_socket("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         args = argparse.Namespace(model=str(model), styles=str(styles), host="127.0.0.1", port=self.port,
-                                  api_key=api_key, name=name, max_batch=max_batch, device=device)
+                                  api_key=api_key, name=name, max_batch=max_batch, device=device,
+                                  max_styles=max_styles or serve.MAX_STYLES,
+                                  poll_interval=serve.POLL_INTERVAL if poll_interval is None else poll_interval)
         self.lines: list[str] = []
         try:
             if engine is None:

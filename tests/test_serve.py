@@ -260,7 +260,7 @@ def test_bad_command_lines_are_one_line(served, tmp_path):
     def args(**kw):
         base = dict(model=str(served["model"]), styles=str(served["styles"]), host="127.0.0.1", port=8000,
                     api_key=None, api_key_file=None, allow_unauthenticated=False, max_connections=256,
-                    header_timeout=10.0, name=None, max_batch=8, device="cpu")
+                    header_timeout=10.0, name=None, max_batch=8, device="cpu", max_styles=64, poll_interval=2.0)
         return argparse.Namespace(**{**base, **kw})
 
     with pytest.raises(HnkitError, match="no such folder of styles"):

@@ -253,3 +253,38 @@ def test_an_error_goes_once_the_key_is_right(browser, keyed):
         wait_done(page)
     finally:
         page.close()
+
+
+def test_the_sliders_follow_the_styles_folder(browser, served, tmp_path):
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    import hnkit
+    from hnkit.testing import ServerThread
+
+    styles = tmp_path / "styles"
+    shutil.copytree(served["styles"], styles)
+    server = ServerThread(served["model"], styles)  # lists its folder every 2 s (hnkit serve's default)
+    page = browser.new_page()
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_selector(".style-slider >> nth=2")
+        set_slider(page, "noir", 0.5)
+        model = AutoModelForCausalLM.from_pretrained(served["model"])
+        config = hnkit.HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu")
+        hnkit.save(hnkit.Hypernetwork.for_model(model, config, description="soft colours"), styles / "pastel.safetensors")
+        os.remove(styles / "gothic.safetensors")
+        deadline = time.time() + 15
+        while "pastel" not in server.engine.names or "gothic" in server.engine.names:
+            assert time.time() < deadline, server.lines
+            time.sleep(0.1)
+        page.evaluate("window.dispatchEvent(new Event('focus'))")  # coming back to the page lists them again
+        page.wait_for_selector('.style-slider[data-style="pastel"]', timeout=10_000)
+        assert page.locator('.style-slider[data-style="gothic"]').count() == 0
+        pastel = page.locator(".style", has=page.locator('[data-style="pastel"]'))
+        assert "soft colours" in pastel.inner_text() and f"trained on {model.config._name_or_path}" in pastel.inner_text()
+        assert page.locator('.style-slider[data-style="noir"]').input_value() == "0.5"  # kept its strength
+    finally:
+        page.close()
+        server.close()

@@ -9,6 +9,14 @@ beside it is shown on the page: ``styles/noir-front.png`` (its Pareto front, whi
 ``hnkit eval-text --plot styles/noir.png --neutral-data ...`` draws), else ``styles/noir.png`` (its
 strength sweep).
 
+The styles folder is live: it is listed every ``--poll-interval`` seconds, and a style file added,
+replaced or removed is served from the next batch on, without a restart (``/v1/models`` and the page
+follow). A new or changed file is read once two listings in a row saw it the same (size, time,
+inode), so a file still being copied is not read; hnkit's own saves, and ``mv`` within one file
+system, put a whole file in place at once. A file that cannot be served is skipped with one line
+(again only when it changes). At most ``--max-styles`` styles stay attached to the model; a request
+naming another reads it, and the least recently used one is taken off.
+
 Exposed beyond this machine, the server needs an API key (``HNKIT_API_KEY`` or ``--api-key-file``,
 which ``ps`` does not show), and it bounds its connections: a request's headers must arrive within
 ``--header-timeout`` seconds, and then its body within as many again (else a 408); an idle
@@ -33,6 +41,8 @@ from ..connections import (GRACEFUL_SHUTDOWN, HEADER_TIMEOUT, MAX_CONNECTIONS, c
 from ..errors import HnkitError
 
 KEY_VARIABLE = "HNKIT_API_KEY"
+MAX_STYLES = 64  # hnkit.engine.MAX_STYLES (not imported here: hnkit.engine imports torch)
+POLL_INTERVAL = 2.0  # seconds between two listings of the styles folder
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}  # the Host headers a loopback server answers
 
 
@@ -61,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT, metavar="SECONDS",
                         help="close a connection whose request headers take longer, and answer 408 to a "
                              f"request whose body takes as long again (default: {HEADER_TIMEOUT:g})")
+    parser.add_argument("--max-styles", type=int, default=MAX_STYLES,
+                        help=f"styles kept attached at once (default: {MAX_STYLES}); the least recently used "
+                             "makes room for one a request names, read from its file again")
+    parser.add_argument("--poll-interval", type=float, default=POLL_INTERVAL, metavar="SECONDS",
+                        help="list the styles folder every SECONDS and serve the styles added, replaced or "
+                             f"removed (default: {POLL_INTERVAL:g}; 0: never)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
 
@@ -171,33 +187,46 @@ def request_log(write):
 def usable_styles(library, model, say) -> None:
     """Drop from ``library`` the styles that cannot be served (a damaged file, widths that fit no
     layer of ``model``, a name with '+' or ':'), each with one line to ``say``."""
-    from .common import check_styles_fit
+    from ..engine import check_servable
 
     for name in list(library):
-        reason = None
-        if "+" in name or ":" in name:
-            reason = "a style name cannot hold '+' or ':' (they separate styles and strengths in a model name)"
-        else:
-            try:
-                check_styles_fit(model, [(library[name], 1.0)])  # every file read and checked now
-            except (HnkitError, OSError) as exc:
-                reason = str(exc)
-        if reason is not None:
-            say(f"hnkit serve: skipped style {name!r} in {library.folder}: {reason}")
+        try:
+            check_servable(model, name, library[name])  # every file read and checked now
+        except (HnkitError, OSError) as exc:
+            say(f"hnkit serve: skipped style {name!r} in {library.folder}: {exc}")
             library.discard(name)
 
 
 def front_pictures(folder: Path, names) -> dict[str, Path]:
     """Style name -> the PNG the page shows: NAME-front.png (the Pareto front ``eval-text --plot
     NAME.png --neutral-data`` draws beside the sweep) when present, else NAME.png (the sweep). A
-    style named NAME-front keeps its own NAME-front.png."""
+    style named NAME-front keeps its own NAME-front.png. The folder is listed once."""
     names = list(names)
+    with os.scandir(folder) as entries:
+        pngs = {e.name for e in entries if e.name.endswith(".png") and e.is_file()}
+    taken = set(names)
     fronts = {}
     for name in names:
-        front = None if f"{name}-front" in names else folder / f"{name}-front.png"
-        found = [p for p in (front, folder / f"{name}.png") if p is not None and p.is_file()]
+        found = [f for f in (None if f"{name}-front" in taken else f"{name}-front.png", f"{name}.png") if f in pngs]
         if found:
-            fronts[name] = found[0]
+            fronts[name] = Path(folder) / found[0]
+    return fronts
+
+
+def live_fronts(library):
+    """A function giving :func:`front_pictures` of ``library`` as it is now: looked up again when
+    the styles or the folder (a PNG added or removed) changed."""
+    kept = {"key": None, "fronts": {}}
+
+    def fronts() -> dict[str, Path]:
+        try:
+            key = (library.version, library.folder.stat().st_mtime_ns)
+            if key != kept["key"]:
+                kept.update(key=key, fronts=front_pictures(library.folder, library))
+        except OSError:  # the folder is gone: the pictures last seen (the watcher says why)
+            pass
+        return kept["fronts"]
+
     return fronts
 
 
@@ -214,17 +243,23 @@ def build(args, thread: bool = False, say=None):
     say = say or (lambda line: print(line, file=sys.stderr))
     if not 1 <= args.max_batch <= 256:
         raise HnkitError(f"--max-batch must be in 1..256, got {args.max_batch}")
+    max_styles, poll = args.max_styles, args.poll_interval
+    if not 1 <= max_styles <= 100_000:
+        raise HnkitError(f"--max-styles must be in 1..100000, got {max_styles}")
+    if not (poll == 0 or 0.01 <= poll <= 3600):
+        raise HnkitError(f"--poll-interval must be 0 (never) or in [0.01, 3600] seconds, got {poll:g}")
     base = args.name or Path(args.model.rstrip("/")).name
     if not base or "+" in base or ":" in base:
         raise HnkitError(f"--name {base!r}: a model name must be non-empty, without '+' or ':'")
-    library = hnkit.StyleLibrary(args.styles)
+    library = hnkit.StyleLibrary(args.styles, max_loaded=max_styles)
     device = choose_device(args.device)
     model, tokenizer = load_causal_lm(args.model)
     model.eval().to(device)
     usable_styles(library, model, say)
-    fronts = front_pictures(library.folder, library)
-    engine = Engine(model, tokenizer, library, max_batch=args.max_batch, thread=thread)
-    return engine, base, fronts
+    engine = Engine(model, tokenizer, library, max_batch=args.max_batch, thread=thread, max_styles=max_styles)
+    if poll:
+        engine.watch(poll, say)
+    return engine, base, live_fronts(library)
 
 
 def run(args: argparse.Namespace) -> None:
