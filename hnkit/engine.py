@@ -1,14 +1,16 @@
 """Batched generation with a style mix per row: what ``hnkit serve`` runs.
 
-The styles of a :class:`hnkit.StyleLibrary` (up to ``max_styles`` of them) are attached at strength 0
-(``blend="sum"``: a row's styles add their residuals to the same input, so the order in which a
-request names them does not matter): as one :class:`hnkit.Stack` when they share a shape (two matrix
-products per site for any mix of styles), else network by network.
-Requests wait in a queue; a worker thread takes all that are waiting (up to ``max_batch`` rows),
-left-pads their prompts into one batch, sets each style's strength per row and decodes them together
-with the KV cache. Requests that arrive while a batch runs join the next one. Each row samples with
-its own temperature, top-p and seed, and leaves the batch (its KV rows are dropped) when it ends:
-at the end-of-text token, a stop string, ``max_tokens`` or its client's cancellation.
+Requests wait in a queue; a worker thread takes all that are waiting (up to ``max_batch`` rows, naming
+at most ``max_styles`` styles together), left-pads their prompts into one batch, sets each style's
+strength per row and decodes them together with the KV cache. Requests that arrive while a batch runs
+join the next one. Each row samples with its own temperature, top-p and seed, and leaves the batch
+(its KV rows are dropped) when it ends: at the end-of-text token, a stop string, ``max_tokens`` or
+its client's cancellation.
+
+Which styles are on the model is :class:`hnkit.resident.ResidentStyles`' concern: the engine hands
+it the styles of each batch before the batch runs (never during one), and each row's strengths.
+A job still waiting whose style is gone by then ends as a request naming an unknown style would
+("unknown style ...").
 
 A row's tokens are those of the same request run alone (greedy; sampling too, with the same seed):
 a style absent from a row is skipped for it (:class:`hnkit.strengths.PerRow`), so a row without styles
@@ -17,13 +19,6 @@ last batch's) are set: a library of thousands of styles costs the model's passes
 few it uses. One cost does grow with the library: on a stack, setting strengths rebuilds all N
 members' strengths in Python (:meth:`hnkit.Attachment.set_strength`), once per batch and whenever
 a row leaves it, not per token.
-
-The library may change while the engine runs (``hnkit serve`` polls its folder: :meth:`watch`). At
-most ``max_styles`` styles are attached at once: between batches, never while one runs, the engine
-takes off the styles whose files were removed or replaced, reads those the next batch names that are
-not attached (the least recently used make room) and attaches the new set in place of the old. A
-batch keeps the weights it started with to its end; a job still waiting whose style is gone by then
-ends as a request naming an unknown style would ("unknown style ...").
 
 A row whose sampling or decoding fails ends alone with an error (``emit(message, True, "error")``);
 the rest of its batch goes on. :meth:`Engine.close` ends every row not finished, waiting or running,
@@ -36,20 +31,17 @@ from __future__ import annotations
 import inspect
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from .attach import attach
 from .errors import HnkitError
-from .stack import Stack
-from .steer import MAX_STRENGTH, StyleLibrary
+from .resident import MAX_STYLES, ResidentStyles, unknown_style
+from .steer import MAX_STRENGTH
 from .text import context_length
 
 GREEDY_BELOW = 1e-5  # a lower temperature samples greedily: one-hot anyway, and dividing by a tinier one overflows
 SHUTTING_DOWN = "the server is shutting down"
-MAX_STYLES = 64  # styles attached at once (hnkit serve --max-styles): the others are read when named
 
 
 @dataclass
@@ -96,19 +88,12 @@ class Engine:
         # the prompt pass needs the last position's logits only, not [B, T, vocab]
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
-        # the styles attached: name -> (its files' signature, network), least recently used first
-        self.resident: OrderedDict[str, tuple] = OrderedDict()
-        for name in self.names[:max_styles]:
-            try:
-                self.resident[name] = (self._signature(name), library[name])
-            except (HnkitError, OSError):  # read again when a request names it
-                pass
-        self.attachment = None
-        self.attach_styles()
+        self.resident = ResidentStyles(model, library, max_styles)  # the styles attached
         self.waiting: list[Job] = []  # submitted, not yet in a batch
         self._changed = threading.Condition()
         self.busy = threading.Lock()  # held while a batch is taken and run: holding it queues requests up
-        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0, "attached": 1}  # what the batches were
+        # what the batches were; "attached": how many sets of styles were attached
+        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0, "attached": self.resident.builds}
         self._stop = threading.Event()
         self._thread = None
         if thread:
@@ -120,43 +105,24 @@ class Engine:
         """Every style the library holds now, attached or not."""
         return list(self.library)
 
-    def _signature(self, name: str):
-        """What changes when a style's file is replaced (None for a plain mapping of networks)."""
-        return self.library.signature(name) if isinstance(self.library, StyleLibrary) else None
+    @property
+    def stack(self):
+        """The resident styles' :class:`hnkit.Stack` (None: not stacked, or no style attached)."""
+        return self.resident.stack
 
-    def attach_styles(self):
-        """Attach the resident styles at strength 0, in place of what was attached: one stack when they
-        share a shape, else each network. Returns ``attachment`` (None without styles)."""
-        if self.attachment is not None:
-            self.attachment.remove()
-            self.attachment = None
-        self.members = list(self.resident)
-        self.positions = {name: i for i, name in enumerate(self.members)}
-        self._set: set[str] = set()  # the styles the last batch set (every other one is at 0)
-        networks = [hn for _, hn in self.resident.values()]
-        try:  # a stack when the styles share a shape
-            self.stack = Stack(networks, self.members) if networks else None
-        except HnkitError:
-            self.stack = None
-        if self.stack is not None:
-            self.attachment = attach(self.model, self.stack, 0.0, blend="sum")
-        elif networks:
-            self.attachment = attach(self.model, [(hn, 0.0) for hn in networks], blend="sum")
-        return self.attachment
+    @property
+    def members(self) -> list[str]:
+        """The styles attached now."""
+        return self.resident.members
 
     # -- requests --------------------------------------------------------------------------------
     def check_styles(self, styles: dict[str, float]) -> None:
         """Refuse unknown styles (at any strength, 0 too) and strengths out of bounds."""
         for name, s in styles.items():
             if name not in self.library:
-                raise HnkitError(self._unknown(name))
+                raise HnkitError(unknown_style(self.names, name))
             if not isinstance(s, (int, float)) or isinstance(s, bool) or not -MAX_STRENGTH <= s <= MAX_STRENGTH:
                 raise HnkitError(f"strength of {name!r} must be a number in [{-MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got {s!r}")
-
-    def _unknown(self, name: str) -> str:
-        names = self.names
-        known = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
-        return f"unknown style {name!r}; styles: {known or 'none'}"
 
     def check(self, styles: dict[str, float], n_prompt: int, max_tokens: int) -> None:
         """Refuse what a batch could not run: unknown styles, bad strengths, more styles than can be
@@ -192,37 +158,12 @@ class Engine:
             self._end(job, "shutdown", SHUTTING_DOWN)
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if self.attachment is not None:
-            self.attachment.remove()
-            self.attachment = None
+        self.resident.close()
 
     def watch(self, interval: float, say=print) -> None:
-        """List the library's folder again every ``interval`` seconds, in a thread of its own, until
-        :meth:`close`: styles added, replaced or removed are served from the next batch on (a new or
-        replaced file is read, and checked against the model, before it is listed); one line to
-        ``say`` for each, and for each file left out."""
-        threading.Thread(target=self._watch, args=(interval, say), name="hnkit-styles", daemon=True).start()
-
-    def _watch(self, interval: float, say) -> None:
-        failing = None  # the listing's error, said once
-        while not self._stop.wait(interval):
-            try:
-                changes = self.library.refresh(check=self.check_style_file)
-                failing = None
-            except OSError as exc:
-                if str(exc) != failing:
-                    say(f"hnkit serve: cannot list {self.library.folder}: {exc.strerror or exc}; still serving")
-                failing = str(exc)
-                continue
-            for name, reason in changes.items():
-                if reason is not None:
-                    say(f"hnkit serve: skipped style {name!r} in {self.library.folder}: {reason}")
-                else:
-                    say(f"hnkit serve: style {name!r} {'ready' if name in self.library else 'removed'}")
-
-    def check_style_file(self, name: str, hn) -> None:
-        """Refuse a style that cannot be served here (:func:`check_servable`)."""
-        check_servable(self.model, name, hn)
+        """Pick up the styles added, replaced or removed in the library's folder, until :meth:`close`
+        (:meth:`hnkit.resident.ResidentStyles.watch`)."""
+        self.resident.watch(interval, say)
 
     # -- the worker ------------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -270,30 +211,11 @@ class Engine:
             raise
 
     def prepare(self, jobs: list[Job]) -> list[Job]:
-        """Between batches: take off the styles whose files were removed or replaced, attach those
-        ``jobs`` name (the least recently used making room). Returns the jobs to run: one naming a
-        style that is gone, or whose file cannot be read now, ends with an error."""
-        needed = {name for j in jobs for name in j.styles}
-        stale = [name for name, (signature, _) in self.resident.items()
-                 if name not in self.library or self._signature(name) != signature]
-        for name in stale:
-            del self.resident[name]
-        failed, changed = {}, bool(stale)
-        for name in sorted(needed - set(self.resident)):
-            try:
-                if name not in self.library:
-                    raise HnkitError(self._unknown(name))
-                self.resident[name] = (self._signature(name), self.library[name])
-                changed = True
-            except (HnkitError, OSError) as exc:
-                failed[name] = str(exc)
-        for name in sorted(needed & set(self.resident)):
-            self.resident.move_to_end(name)  # most recently used last
-        while len(self.resident) > self.max_styles:  # a batch names at most max_styles (_take)
-            self.resident.popitem(last=False)
-        if changed:
-            self.attach_styles()
-            self.stats["attached"] += 1
+        """Between batches: attach the styles ``jobs`` name (:meth:`ResidentStyles.update`). Returns
+        the jobs to run: one naming a style that is gone, or whose file cannot be read now, ends
+        with an error."""
+        failed = self.resident.update({name for j in jobs for name in j.styles})
+        self.stats["attached"] = self.resident.builds
         for j in jobs:
             gone = next((name for name in j.styles if name in failed), None)
             if gone is not None:
@@ -313,7 +235,7 @@ class Engine:
         generators = [torch.Generator().manual_seed(j.seed if j.seed is not None else
                                                     int(torch.randint(0, 2**62, ()).item())) for j in jobs]
         live = list(range(len(jobs)))  # the batch's rows, as indices into jobs
-        self._set_strengths([jobs[i] for i in live])
+        self.resident.set_strengths([jobs[i].styles for i in live])
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self.last_only)
         cache = getattr(out, self.cache_key)
         if not hasattr(cache, "batch_select_indices"):  # a legacy tuple cache (older transformers)
@@ -336,30 +258,13 @@ class Engine:
                 mask, positions = mask[index], positions[index]
                 tokens = [tokens[r] for r in keep]
                 live = [live[r] for r in keep]
-                self._set_strengths([jobs[i] for i in live])
+                self.resident.set_strengths([jobs[i].styles for i in live])
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             positions = positions[:, -1:] + 1
             step = torch.tensor(tokens, device=self.device).unsqueeze(1)
             out = self.model(input_ids=step, attention_mask=mask, position_ids=positions, use_cache=True,
                              **{self.cache_key: cache})
             cache, logits = getattr(out, self.cache_key), out.logits[:, -1]
-
-    def _set_strengths(self, jobs: list[Job]) -> None:
-        """A column per row for each style the rows use, 0 for those the last batch set; the
-        others are 0 already (so the cost does not grow with the library)."""
-        if self.attachment is None:
-            return
-        used = {name for j in jobs for name in j.styles}
-        columns = {name: [j.styles.get(name, 0.0) for j in jobs] for name in sorted(used, key=self.positions.get)}
-        columns = {name: column if any(column) else 0.0 for name, column in columns.items()}
-        columns.update({name: 0.0 for name in self._set - used})
-        self._set |= used  # should setting fail, the next batch resets these too
-        if self.stack is not None:
-            self.attachment.set_strength(columns)  # a dict: members not named keep their strength
-        else:
-            for name, column in columns.items():
-                self.attachment.set_strength(column, self.positions[name])
-        self._set = used
 
     def _step(self, job: Job, logits: torch.Tensor, generator: torch.Generator) -> int | None:
         """``job``'s next token, taken in; None when the row has ended. A failure ends this row alone."""
@@ -422,18 +327,6 @@ class Engine:
         job.emit(job.text[job.sent:], True, ended)
         job.sent = len(job.text)
         return False
-
-
-def check_servable(model, name: str, hn) -> None:
-    """Refuse a style ``hnkit serve`` cannot serve: a name holding '+' or ':' (they separate styles and
-    strengths in a model name), or widths that fit no attention layer of ``model``."""
-    from .attach import check_fits
-    from .targets import find_sites
-
-    if "+" in name or ":" in name:
-        raise HnkitError("a style name cannot hold '+' or ':' (they separate styles and strengths in a model name)")
-    family, sites = find_sites(model)
-    check_fits(hn, sites, family)
 
 
 def _as_list(value) -> list[int]:

@@ -191,7 +191,7 @@ def run(args, console, server, names) -> int:
 
     @torch.no_grad()
     def generate_alone() -> float:
-        engine.attachment.remove()  # the engine's own attachment is off while generate() runs alone
+        engine.resident.remove()  # the engine's own styles are off while generate() runs alone
         try:
             started = time.perf_counter()
             with hnkit.steer(engine.model, {engine.library[names[0]]: 1.0}):
@@ -200,7 +200,7 @@ def run(args, console, server, names) -> int:
             assert out.shape[1] == ids.shape[1] + args.tokens
             return time.perf_counter() - started
         finally:
-            engine.attachment = engine.attach_styles()
+            engine.resident.attach()
 
     def direct() -> float:
         return in_engine(engine, generate_alone, ids[0].tolist())  # in the engine's thread, between batches

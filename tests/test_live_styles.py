@@ -209,3 +209,31 @@ def test_bad_max_styles_and_poll_interval_are_one_line(tiny, tmp_path):
         serve.build(argparse.Namespace(**base, max_styles=0, poll_interval=2.0))
     with pytest.raises(HnkitError, match="--poll-interval must be"):
         serve.build(argparse.Namespace(**base, max_styles=4, poll_interval=-1.0))
+
+
+def test_the_resident_set_changes_only_in_update_least_recently_used_first(tiny, tmp_path):
+    from hnkit.resident import ResidentStyles
+
+    for name in ("noir", "whimsy", "gothic"):
+        shutil.copy(tiny["styles"] / f"{name}.safetensors", tmp_path)
+    library = hnkit.StyleLibrary(tmp_path)
+    resident = ResidentStyles(tiny["lm"], library, max_styles=2)
+    try:
+        assert len(resident.members) == 2 and resident.builds == 1 and resident.stack is not None
+        first = resident.members[0]
+        (left_out,) = set(library) - set(resident.members)
+        assert resident.update({left_out, resident.members[1]}) == {}  # the least recently used makes room
+        assert set(resident.members) == set(library) - {first} and resident.builds == 2
+        attachment = resident.attachment
+        assert resident.update({left_out}) == {} and resident.attachment is attachment  # nothing to change
+        assert "unknown style 'nope'" in resident.update({"nope"})["nope"] and resident.builds == 2
+
+        make_style(tiny, tmp_path / f"{left_out}.safetensors", seed=9)  # replaced: not whole until listed twice
+        library.refresh()
+        assert resident.update(set()) == {} and resident.attachment is attachment
+        library.refresh()
+        assert resident.update(set()) == {} and left_out not in resident.members  # the old weights taken off
+        assert resident.builds == 3
+    finally:
+        resident.close()
+    assert resident.attachment is None

@@ -187,7 +187,7 @@ def request_log(write):
 def usable_styles(library, model, say) -> None:
     """Drop from ``library`` the styles that cannot be served (a damaged file, widths that fit no
     layer of ``model``, a name with '+' or ':'), each with one line to ``say``."""
-    from ..engine import check_servable
+    from ..resident import check_servable
 
     for name in list(library):
         try:
