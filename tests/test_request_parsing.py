@@ -33,8 +33,8 @@ class CharTokenizer:
 class Stub:
     """The engine's rules (its own check_styles and check) on a tiny context, no model."""
     names = ["noir", "whimsy"]
-    positions = {"noir": 0, "whimsy": 1}
-    max_batch, context = 4, 64
+    library = {"noir": None, "whimsy": None}  # what `in engine.library` asks
+    max_batch, context, max_styles = 4, 64, 64
     check_styles, check = Engine.check_styles, Engine.check
 
     def __init__(self):
