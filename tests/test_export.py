@@ -11,7 +11,8 @@ from conftest import refused_in_one_line
 
 import hnkit
 from hnkit.commands.cli import main
-from hnkit.export import lora_factors, write_peft
+from hnkit.export import lora_factors
+from hnkit.export_peft import write_peft
 
 peft = pytest.importorskip("peft")
 

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args) -> float:
     """Everything checked before a file is read; returns the strength."""
-    from ..export import check_output_folder
+    from ..export_peft import check_output_folder
     from ..util import parse_strength
 
     strength = parse_strength(args.strength, "--strength")
@@ -123,7 +123,7 @@ def run(args) -> None:
     factors = lora_factors(hn, model, strength, rank=args.rank, texts=fit, bias=not args.no_bias)
     describe(factors, hn, strength, args)
     if args.format == "peft":
-        from ..export import write_peft
+        from ..export_peft import write_peft
 
         out = write_peft(factors, args.output, base_model=model_name, bias=not args.no_bias, force=args.force)
         print(f"wrote {out}/ (adapter_config.json, adapter_model.safetensors)")
@@ -146,7 +146,7 @@ def write_gguf(factors, args, name: str, config) -> Path:
 
 def describe(factors, hn, strength: float, args) -> None:
     """What the export is: exact, fitted (with the fit's relative errors) or cut, its rank, the constant term."""
-    from ..export import has_bias, peft_modules
+    from ..export_peft import has_bias, peft_modules
 
     if factors.exact:
         how = "exact"
@@ -180,7 +180,7 @@ def fidelity(model, hn, strength: float, factors, held: dict, args) -> None:
 
     from peft import PeftModel
 
-    from ..export import write_peft
+    from ..export_peft import write_peft
     from ..text import perplexity
 
     held = {name: blocks for name, blocks in held.items() if len(blocks)}
