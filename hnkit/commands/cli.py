@@ -72,7 +72,7 @@ COMMANDS = {
     "generate-text": ("commands.generate_text", "continue a prompt with a causal LM steered by styles"),
     "generate-image": ("commands.generate_image", "generate images with a Stable Diffusion pipeline and hypernetworks"),
     "eval-text": ("commands.eval_text", "perplexity on a style and a neutral corpus across strengths, with a plot"),
-    "merge": ("merge", "merge weighted hypernetworks into one file (their sum blend, exactly)"),
+    "merge": ("commands.merge", "merge weighted hypernetworks into one file (their sum blend, exactly)"),
     "serve": ("commands.serve", "serve a folder of styles: an OpenAI-compatible API and a studio page"),
     "export": ("commands.export", "a style as a LoRA on the K/V projections: a PEFT folder or a GGUF file"),
 }
