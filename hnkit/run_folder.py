@@ -2,9 +2,10 @@
 removed without ever leaving a partial one under its real name, what killed runs leave behind and
 how it is tidied, whether a fresh run would overwrite anything, and the lock that keeps one run per
 folder, and the checkpoint's state files (plain tensors and numbers, never a pickle that runs): how a
-checkpoint is written into place whole, which one a resume reads, and its data position. The trainer
-(:mod:`hnkit.trainer`) decides when to write a checkpoint and what goes into it; this file names,
-places and checks its parts."""
+checkpoint is written into place whole, which one a resume reads, and its data position; and the
+run's metrics (``metrics.jsonl``, checked on resume, and ``loss.png``). The trainer
+(:mod:`hnkit.trainer`) decides when to write a checkpoint and what goes into it, and what it logs;
+this file names, places and checks their parts."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from .errors import HnkitError, first_line, shown
 from .safe_load import load_plain
+from .util import atomic_write
 
 
 def complete_checkpoints(output: Path) -> list[Path]:
@@ -210,6 +212,80 @@ def _metrics_problem(row) -> str | None:
     return None
 
 
+class Metrics:
+    """The run's metrics rows: kept in memory, appended to ``metrics.jsonl`` as they come (one JSON
+    object a line) and to TensorBoard when ``tensorboard``, and drawn as ``loss.png`` at the end.
+    ``acc`` is the run's accelerate Accelerator: only its main process writes; iterating a Metrics
+    gives its rows."""
+
+    def __init__(self, output: Path, acc, tensorboard: bool = False):
+        self.path, self.acc, self.tensorboard = Path(output) / "metrics.jsonl", acc, tensorboard
+        self.rows: list[dict] = []
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def add(self, row: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        self.rows.append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tensorboard:
+            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def load(self, step: int) -> None:
+        """On resume: keep the rows up to ``step``; later rows belong to the run being replaced."""
+        found = self.path.exists()
+        if found:  # read by every process, so that a damaged file stops them all
+            self.rows = [r for r in read_metrics(self.path) if r["step"] <= step]
+        self.acc.wait_for_everyone()  # outside the if: processes that disagree still meet here
+        if found and self.acc.is_main_process:
+            text = "".join(json.dumps(r) + "\n" for r in self.rows)
+            atomic_write(self.path, lambda f: f.write(text.encode()))
+
+    def clear(self) -> None:
+        """A run from step 0: no rows, and no file left by an earlier run."""
+        self.rows = []
+        self.path.unlink(missing_ok=True)
+
+    def plot(self, title: str) -> None:
+        """``loss.png`` beside the metrics file: training and validation loss by step."""
+        from .plot import line_plot
+
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
+        if train:
+            line_plot({"train loss": train, "validation loss": val}, self.path.with_name("loss.png"), title=title)
+
+
+DAMAGED = (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError)  # a state that does not fit
+
+
+def training_state(optimizer, scheduler, scaler) -> dict:
+    """What :data:`TRAINING_STATE` holds: the optimizer's, the scheduler's and the grad scaler's state
+    (None without a scaler)."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None}
+
+
+def set_training_state(training: dict, path: Path, optimizer, scheduler, scaler) -> None:
+    """Put back what :func:`training_state` saved (read from ``path``): one line naming it if damaged."""
+    try:
+        optimizer.load_state_dict(training["optimizer"])
+        scheduler.load_state_dict(training["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(training["scaler"])
+    except DAMAGED as exc:
+        raise HnkitError(f"{path}: damaged training state ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def write_trainer_state(folder: Path, state: dict) -> None:
+    """A checkpoint's last file, :data:`TRAINER_STATE` (read back by :func:`read_trainer_state`)."""
+    atomic_write(folder / TRAINER_STATE, lambda f: f.write(json.dumps(state, indent=1).encode()))
+
+
 def rng_state() -> dict:
     """Every random generator training draws from, as tensors and numbers only (loadable with
     weights_only=True): the CPU's and each GPU's torch generator, and Python's."""
@@ -224,7 +300,7 @@ def set_rng_state(rng: dict, path: Path) -> None:
         if torch.cuda.is_available() and rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
         random.setstate(rng["python"])
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+    except DAMAGED as exc:
         raise HnkitError(f"{path}: damaged random state ({type(exc).__name__}: {first_line(exc)})") from None
 
 

@@ -22,7 +22,6 @@ just (epoch, offset): resume replays nothing and skips nothing.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import shutil
@@ -40,14 +39,13 @@ from torch import nn
 
 from .attach import attach
 from .checkpoint import load, save
-from .errors import HnkitError, first_line
+from .errors import HnkitError
 from .models import enable_gradient_checkpointing
 from .train_config import TrainConfig, check_same_run, config_options, lr_at, make_optimizer
-from .run_folder import (TRAINER_STATE, TRAINING_STATE, OutputLock, checkpoint_to_resume, clean_leftovers,
-                         complete_checkpoints, finite_weights, read_metrics, read_position, read_state,
-                         read_trainer_state, recorded_options, refuse_existing_run, rng_state, set_rng_state,
-                         write_checkpoint)
-from .util import atomic_write
+from .run_folder import (TRAINING_STATE, Metrics, OutputLock, checkpoint_to_resume, clean_leftovers,
+                         complete_checkpoints, finite_weights, read_position, read_state, read_trainer_state,
+                         recorded_options, refuse_existing_run, rng_state, set_rng_state, set_training_state,
+                         training_state, write_checkpoint, write_trainer_state)
 
 
 # -- data order ----------------------------------------------------------------------------------
@@ -150,7 +148,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, c))
         self.loss_module, self.optimizer, self.scheduler = acc.prepare(_LossModule(hn, task.loss), optimizer, scheduler)
         self.step, self.epoch, self.offset = 0, 0, 0
-        self.metrics: list[dict] = []
+        self.metrics = Metrics(self.output, acc, c.tensorboard)  # the rows logged: ``for row in trainer.metrics``
         self.resumed, self.started = False, time.perf_counter()
         n, world = len(task.train_dataset), c.batch_size * acc.num_processes
         if n < world:  # found before anything is written
@@ -186,12 +184,9 @@ class Trainer:
                 hn = self.task.hypernetwork
                 hn.step = self.step
                 save(hn, folder / "hypernetwork.safetensors")
-                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None},
-                           folder / TRAINING_STATE)
-                state = {"step": self.step, "epoch": self.epoch, "offset": self.offset,
-                         "num_processes": acc.num_processes, "options": self.options}
-                atomic_write(folder / TRAINER_STATE, lambda f: f.write(json.dumps(state, indent=1).encode()))
+                torch.save(training_state(self.optimizer, self.scheduler, acc.scaler), folder / TRAINING_STATE)
+                write_trainer_state(folder, {"step": self.step, "epoch": self.epoch, "offset": self.offset,
+                                             "num_processes": acc.num_processes, "options": self.options})
 
         return write_checkpoint(self.output, self.step, self.config.keep_last, acc, write)
 
@@ -208,17 +203,11 @@ class Trainer:
         with torch.no_grad():
             for mine, saved in zip(self.task.hypernetwork.parameters(), hn.parameters()):
                 mine.copy_(saved)
-        try:
-            self.optimizer.load_state_dict(training["optimizer"])
-            self.scheduler.load_state_dict(training["scheduler"])
-            if self.accelerator.scaler is not None:
-                self.accelerator.scaler.load_state_dict(training["scaler"])
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
-            raise HnkitError(f"{training_file}: damaged training state ({type(exc).__name__}: {first_line(exc)})") from None
+        set_training_state(training, training_file, self.optimizer, self.scheduler, self.accelerator.scaler)
         set_rng_state(rng, rng_file)
         self.task.hypernetwork.step = self.step
         self.resumed = True
-        self._load_metrics()
+        self.metrics.load(self.step)
 
     def _read_trainer_state(self, folder: Path) -> None:
         """Step and data position from checkpoint ``folder``, once its trainer state is found sound
@@ -234,27 +223,10 @@ class Trainer:
         for note in notes if main else []:
             print(f"hnkit: note: {note}")
 
-    def _load_metrics(self) -> None:
-        """Keep the metrics up to the resumed step; later rows belong to the run being replaced."""
-        path = self.output / "metrics.jsonl"
-        found = path.exists()
-        if found:  # read by every process, so that a damaged file stops them all
-            self.metrics = [r for r in read_metrics(path) if r["step"] <= self.step]
-        self.accelerator.wait_for_everyone()  # outside the if: processes that disagree still meet here
-        if found and self.accelerator.is_main_process:
-            text = "".join(json.dumps(r) + "\n" for r in self.metrics)
-            atomic_write(path, lambda f: f.write(text.encode()))
-
     # -- logging -----------------------------------------------------------------------------
     def log(self, row: dict) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        self.metrics.append(row)
-        self.output.mkdir(parents=True, exist_ok=True)
-        with open(self.output / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.config.tensorboard:
-            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        """One metrics row (``step`` and numbers), kept, written by the main process and plotted at the end."""
+        self.metrics.add(row)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -290,7 +262,7 @@ class Trainer:
         if not self.config.force:
             refuse_existing_run(self.output, self.config.name)
         shutil.rmtree(self.output / "checkpoints", ignore_errors=True)
-        (self.output / "metrics.jsonl").unlink(missing_ok=True)
+        self.metrics.clear()
         clean_leftovers(self.output)
 
     def _train(self) -> Path:
@@ -359,7 +331,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.task.hypernetwork.step = self.step
             save(self.task.hypernetwork, final)
-            self._plot_loss()
+            self.metrics.plot(f"{self.config.name}: loss by step")
         self.accelerator.wait_for_everyone()
         return final
 
@@ -422,12 +394,3 @@ class Trainer:
             self.task.sample(self.step, self.output / "samples")
             self.task.hypernetwork.train()
         self.accelerator.wait_for_everyone()
-
-    def _plot_loss(self) -> None:
-        from .plot import line_plot
-
-        train = [(r["step"], r["loss"]) for r in self.metrics if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in self.metrics if "val_loss" in r]
-        if train:
-            line_plot({"train loss": train, "validation loss": val}, self.output / "loss.png",
-                      title=f"{self.config.name}: loss by step")

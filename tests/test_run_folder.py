@@ -9,6 +9,7 @@ import shutil
 import signal
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -229,3 +230,68 @@ def test_a_second_ctrl_c_right_after_the_first_still_exits_cleanly(tiny_lm, tmp_
     assert proc.returncode == 130, (proc.returncode, stderr)
     assert "Traceback" not in stderr
     assert all((c / "trainer_state.json").exists() for c in (out / "checkpoints").glob("step-*"))
+
+
+class _Acc:
+    """The few parts of an accelerate Accelerator that Metrics uses, recording what it is asked."""
+
+    def __init__(self, main=True):
+        self.is_main_process, self.logged, self.waits = main, [], 0
+
+    def wait_for_everyone(self):
+        self.waits += 1
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+
+def test_metrics_keep_write_and_mirror_rows_from_the_main_process_only(tmp_path):
+    from hnkit.run_folder import Metrics
+
+    acc = _Acc()
+    metrics = Metrics(tmp_path / "run", acc, tensorboard=True)
+    metrics.add({"step": 1, "loss": 2.5, "lr": 0.1})
+    metrics.add({"step": 1, "val_loss": 2.0})
+    assert list(metrics) == [{"step": 1, "loss": 2.5, "lr": 0.1}, {"step": 1, "val_loss": 2.0}]
+    assert rows(tmp_path / "run") == list(metrics)
+    assert acc.logged == [(1, {"loss": 2.5, "lr": 0.1}), (1, {"val_loss": 2.0})]
+    other = Metrics(tmp_path / "other", _Acc(main=False), tensorboard=True)
+    other.add({"step": 1, "loss": 2.5})
+    assert list(other) == [] and not (tmp_path / "other").exists()
+
+
+def test_metrics_load_keeps_the_rows_up_to_the_resumed_step_and_refuses_a_damaged_line(tmp_path):
+    from hnkit.errors import HnkitError
+    from hnkit.run_folder import Metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    acc = _Acc()
+    metrics = Metrics(tmp_path, acc)
+    metrics.load(2)
+    assert [r["step"] for r in metrics] == [1, 2] and [r["step"] for r in rows(tmp_path)] == [1, 2]
+    assert acc.waits == 1  # every process meets once, found or not
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": "low"}\n{"step": 3, "loss": 1.0}\n')
+    before = path.read_bytes()
+    with pytest.raises(HnkitError) as refused:
+        Metrics(tmp_path, _Acc(main=False)).load(3)
+    assert str(refused.value).startswith(f"{path}: line 2: loss must be a number") and "\n" not in str(refused.value)
+    assert path.read_bytes() == before
+    empty = Metrics(tmp_path / "none", _Acc())
+    empty.load(3)
+    assert list(empty) == [] and not (tmp_path / "none").exists()
+
+
+def test_metrics_plot_draws_the_loss_only_when_there_is_a_training_loss(tmp_path):
+    from hnkit.run_folder import Metrics
+
+    metrics = Metrics(tmp_path, _Acc())
+    metrics.add({"step": 0, "val_loss": 3.0})
+    metrics.plot("run: loss by step")
+    assert not (tmp_path / "loss.png").exists()
+    for step in (1, 2, 3):
+        metrics.add({"step": step, "loss": 3.0 - step / 2})
+    metrics.plot("run: loss by step")
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    metrics.clear()
+    assert list(metrics) == [] and not (tmp_path / "metrics.jsonl").exists()
