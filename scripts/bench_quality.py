@@ -6,6 +6,7 @@ loop on the same batches for the same steps. Nothing here asserts a figure; it p
     python scripts/bench_quality.py --tiny             # a small random Llama: a smoke run in a minute
     python scripts/bench_quality.py --only lora        # some tools (results are kept per run)
     python scripts/bench_quality.py --only hnkit+preserve --lrs 1e-3 --hnkit-module activation=gelu  # a study
+    python scripts/bench_quality.py --only hnkit hnkit+preserve hnkit+self --lrs 1e-3  # train-text's default
 
 Needs PEFT: pip install -e ".[bench]". SmolLM2 comes from scripts/prepare_smollm2.py.
 
@@ -15,6 +16,9 @@ repository, they are written under ~/.cache/hnkit/corpora):
   package, one document per entry; every entry whose headword hashes to 0 mod 8 is held out.
 - neutral: the Python reference manual's topics (``pydoc_data.topics``, PSF license), one document per
   topic; the topics hashing to 0 mod 2 are held out for measuring, the others feed prior preservation.
+- self (tool ``hnkit+self``, what ``train-text`` preserves without ``--preserve-data``): blocks the bare
+  model writes itself, made by the function train-text uses (``hnkit.self_text``), as many as it makes;
+  the time to write them and to compute the teacher on them is printed and kept with the run.
 
 Each variant trains from the same seed (--seed: initial weights and data order), then sweeps the
 strength; a point is (style gain = 1 - style ppl / bare style ppl, neutral cost = neutral ppl / bare
@@ -234,7 +238,8 @@ def train_and_sweep(args, variant: dict, data: dict) -> dict:
     params = adapter.params()
     task = TextTask(model, tokenizer, None, data["style-train"])
     if variant["preserve"]:
-        task.use_preservation(data["teacher"], args.preserve_weight)
+        task.use_preservation(data["self-teacher" if variant["preserve"] == "self" else "teacher"],
+                              args.preserve_weight)
     ratio = variant["module"].get("out_lr_ratio")
     optimizer = make_optimizer(adapter.groups(variant["lr"], ratio) if ratio else params, lr=variant["lr"])
     adapter.train(True)
@@ -260,7 +265,8 @@ def train_and_sweep(args, variant: dict, data: dict) -> dict:
         adapter.set_strength(s)
         style.append(perplexity(model, data["style-test"], args.eval_batch))
         neutral.append(perplexity(model, data["neutral-test"], args.eval_batch))
-    return {**variant, "params": sum(p.numel() for p in params), "step_seconds": seconds,
+    times = data.get("self-seconds", {}) if variant["preserve"] == "self" else data.get("teacher-seconds", {})
+    return {**variant, "params": sum(p.numel() for p in params), "step_seconds": seconds, **times,
             "final_loss": loss.item(), "strengths": args.strengths, "style": style, "neutral": neutral}
 
 
@@ -337,6 +343,7 @@ def report(args, runs: list[dict], bare: dict) -> dict:
                 med[("hnkit", preserve)] / med[("lora", preserve)]
             print(f"step time, hnkit / same-size LoRA{' (both with preservation)' if preserve else ''}: "
                   f"{ratio:.3f} (median of the lr runs)")
+    startup_times(runs, med, out)
     for tool in ("hnkit", "lora"):
         if (tool, True) in med and (tool, False) in med:
             ratio = out[f"preserve_step_ratio_{tool}"] = med[(tool, True)] / med[(tool, False)]
@@ -345,6 +352,44 @@ def report(args, runs: list[dict], bare: dict) -> dict:
                      title="Pareto fronts: style gain % (up) against neutral cost % (right), best of each lr grid")
     print(f"wrote {path} and {Path(args.out) / 'quality.json'}")
     return out
+
+
+def startup_times(runs: list[dict], med: dict, out: dict) -> None:
+    """Print what preservation costs before training (writing neutral text, the teacher) and per step."""
+    if ("hnkit", "self") in med and ("hnkit", False) in med:
+        ratio = out["self_step_ratio_hnkit"] = med[("hnkit", "self")] / med[("hnkit", False)]
+        print(f"step time with preservation on self-written text / without (hnkit): {ratio:.3f}")
+    for r in runs:
+        if "generate_seconds" in r or "teacher_seconds" in r:
+            print(f"{r['name']}: start-up {r.get('generate_seconds', 0):.0f} s writing neutral text "
+                  f"({r.get('neutral_blocks')} blocks), {r.get('teacher_seconds', 0):.0f} s computing the teacher")
+
+
+def timed_teacher(model, blocks) -> tuple[Teacher, dict]:
+    started = time.perf_counter()
+    teacher = Teacher(model, blocks)
+    return teacher, {"teacher_seconds": time.perf_counter() - started, "neutral_blocks": len(blocks)}
+
+
+def self_teacher(model, tokenizer, n_train: int, block_size: int) -> tuple[Teacher, dict]:
+    """The teacher on neutral text the model writes itself, as train-text makes it without
+    --preserve-data (the same function and count), and the seconds the writing and the teacher took."""
+    from hnkit.self_text import count, self_blocks
+
+    started = time.perf_counter()
+    blocks, _ = self_blocks(model, tokenizer, count(n_train), block_size, say=print)
+    seconds = time.perf_counter() - started
+    teacher, times = timed_teacher(model, blocks)
+    return teacher, {"generate_seconds": seconds, **times}
+
+
+def add_teacher(data: dict, preserve, model, tokenizer, neutral_train, block_size: int) -> None:
+    """The bare model's distributions a run with ``preserve`` needs, once, when first needed: on the
+    neutral corpus (True), or on text the model writes itself ("self")."""
+    if preserve is True and "teacher" not in data:
+        data["teacher"], data["teacher-seconds"] = timed_teacher(model, neutral_train)
+    if preserve == "self" and "self-teacher" not in data:
+        data["self-teacher"], data["self-seconds"] = self_teacher(model, tokenizer, len(data["style-train"]), block_size)
 
 
 def parse_args(argv=None):
@@ -361,7 +406,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--max-neutral-cost", type=float, default=0.03)
     p.add_argument("--only", nargs="+", default=None,
-                   help="tools to run: hnkit+preserve, lora, lora+preserve, hnkit (default: all)")
+                   help="tools to run: hnkit+preserve, lora, lora+preserve, hnkit, hnkit+self (default: all "
+                        "but hnkit+self)")
     p.add_argument("--hnkit-module", nargs="+", default=[], metavar="NAME=VALUE",
                    help="hnkit runs with module options other than train-text's defaults, or the study knobs "
                         "tie_kv=true (one module per attention layer feeds K and V) and out_lr_ratio=R (the "
@@ -396,6 +442,7 @@ def main(argv=None) -> None:
           f"{hn_params / 1e6:.2f} M parameters, LoRA rank {rank} on k_proj, v_proj")
     tools = {"hnkit+preserve": ("hnkit", True), "lora": ("lora", False), "lora+preserve": ("lora", True),
              "hnkit": ("hnkit", False)}
+    extra_tools = {"hnkit+self": ("hnkit", "self")}  # preservation on self-written text (train-text's default)
     setting = {k: getattr(args, k) for k in ("steps", "batch_size", "block_size", "strengths", "eval_blocks",
                                               "preserve_weight", "seed", "tiny", "model")}
     setting["neutral_share"] = NEUTRAL_SHARE
@@ -404,10 +451,14 @@ def main(argv=None) -> None:
 
     def run_setting(tool: str, preserve: bool) -> dict:  # what a run depends on: a plain run not on preservation's knobs
         out = setting if preserve else {k: v for k, v in setting.items() if k not in ("preserve_weight", "neutral_share")}
+        if preserve == "self":
+            from hnkit.self_text import MAX_BLOCKS, METHOD
+
+            out = out | {"self_text": METHOD, "self_max_blocks": MAX_BLOCKS}
         return out | {"hnkit_module": changes} if tool == "hnkit" and changes else out
     runs = []
     for tool_name in args.only or tools:
-        tool, preserve = tools[tool_name]
+        tool, preserve = (tools | extra_tools)[tool_name]
         for lr in args.lrs:
             name = " ".join([tool_name, f"lr {lr:g}", *(args.hnkit_module if tool == "hnkit" else [])])
             key = f"{zlib.crc32(json.dumps(run_setting(tool, preserve), sort_keys=True).encode()):08x}"
@@ -417,8 +468,8 @@ def main(argv=None) -> None:
                 continue
             variant = {"name": name, "tool_name": tool_name, "tool": tool, "preserve": preserve, "lr": lr, "rank": rank,
                        "module": changes if tool == "hnkit" else {}}
-            if preserve and "teacher" not in data:  # the bare model's distributions, once, when first needed
-                data["teacher"] = Teacher(model, neutral_train)
+            if preserve:
+                add_teacher(data, preserve, model, tokenizer, neutral_train, args.block_size)
             started = time.perf_counter()
             run = train_and_sweep(args, variant, data)
             kept.write_text(json.dumps({"setting": run_setting(tool, preserve), "run": run}, indent=1))

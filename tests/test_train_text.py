@@ -61,14 +61,14 @@ def test_loss_falls_and_outputs_are_written(tiny_lm, tmp_path):
 
 def test_defaults_are_the_measured_ones():
     """train-text with only --model --data --output gets the configuration bench_quality.py chose
-    (docs/benchmarks.md): the per-site ReLU bottleneck, lr 1e-3, preservation weight 0.3."""
+    (docs/benchmarks.md): the per-site ReLU bottleneck, lr 1e-3, preservation on, weight 0.3."""
     from hnkit.commands.cli import build_parser
     from hnkit.commands.options import module_config, resolve_options, train_config
     from hnkit.commands.train_text import OPTIONS
 
     args = build_parser().parse_args(["train-text", "--model", "m", "--data", "d", "--output", "o"])
     o = resolve_options(args, OPTIONS)
-    assert train_config(o, Path("o")).lr == 1e-3 and o["preserve_weight"] == 0.3
+    assert train_config(o, Path("o")).lr == 1e-3 and o["preserve_weight"] == 0.3 and o["preserve"] is True
     c = module_config(o)
     assert (c.layer_structure, c.activation, c.zero_init_last, c.per_site) == ([1, 0.125, 1], "relu", True, True)
 
@@ -156,8 +156,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_lm, tmp_path, mo
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_lm, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # the web UI's shared network, its weights drawn large: gradients well above float noise
+    # without prior preservation: its neutral share is at least one block per process, so 2 x 2 blocks
+    # take two neutral blocks where 1 x 4 takes one
     opts = ("--max-steps", 4, "--activation", "relu", "--weight-init", "XavierNormal", "--layer-structure", "1,2,1",
-            "--no-per-site", "--no-zero-init-last")
+            "--no-per-site", "--no-zero-init-last", "--no-preserve")
     assert main(train_args(tiny_lm, one, *opts)) == 0
     args = train_args(tiny_lm, two, *opts)
     args[args.index("--batch-size") + 1] = "2"  # 2 processes x 2 = the same 4 blocks per step

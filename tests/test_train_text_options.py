@@ -38,7 +38,8 @@ def recipe(w, text):
 
 
 SAME = "is the same text as --data"
-NOTHING = "does nothing without --preserve-data"
+NOTHING = "does nothing with --no-preserve"
+OFF_AND_ON = "--no-preserve turns prior preservation off, but --preserve-data"
 MISTAKES = {
     "preserve-data is the style file": (lambda w: train(w, "--preserve-data", w["corpus"]), SAME),
     "preserve-data is the style file by another path": (
@@ -47,10 +48,16 @@ MISTAKES = {
     "preserve-data is a copy of the style": (lambda w: train(w, "--preserve-data", w["dir"] / "copy.txt"), SAME),
     "preserve-data folder is a copy of the style folder": (
         lambda w: train(w, "--preserve-data", w["dir"] / "neutral_dir", data=w["dir"] / "style_dir"), SAME),
-    "a weight without preserve-data": (lambda w: train(w, "--preserve-weight", "0.5"),
-                                       "--preserve-weight 0.5 does nothing without --preserve-data"),
-    "the default weight, given, without preserve-data": (lambda w: train(w, "--preserve-weight", "0.3"), NOTHING),
-    "a recipe's weight without preserve-data": (lambda w: train(w, *recipe(w, "preserve_weight: 1.0\n")), NOTHING),
+    "a weight with preservation off": (lambda w: train(w, "--no-preserve", "--preserve-weight", "0.5"),
+                                       "--preserve-weight 0.5 does nothing with --no-preserve"),
+    "the default weight, given, with preservation off": (
+        lambda w: train(w, "--no-preserve", "--preserve-weight", "0.3"), NOTHING),
+    "a recipe's weight with preservation off in the recipe": (
+        lambda w: train(w, *recipe(w, "preserve_weight: 1.0\npreserve: false\n")), NOTHING),
+    "neutral text with preservation off": (lambda w: train(w, "--no-preserve", "--preserve-data", w["neutral"]),
+                                           OFF_AND_ON),
+    "neutral text with preservation off in a recipe": (
+        lambda w: train(w, "--preserve-data", w["neutral"], *recipe(w, "preserve: false\n")), OFF_AND_ON),
     "a nan weight": (lambda w: train(w, "--preserve-data", w["neutral"], "--preserve-weight", "nan"),
                      "--preserve-weight must be 0 or more (a finite number), got nan"),
     "an infinite weight": (lambda w: train(w, "--preserve-data", w["neutral"], "--preserve-weight", "inf"),
@@ -83,9 +90,11 @@ def test_the_same_text_in_another_form_is_refused_once_tokenized(world, capsys):
     assert not list((world["dir"] / "out").glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("extra", [["--preserve-weight", "0"], []])
+@pytest.mark.parametrize("extra", [["--preserve-weight", "0"], [], ["--preserve-weight", "0.5"], ["--no-preserve"],
+                                   ["--no-preserve", "--preserve-weight", "0"]])
 def test_what_stays_allowed(world, extra):
-    """A weight of 0 without neutral text (preservation off, as asked) and the default weight unsaid."""
+    """A weight of 0 (preservation off, as asked), the default unsaid (preservation on the model's own
+    text), a weight without neutral text (it applies to the model's own text) and --no-preserve."""
     assert main(train(world, *extra)) == 0
 
 

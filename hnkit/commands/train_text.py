@@ -26,7 +26,10 @@ OPTIONS = {
     "text_field": (str, "text", "field holding the text in .jsonl / datasets input"),
     "preserve_data": (str, None, "neutral text (same forms as --data) whose next-token distributions the "
                                  "style should keep: adds a KL term to the loss (prior preservation)"),
-    "preserve_weight": (float, PRESERVE_WEIGHT, "weight of the prior-preservation KL term"),
+    "preserve_weight": (float, PRESERVE_WEIGHT, "weight of the prior-preservation KL term (0: off)"),
+    # on by default: without --preserve-data, on text the bare model writes itself (hnkit/self_text.py)
+    "preserve": (bool, True, "prior preservation (default on): on --preserve-data, else on text the bare model "
+                             "writes itself; --no-preserve turns it off"),
     # text's default network, chosen by scripts/bench_quality.py (docs/benchmarks.md): one small
     # bottleneck per attention layer, starting as the identity; the web UI's classic network is
     # recipes/webui_classic.yaml
@@ -59,6 +62,8 @@ def run(args: argparse.Namespace) -> Path:
             check_resume(o["resume"], options)
 
     check_record()  # before the model is loaded
+    recorded = recorded_run_options(o["resume"])
+    check_older_run(o, recorded)
     model, tokenizer = load_causal_lm(o["model"])
     ctx = context_length(model)
     if ctx is not None and o["block_size"] > ctx:
@@ -79,12 +84,8 @@ def run(args: argparse.Namespace) -> Path:
     prompts = o["sample_prompts"] or default_prompts(tokenizer, val if len(val) else train)
     task = TextTask(model, tokenizer, hn, train, val, prompts, o["sample_tokens"])
     trainer = Trainer(task, config, options)
-    if neutral is not None and o["preserve_weight"] > 0:
-        from ..preserve import Teacher
-
-        # The bare model as the trainer runs it (its device and dtype); nothing is attached yet. A
-        # training block i is paired with neutral block i mod n, so more than len(train) are never used.
-        task.use_preservation(Teacher(model, neutral[:len(train)].clone()), o["preserve_weight"])
+    if preserving(o):
+        start_preservation(trainer, o, neutral, recorded)
         del neutral
     if o["resume"]:
         trainer.resume(o["resume"])
@@ -92,6 +93,52 @@ def run(args: argparse.Namespace) -> Path:
     if trainer.accelerator.is_main_process:
         print(f"wrote {final}: {trainer.summary()}; metrics, samples and loss.png in {output}")
     return final
+
+
+def preserving(o: dict) -> bool:
+    return o["preserve"] and o["preserve_weight"] > 0
+
+
+def start_preservation(trainer, o: dict, neutral, recorded: dict | None) -> None:
+    """Train with prior preservation: the teacher on the --preserve-data blocks (``neutral``), or,
+    without them, on blocks the bare model writes itself (cached; their sha256 recorded in the run's
+    options as ``self_text_tokens``). Progress goes to the main process's output."""
+    from ..preserve import Teacher
+    from ..self_text import count, self_blocks
+
+    task, acc = trainer.task, trainer.accelerator
+    say = print if acc.is_main_process else None
+    n = len(task.train_dataset)
+    if neutral is None:
+        with acc.main_process_first():  # one process writes the cached blocks, the others read them
+            neutral, digest = self_blocks(task.model, task.tokenizer, count(n), o["block_size"], say)
+        trainer.options["self_text_tokens"] = digest
+        if recorded is not None and recorded.get("self_text_tokens", digest) != digest:
+            raise HnkitError(f"--resume {o['resume']}: the neutral text the model wrote for prior preservation "
+                             "differs from the run's (written again on another machine or library version?); "
+                             "start over with --force, or resume where the run's cache is")
+    # The bare model as the trainer runs it (its device and dtype); nothing is attached yet. A
+    # training block i is paired with neutral block i mod n, so more than len(train) are never used.
+    task.use_preservation(Teacher(task.model, neutral[:n].clone(), say=say), o["preserve_weight"])
+
+
+def recorded_run_options(resume: str | None) -> dict | None:
+    """The options recorded in the checkpoint --resume names (None: no resume, or an older record)."""
+    from ..run_folder import checkpoint_to_resume, read_trainer_state, recorded_options
+
+    if resume is None:
+        return None
+    folder = checkpoint_to_resume(Path(resume))
+    return recorded_options(read_trainer_state(folder), folder)
+
+
+def check_older_run(o: dict, recorded: dict | None) -> None:
+    """A run recorded before preservation became the default, trained without it, is not resumed
+    with it (its record has no ``preserve`` option to compare)."""
+    if recorded is not None and "preserve" not in recorded and recorded.get("preserve_data") is None \
+            and preserving(o) and o["preserve_data"] is None:
+        raise HnkitError(f"--resume {o['resume']}: this run was trained without prior preservation (the default "
+                         "then); resume it with --no-preserve")
 
 
 def preserve_blocks(o: dict, tokenizer, options: dict):
@@ -131,9 +178,12 @@ def check_preservation(o: dict, weight_given: bool) -> None:
     weight, data = o["preserve_weight"], o["preserve_data"]
     if not (math.isfinite(weight) and weight >= 0):
         raise HnkitError(f"--preserve-weight must be 0 or more (a finite number), got {weight}")
-    if data is None and weight_given and weight > 0:
-        raise HnkitError(f"--preserve-weight {weight:g} does nothing without --preserve-data (the neutral text "
-                         "to preserve): add --preserve-data FILE|DIR, or leave --preserve-weight out")
+    if not o["preserve"] and data is not None:
+        raise HnkitError(f"--no-preserve turns prior preservation off, but --preserve-data {data} asks for it: "
+                         "give one of them")
+    if not o["preserve"] and weight_given and weight > 0:
+        raise HnkitError(f"--preserve-weight {weight:g} does nothing with --no-preserve (prior preservation off): "
+                         "leave one of them out")
     if data is not None and same_corpus(Path(o["data"]), Path(data)):
         raise HnkitError(f"--preserve-data {data} is the same text as --data {o['data']}; the preserved text is "
                          "neutral text the style should leave alone (e.g. general prose)")
