@@ -110,23 +110,26 @@ def test_ctrl_c_in_a_real_process_saves_a_checkpoint(tiny_lm, tmp_path):
 
 
 def test_interrupt_then_resume_equals_straight(tiny_lm, tmp_path, monkeypatch):
-    """In-process Ctrl-C at step 3 of 8 (the signal handler's flag, set from inside a step)."""
-    from hnkit import trainer as trainer_mod
+    """In-process Ctrl-C during step 3 of 8 (the signal handler's flag, set from inside a step)."""
+    from hnkit.text import TextTask
 
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert main(train_args(tiny_lm, straight, *RESUME_OPTS)) == 0
-    real_step = trainer_mod.Trainer._train_step
+    real_loss = TextTask.loss
+    calls = {"n": 0}
 
-    def step_then_ctrl_c(self, params):
-        loss = real_step(self, params)
-        if self.step == 2:  # this is the third step; step is incremented after it returns
-            os.kill(os.getpid(), signal.SIGINT)
+    def loss_then_ctrl_c(self, batch):
+        loss = real_loss(self, batch)
+        if torch.is_grad_enabled():  # a training micro-batch (evaluation runs without gradients)
+            calls["n"] += 1
+            if calls["n"] == 6:  # the last of step 3's two micro-batches (--grad-accum 2)
+                os.kill(os.getpid(), signal.SIGINT)
         return loss
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", step_then_ctrl_c)
+    monkeypatch.setattr(TextTask, "loss", loss_then_ctrl_c)
     assert main(train_args(tiny_lm, interrupted, *RESUME_OPTS)) == 130
     assert [p.name for p in (interrupted / "checkpoints").iterdir()] == ["step-0000003"]
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", real_step)
+    monkeypatch.setattr(TextTask, "loss", real_loss)
     assert main(train_args(tiny_lm, interrupted, *RESUME_OPTS, "--resume", interrupted)) == 0
     assert_same(weights(straight / "hypernetwork.safetensors"), weights(interrupted / "hypernetwork.safetensors"))
     assert [r["step"] for r in rows(interrupted)] == list(range(1, 9))  # the metrics log is continuous
