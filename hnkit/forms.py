@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import HnkitError
-from .module import MAX_WIDTH, HypernetworkModule, break_even
+from .module import MAX_WIDTH, HypernetworkModule, break_even, residual_forward
 
 
 class LowRankModule(nn.Module):
@@ -88,12 +88,7 @@ class LowRankModule(nn.Module):
         return self.up.forward(self.down.forward(h))
 
     def forward(self, x: torch.Tensor, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
-        h = x if x.dtype == self.dtype else x.to(self.dtype)
-        if isinstance(strength, torch.Tensor):
-            out = torch.addcmul(h, strength.to(self.dtype), self.residual(h))
-        else:
-            out = torch.add(h, self.residual(h), alpha=strength)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        return residual_forward(self, x, strength)
 
     def affine(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         a, b, c = self.down.weight, self.up.weight, self.up.bias

@@ -109,6 +109,18 @@ def check_structure(layer_structure, dropout_structure) -> None:
         raise HnkitError(f"dropout_structure {ds} must start and end with 0, every entry in [0, 1)")
 
 
+def residual_forward(module, x: torch.Tensor, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``x + strength * module.residual(x)``, every form's forward: ``strength`` a number, or a tensor
+    broadcast against ``x`` (one per row: ``[B, 1, ..., 1]``). Weights stay in their own dtype (fp32);
+    the input is cast at the edges, so a half-precision base works."""
+    h = x if x.dtype == module.dtype else x.to(module.dtype)
+    if isinstance(strength, torch.Tensor):
+        out = torch.addcmul(h, strength.to(module.dtype), module.residual(h))
+    else:
+        out = torch.add(h, module.residual(h), alpha=strength)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 class HypernetworkModule(nn.Module):
     """``y = x + strength * mlp(x)`` for inputs of width ``dim``: the form "mlp", the web UI's
     (the interface every form provides: :mod:`hnkit.forms`)."""
@@ -252,13 +264,7 @@ class HypernetworkModule(nn.Module):
     def forward(self, x: torch.Tensor, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
         """``x + strength * mlp(x)``; ``strength`` a number, or a tensor broadcast against ``x``
         (a strength per row: ``[B, 1, ..., 1]``)."""
-        # Weights stay in their own dtype (fp32); cast at the edges so a half-precision base works.
-        h = x if x.dtype == self.dtype else x.to(self.dtype)
-        if isinstance(strength, torch.Tensor):
-            out = torch.addcmul(h, strength.to(self.dtype), self.residual(h))
-        else:
-            out = torch.add(h, self.residual(h), alpha=strength)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        return residual_forward(self, x, strength)
 
     def affine(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M, c)`` with ``mlp(x) = x @ M.T + c``, for a module of Linear layers only (dropout
