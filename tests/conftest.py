@@ -94,6 +94,24 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HNKIT_CACHE", str(tmp_path_factory.getbasetemp() / "hnkit_cache"))
 
 
+def load_refused(path, says: str, seconds: float = 5) -> None:
+    """``hnkit.load(path)`` refuses the file within ``seconds``: one line that names it and holds ``says``."""
+    import time
+
+    import hnkit
+    from hnkit import HnkitError
+
+    start = time.perf_counter()
+    try:
+        hnkit.load(path)
+    except HnkitError as err:
+        msg = str(err)
+    else:
+        raise AssertionError(f"{path} was loaded")
+    assert time.perf_counter() - start < seconds
+    assert msg.startswith(f"{path}: ") and "\n" not in msg and says in msg, msg
+
+
 def refused_in_one_line(argv: list, folder, capsys, words: str) -> str:
     """``hnkit ARGV`` exits 2 with one stderr line holding ``words``, no traceback, and no file under
     ``folder`` written or changed. Returns what it printed on stdout."""

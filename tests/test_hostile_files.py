@@ -24,6 +24,7 @@ from hnkit.commands import train_text
 from hnkit.commands.cli import main
 from hnkit.commands.options import read_recipe
 from hnkit.safe_load import MAX_METADATA_CHARS
+from conftest import load_refused
 
 BOMB_BYTES = 150 << 20  # what the zip bomb expands to: above the 100 MB the loader may take
 
@@ -152,12 +153,7 @@ def hostile(tmp_path_factory):
 @pytest.mark.parametrize("name", HOSTILE)
 def test_a_hostile_file_is_refused_in_one_line_by_load_and_the_cli(hostile, name, tmp_path, capsys):
     path, says = hostile[name]
-    start = time.perf_counter()
-    with pytest.raises(HnkitError) as err:
-        hnkit.load(path)
-    assert time.perf_counter() - start < 5
-    msg = str(err.value)
-    assert msg.startswith(f"{path}: ") and "\n" not in msg and says in msg, msg
+    load_refused(path, says)
     out = tmp_path / "out.safetensors"
     generate = ["generate-text", "--model", str(tmp_path / "no-model"), "--hypernetwork", str(path), "--prompt", "x"]
     for args in (["inspect", str(path)], ["convert", str(path), str(out)], generate):
