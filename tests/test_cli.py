@@ -69,3 +69,14 @@ def test_convert_keeps_hnkit_facts_refuses_overwrites_and_follows_the_extension(
         assert words in err and err.count("\n") == 1, err
     assert (tmp_path / "ink.pt").read_bytes() == before and not (tmp_path / "x.safetensors").exists()
     assert main(["convert", str(tmp_path / "back.safetensors"), str(tmp_path / "ink.pt"), "--force"]) == 0
+
+
+def test_export_without_peft_is_one_line(tmp_path, capsys, monkeypatch):
+    """`hnkit export --format peft` where peft is not installed: one line naming the extra, exit 2."""
+    style = tmp_path / "s.safetensors"
+    hnkit.save(Hypernetwork(HypernetworkConfig(), [64]), style)
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if it were not installed
+    assert main(["export", str(style), "--format", "peft", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs the peft package: pip install 'hnkit[export]'" in err
+    assert not (tmp_path / "out").exists()

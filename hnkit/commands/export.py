@@ -12,6 +12,7 @@ back with PEFT) is printed: the export's fidelity.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import tempfile
 from pathlib import Path
@@ -67,6 +68,8 @@ def check_arguments(args) -> float:
         raise HnkitError(f"--base-gguf {args.base_gguf}: " + ("no such file" if args.format == "gguf" else
                                                              "is an option of --format gguf only"))
     if args.format == "peft":
+        if importlib.util.find_spec("peft") is None:
+            raise HnkitError("--format peft needs the peft package: pip install 'hnkit[export]' (or pip install peft)")
         check_output_folder(args.output, args.force)
     elif Path(args.output).is_dir():
         raise HnkitError(f"{args.output}: is a folder; a gguf export is a file, name one")
