@@ -204,14 +204,19 @@ def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(served, p
 def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
     engine = served["server"].engine
     before = engine.stats["cancelled"]
-    body = {"model": "tiny+noir", "prompt": "The grammar of", "max_tokens": 100, "temperature": 0, "stream": True}
-    with httpx.stream("POST", served["url"] + "/v1/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                break  # one piece, then hang up
-    deadline = time.time() + 30
-    while engine.stats["cancelled"] == before and time.time() < deadline:
-        time.sleep(0.05)
+    # as long as the tiny model's context (128) allows, without stopping at an end token
+    body = {"model": "tiny+noir", "prompt": "The grammar of", "max_tokens": 110, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    for _ in range(3):  # a tiny model may finish its row before the server has seen the client go: try again
+        with httpx.stream("POST", served["url"] + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # one piece, then hang up
+        deadline = time.time() + 10
+        while engine.stats["cancelled"] == before and time.time() < deadline:
+            time.sleep(0.05)
+        if engine.stats["cancelled"] > before:
+            break
     assert engine.stats["cancelled"] == before + 1
     assert post(served["url"], "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2}).status_code == 200
     assert any("disconnected" in line for line in served["server"].lines)
