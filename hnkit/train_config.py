@@ -55,7 +55,8 @@ NOT_RECORDED = {"output_dir", "output", "force", "resume", "config"}
 IDENTITIES = {"data_tokens": ("data", "its text"), "preserve_data_tokens": ("preserve_data", "its text"),
               "data_images": ("data", "its content (image names and sizes, captions)"),
               "template_lines": ("template", "its template text"),
-              "model_config": ("model", "its config.json")}
+              "model_config": ("model", "its config.json"),
+              "init_sha256": ("init", "its content (the style the run started from)")}
 PATHS = {option for option, _ in IDENTITIES.values()}
 MODEL_CONFIGS = ("config.json", "model_index.json", "unet/config.json")  # what identifies a local model
 
