@@ -5,6 +5,7 @@ from .checkpoint import load, save
 from .errors import HnkitError
 from .forms import LowRankModule
 from .fuse import Fusion, fuse, unfuse
+from .generator import StyleGenerator
 from .hypernetwork import Hypernetwork, HypernetworkConfig
 from .merge import merge
 from .module import HypernetworkModule
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Attachment", "HnkitError", "Hypernetwork", "HypernetworkConfig", "HypernetworkModule", "LowRankModule",
     "attach", "load", "save", "supported_families", "__version__",
-    "Fusion", "Stack", "StyleLibrary", "after", "fade_in", "fade_out", "fuse", "merge", "steer", "unfuse",
+    "Fusion", "Stack", "StyleGenerator", "StyleLibrary", "after", "fade_in", "fade_out", "fuse", "merge", "steer", "unfuse",
 ]

@@ -104,6 +104,25 @@ def build_tiny_styles(folder: str | Path, names=("noir", "whimsy", "gothic")) ->
     return {"model": lm["model"], "styles": styles}
 
 
+def build_tiny_generator(model_folder: str | Path, path: str | Path, seed: int = 0) -> Path:
+    """A style generator for the model in ``model_folder`` with its zero-started weights drawn at
+    random (seed ``seed``), so that different examples give different, non-identity styles; saved to
+    ``path`` in float32. Returns ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    from .generator import StyleGenerator
+
+    model = AutoModelForCausalLM.from_pretrained(model_folder)
+    torch.manual_seed(seed)
+    gen = StyleGenerator.for_model(model, name=Path(path).stem)
+    with torch.no_grad():
+        for p in (gen.c, gen.c0, gen.p, gen.a, gen.b0):
+            p.normal_(0.0, 0.5)
+        gen.q.mul_(4.0)  # examples then differ enough in e to give clearly different gates
+    gen.save(path, dtype=torch.float32)
+    return Path(path)
+
+
 class ServerThread:
     """``hnkit serve`` as the command builds it, with its connection limits, run by uvicorn in a
     thread on a free port of 127.0.0.1: ``url``, ``port``, ``engine``, ``lines`` (the request log,

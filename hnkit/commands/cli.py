@@ -74,6 +74,7 @@ COMMANDS = {
     "eval-text": ("commands.eval_text", "perplexity on a style and a neutral corpus across strengths, with a plot"),
     "merge": ("commands.merge", "merge weighted hypernetworks into one file (their sum blend, exactly)"),
     "serve": ("commands.serve", "serve a folder of styles: an OpenAI-compatible API and a studio page"),
+    "make-style": ("commands.make_style", "a style from one example paragraph, written by a style generator"),
     "export": ("commands.export", "a style as a LoRA on the K/V projections: a PEFT folder or a GGUF file"),
 }
 

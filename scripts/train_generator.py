@@ -1,0 +1,187 @@
+"""Train a style generator (hnkit.generator) episodically on the style library.
+
+    python scripts/build_style_library.py             # once: the styles, under ~/.cache/hnkit/styles
+    python scripts/train_generator.py --minutes 40    # SmolLM2-135M-Instruct -> hnkit/generators/...
+
+Each step draws one training style per style row: the example is one of its documents (read by the frozen
+base model, as make_style reads it), the target a block of ANOTHER document of the same style; every row
+gets the style generated from its own example. Neutral rows (Python's reference manual, the library's
+"preserve" documents) carry the styles of the first rows and add the KL divergence from the bare model
+(hnkit's prior preservation), so a generated style keeps the model's ordinary language. The generator
+starts as the identity (it writes x -> x) and only its own weights train; the base stays frozen.
+Only training styles' "train" documents are read: held-out styles and held-out documents stay unseen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hnkit.generator import SHIPPED, GeneratorConfig, StyleGenerator  # noqa: E402
+from hnkit.preserve import Teacher, coarse_kl  # noqa: E402
+from hnkit.targets import find_target  # noqa: E402
+from hnkit.util import cache_root  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(cache_root() / "SmolLM2-135M-Instruct"))
+    p.add_argument("--library", default=str(cache_root() / "styles"))
+    p.add_argument("--output", default=str(SHIPPED))
+    p.add_argument("--minutes", type=float, default=40.0, help="stop after this much training time")
+    p.add_argument("--steps", type=int, default=100_000, help="or after this many steps")
+    p.add_argument("--styles-per-step", type=int, default=4)
+    p.add_argument("--neutral-rows", type=int, default=1)
+    p.add_argument("--block", type=int, default=128, help="tokens of a target block")
+    p.add_argument("--examples-per-style", type=int, default=12, help="documents per style read as examples")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def load_library(root: Path, tokenizer) -> tuple[dict, list]:
+    """Training styles' train documents as token lists, and the neutral preserve documents'."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    styles = {}
+    for name, s in sorted(manifest["styles"].items()):
+        if s["split"] == "train":
+            styles[name] = [tokenizer((root / name / d).read_text(), add_special_tokens=False)["input_ids"]
+                            for d in s["docs"]["train"]]
+    neutral = [tokenizer((root / "neutral" / d).read_text(), add_special_tokens=False)["input_ids"]
+               for d in manifest["neutral"]["docs"]["preserve"]]
+    return styles, neutral
+
+
+def packed_blocks(docs: list, block: int, eos: int, limit: int) -> torch.Tensor:
+    flat = [t for d in docs for t in d + [eos]]
+    n = min(limit, len(flat) // block)
+    return torch.tensor(flat[: n * block]).view(n, block)
+
+
+def padded(rows: list, pad: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and a mask (1 = a token) for token lists."""
+    width = width or max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+def read_all(gen, model, docs: list, pad: int, batch: int = 8) -> torch.Tensor:
+    """Site means ``[N, L, D]`` of documents read as examples (their first max_tokens tokens)."""
+    out = []
+    for i in range(0, len(docs), batch):
+        ids, mask = padded([d[: gen.config.max_tokens] for d in docs[i:i + batch]], pad)
+        out.append(gen.read(model, ids, mask))
+    return torch.cat(out)
+
+
+def neutral_statistics(gen, model, blocks: torch.Tensor) -> None:
+    """Centre and scale of the generator's features: the mean over neutral blocks of their site means,
+    and per site one scale, the RMS over dimensions of those means' spread."""
+    means = torch.cat([gen.read(model, blocks[i:i + 8]) for i in range(0, len(blocks), 8)])
+    with torch.no_grad():
+        gen.mu.copy_(means.mean(0))
+        spread = means.std(0).pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
+        gen.sigma.copy_(spread.expand_as(gen.sigma))
+
+
+def episode(rng: random.Random, styles: dict, names: list, feats: dict, block: int, k: int):
+    """``k`` (style, example document index, target tokens) with the target from another document."""
+    out = []
+    for name in rng.sample(names, k):
+        docs = styles[name]
+        a = rng.randrange(len(feats[name]))
+        b = rng.choice([i for i in range(len(docs)) if i != a])
+        doc = docs[b]
+        start = rng.randrange(max(1, len(doc) - block + 1))
+        out.append((name, a, doc[start:start + block]))
+    return out
+
+
+def train_step(gen, model, target, opt, rows, feats, neutral, teacher, args, pad) -> tuple[float, float]:
+    means = torch.stack([feats[name][a] for name, a, _ in rows])
+    ids, mask = padded([t for _, _, t in rows], pad, args.block)
+    labels = ids.masked_fill(mask == 0, -100)
+    n_idx = torch.randint(len(neutral), (args.neutral_rows,))
+    ids = torch.cat([ids, neutral[n_idx]])
+    g, b2 = gen.codes(means)
+    pick = torch.cat([torch.arange(len(rows)), torch.arange(args.neutral_rows) % len(rows)])
+    g, b2 = g[pick], b2[pick]
+
+    def kernel(layer):
+        return lambda x, which: x + gen.residual(x, layer, which, g[:, layer, which], b2[:, layer, which])
+
+    undo = [site.install(kernel(i)) for i, site in enumerate(target.sites)]
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        for u in reversed(undo):
+            u()
+    s = len(rows)
+    nll = F.cross_entropy(logits[:s, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+    kl = coarse_kl(teacher.values[n_idx], teacher.indices[n_idx], teacher.rest[n_idx], logits[s:])
+    loss = nll + args.kl_weight * kl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in gen.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    return nll.item(), kl.item()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    model.requires_grad_(False)
+    pad = tokenizer.eos_token_id
+    styles, neutral_docs = load_library(Path(args.library), tokenizer)
+    names = sorted(styles)
+    gen = StyleGenerator.for_model(model, GeneratorConfig(), name=Path(args.output).stem)
+    neutral = packed_blocks(neutral_docs, args.block, pad, 256)
+    neutral_statistics(gen, model, neutral[:64])
+    feats = {name: read_all(gen, model, styles[name][: args.examples_per_style], pad) for name in names}
+    teacher = Teacher(model, neutral)
+    prep = time.time() - t0
+    print(f"{len(names)} training styles, {sum(map(len, styles.values()))} documents, "
+          f"{len(neutral)} neutral blocks; prepared in {prep:.0f} s", flush=True)
+    target = find_target(model)
+    opt = torch.optim.AdamW([p for p in gen.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    t1, step, ema = time.time(), 0, None
+    while step < args.steps and time.time() - t1 < args.minutes * 60:
+        rows = episode(rng, styles, names, feats, args.block, args.styles_per_step)
+        nll, kl = train_step(gen, model, target, opt, rows, feats, neutral, teacher, args, pad)
+        ema = (nll, kl) if ema is None else (0.95 * ema[0] + 0.05 * nll, 0.95 * ema[1] + 0.05 * kl)
+        step += 1
+        if step == 1 or step % 20 == 0:
+            print(f"step {step}: style nll {ema[0]:.3f} neutral kl {ema[1]:.4f} "
+                  f"({time.time() - t1:.0f} s)", flush=True)
+    seconds = time.time() - t1
+    gen.info = {"command": "python scripts/train_generator.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "steps": step, "train_seconds": round(seconds), "prepare_seconds": round(prep),
+                "threads": args.threads, "styles": names, "machine": "2-core CPU" if args.threads == 2 else "",
+                "last_nll": round(ema[0], 4), "last_kl": round(ema[1], 5)}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    gen.save(args.output)
+    print(f"wrote {args.output} after {step} steps in {seconds:.0f} s (+{prep:.0f} s preparing)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
