@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -42,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--styles-per-step", type=int, default=4)
     p.add_argument("--neutral-rows", type=int, default=1)
     p.add_argument("--block", type=int, default=128, help="tokens of a target block")
+    p.add_argument("--neutral-blocks", type=int, default=128, help="neutral blocks for the KL term")
+    p.add_argument("--save-every", type=int, default=100, help="write the generator every N steps too")
     p.add_argument("--examples-per-style", type=int, default=12, help="documents per style read as examples")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1.0)
@@ -155,7 +156,7 @@ def main(argv=None) -> None:
     styles, neutral_docs = load_library(Path(args.library), tokenizer)
     names = sorted(styles)
     gen = StyleGenerator.for_model(model, GeneratorConfig(), name=Path(args.output).stem)
-    neutral = packed_blocks(neutral_docs, args.block, pad, 256)
+    neutral = packed_blocks(neutral_docs, args.block, pad, args.neutral_blocks)
     neutral_statistics(gen, model, neutral[:64])
     feats = {name: read_all(gen, model, styles[name][: args.examples_per_style], pad) for name in names}
     teacher = Teacher(model, neutral)
@@ -173,14 +174,20 @@ def main(argv=None) -> None:
         if step == 1 or step % 20 == 0:
             print(f"step {step}: style nll {ema[0]:.3f} neutral kl {ema[1]:.4f} "
                   f"({time.time() - t1:.0f} s)", flush=True)
+        if step % args.save_every == 0:
+            save(gen, args, argv, step, time.time() - t1, prep, names, ema)
     seconds = time.time() - t1
+    save(gen, args, argv, step, seconds, prep, names, ema)
+    print(f"wrote {args.output} after {step} steps in {seconds:.0f} s (+{prep:.0f} s preparing)", flush=True)
+
+
+def save(gen, args, argv, step, seconds, prep, names, ema) -> None:
     gen.info = {"command": "python scripts/train_generator.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 "steps": step, "train_seconds": round(seconds), "prepare_seconds": round(prep),
                 "threads": args.threads, "styles": names, "machine": "2-core CPU" if args.threads == 2 else "",
                 "last_nll": round(ema[0], 4), "last_kl": round(ema[1], 5)}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     gen.save(args.output)
-    print(f"wrote {args.output} after {step} steps in {seconds:.0f} s (+{prep:.0f} s preparing)", flush=True)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def small(tmp_path):
     for style, n in [("alpha", 600), ("beta", 600), ("gamma", 600), ("delta", 600), ("tiny", 40)]:
         write_fortunes(roots["fortune"] / style, [sentence(style, i) for i in range(n)])
         sources.append(Source(f"fortune-{style}", "fortunes", "fortune", style))
-    write_dictd(roots["dictd"], "lex", [([f"00-database-info"], "about this database"),
+    write_dictd(roots["dictd"], "lex", [(["00-database-info"], "about this database"),
                                        *[([f"word{i}", f"Word{i}"], f"word{i}\n   n. meaning {i} " + "x" * 300)
                                          for i in range(200)]])
     sources.append(Source("lex", "dict-jargon", "dictd", "lex"))
