@@ -20,6 +20,11 @@ few it uses. One cost does grow with the library: on a stack, setting strengths 
 members' strengths in Python (:meth:`hnkit.Attachment.set_strength`), once per batch and whenever
 a row leaves it, not per token.
 
+Styles made from examples (a request's ``style_example``: :class:`hnkit.resident.GeneratedStyles`)
+are made in the engine's thread too, between two batches, with the styles on the model at strength
+0 (:meth:`Engine.style_from_example`): the generator reads the example with the bare model, and no
+batch runs meanwhile. Once made, such a style is served by name like a style of the library.
+
 A row whose sampling or decoding fails ends alone with an error (``emit(message, True, "error")``);
 the rest of its batch goes on. :meth:`Engine.close` ends every row not finished, waiting or running,
 the same way with "the server is shutting down" (``finish_reason`` "shutdown"), as it does every
@@ -31,17 +36,28 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import HnkitError
-from .resident import MAX_STYLES, ResidentStyles, unknown_style
+from .resident import MAX_STYLES, GeneratedStyles, ResidentStyles, ServedStyles, unknown_style
 from .steer import MAX_STRENGTH
 from .text import context_length
 
 GREEDY_BELOW = 1e-5  # a lower temperature samples greedily: one-hot anyway, and dividing by a tinier one overflows
 SHUTTING_DOWN = "the server is shutting down"
+
+
+class EngineClosed(RuntimeError):
+    """What a task given to a closed engine (:meth:`Engine.call`) fails with."""
+
+
+def check_strength(name: str, s) -> None:
+    """Refuse a strength out of bounds for the style ``name``."""
+    if not isinstance(s, (int, float)) or isinstance(s, bool) or not -MAX_STRENGTH <= s <= MAX_STRENGTH:
+        raise HnkitError(f"strength of {name!r} must be a number in [{-MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got {s!r}")
 
 
 @dataclass
@@ -74,8 +90,10 @@ class Engine:
     about 2x slower on a 2-core CPU than in the thread that loaded the model (docs/benchmarks.md)."""
 
     def __init__(self, model, tokenizer, library, max_batch: int = 8, window: float = 0.05, thread: bool = False,
-                 max_styles: int = MAX_STYLES):
-        self.model, self.tokenizer, self.library = model, tokenizer, library
+                 max_styles: int = MAX_STYLES, generated: GeneratedStyles | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.generated = GeneratedStyles() if generated is None else generated  # styles made from examples
+        self.library = ServedStyles(library, self.generated)  # every style served by name
         self.max_batch, self.max_styles = max_batch, max_styles
         self.window = window  # seconds a new batch waits for more requests (those sent together run together)
         self.device = next(model.parameters()).device
@@ -88,12 +106,15 @@ class Engine:
         # the prompt pass needs the last position's logits only, not [B, T, vocab]
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
-        self.resident = ResidentStyles(model, library, max_styles)  # the styles attached
+        self.resident = ResidentStyles(model, self.library, max_styles)  # the styles attached
         self.waiting: list[Job] = []  # submitted, not yet in a batch
+        self.tasks: list[tuple] = []  # (function, Future) to run between two batches (:meth:`call`)
         self._changed = threading.Condition()
         self.busy = threading.Lock()  # held while a batch is taken and run: holding it queues requests up
-        # what the batches were; "attached": how many sets of styles were attached
-        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0, "attached": self.resident.builds}
+        # what the batches were; "attached": how many sets of styles were attached; "generated": how
+        # many styles were made from examples
+        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0, "attached": self.resident.builds,
+                      "generated": 0}
         self._stop = threading.Event()
         self._thread = None
         if thread:
@@ -121,8 +142,7 @@ class Engine:
         for name, s in styles.items():
             if name not in self.library:
                 raise HnkitError(unknown_style(self.names, name))
-            if not isinstance(s, (int, float)) or isinstance(s, bool) or not -MAX_STRENGTH <= s <= MAX_STRENGTH:
-                raise HnkitError(f"strength of {name!r} must be a number in [{-MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got {s!r}")
+            check_strength(name, s)
 
     def check(self, styles: dict[str, float], n_prompt: int, max_tokens: int) -> None:
         """Refuse what a batch could not run: unknown styles, bad strengths, more styles than can be
@@ -147,15 +167,48 @@ class Engine:
                 return
         self._end(job, "shutdown", SHUTTING_DOWN)
 
+    def call(self, function) -> Future:
+        """Run ``function()`` in the engine's thread before the next batch (nothing else runs the model
+        then). Returns a Future of its result; on a closed engine it fails with :class:`EngineClosed`."""
+        future = Future()
+        with self._changed:
+            if not self._stop.is_set():
+                self.tasks.append((function, future))
+                self._changed.notify()
+                return future
+        future.set_exception(EngineClosed(SHUTTING_DOWN))
+        return future
+
+    def style_from_example(self, text: str) -> Future:
+        """The style of the example ``text`` (:meth:`hnkit.resident.GeneratedStyles.make`), made
+        unless kept: a Future of ``{name, tokens, seconds, cached}``, done at once when kept."""
+        found = self.generated.found(text)
+        if found is None:
+            return self.call(lambda: self._make_style(text))
+        future = Future()
+        future.set_result(found)
+        return future
+
+    def _make_style(self, text: str) -> dict:
+        self.resident.set_strengths([])  # every style at 0: the generator reads the bare model
+        try:
+            return self.generated.make(self.model, self.tokenizer, text)
+        finally:
+            self.stats["generated"] = self.generated.made
+
     def close(self) -> None:
-        """Stop serving and take the styles off the model. Jobs still waiting, and the rows of the
-        batch running (at its next step), end with "the server is shutting down"."""
+        """Stop serving and take the styles off the model. Jobs and tasks still waiting, and the rows
+        of the batch running (at its next step), end with "the server is shutting down"."""
         with self._changed:
             self._stop.set()
             queued, self.waiting = self.waiting, []
+            tasks, self.tasks = self.tasks, []
             self._changed.notify()
         for job in queued:
             self._end(job, "shutdown", SHUTTING_DOWN)
+        for _, future in tasks:
+            if future.set_running_or_notify_cancel():  # not cancelled by its caller
+                future.set_exception(EngineClosed(SHUTTING_DOWN))
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.resident.close()
@@ -167,22 +220,42 @@ class Engine:
 
     # -- the worker ------------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        """Take and run batches until :meth:`close`."""
+        """Run the tasks given (:meth:`call`), take and run batches, until :meth:`close`."""
         while True:
             with self._changed:
-                while not self.waiting and not self._stop.is_set():
+                while not self.waiting and not self.tasks and not self._stop.is_set():
                     self._changed.wait()
                 deadline = time.monotonic() + self.window
-                while len(self.waiting) < self.max_batch and not self._stop.is_set() and time.monotonic() < deadline:
+                while (not self.tasks and len(self.waiting) < self.max_batch and not self._stop.is_set()
+                       and time.monotonic() < deadline):
                     self._changed.wait(deadline - time.monotonic())
             if self._stop.is_set():
                 return
             with self.busy:  # everything waiting when the engine is free goes into one batch
+                self._run_tasks()
                 with self._changed:  # the leading jobs (once closed, close() ends them)
                     taken = [] if self._stop.is_set() else self._take()
                 batch = [j for j in taken if not j.cancelled]
                 if batch:
                     self.run_batch(batch)
+
+    def _run_tasks(self) -> None:
+        """The tasks given so far, each to its Future (an exception too)."""
+        with self._changed:
+            tasks, self.tasks = self.tasks, []
+        for i, (function, future) in enumerate(tasks):
+            if not future.set_running_or_notify_cancel():  # cancelled while it waited
+                continue
+            try:
+                future.set_result(function())
+            except Exception as exc:
+                future.set_exception(exc)
+            except BaseException:  # Ctrl-C or SIGTERM in this thread: the waiting callers are told
+                future.set_exception(EngineClosed(SHUTTING_DOWN))
+                for _, left in tasks[i + 1:]:
+                    if left.set_running_or_notify_cancel():
+                        left.set_exception(EngineClosed(SHUTTING_DOWN))
+                raise
 
     def _take(self) -> list[Job]:
         """The leading waiting jobs, up to ``max_batch``, that name at most ``max_styles`` styles together."""
@@ -214,7 +287,9 @@ class Engine:
         """Between batches: attach the styles ``jobs`` name (:meth:`ResidentStyles.update`). Returns
         the jobs to run: one naming a style that is gone, or whose file cannot be read now, ends
         with an error."""
-        failed = self.resident.update({name for j in jobs for name in j.styles})
+        needed = {name for j in jobs for name in j.styles}
+        self.generated.used(needed)
+        failed = self.resident.update(needed)
         self.stats["attached"] = self.resident.builds
         for j in jobs:
             gone = next((name for name in j.styles if name in failed), None)

@@ -15,6 +15,11 @@ that are not true/false; OpenAI parameters hnkit does not implement (``NEUTRAL``
 ``top_logprobs``, ``echo``, ``best_of``, ``suffix``, ``logit_bias``) unless absent, null or neutral
 (``logprobs`` false, ``top_logprobs`` 0, ``echo`` false, ``best_of`` 1, ``suffix`` "",
 ``logit_bias`` {}). Other unknown fields are ignored, as OpenAI's servers do.
+
+An extra field ``style_example`` (text) asks for the style made from that example: it joins the
+request's styles as ``example-<12 hex of the text's sha256>`` at strength 1, or at the strength the
+model name or ``hypernetworks`` give that name. Refused (400, ``param`` "style_example"): not a
+string, holding NUL bytes, shorter or longer than :mod:`hnkit.generator` allows.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from .engine import check_strength
 from .errors import HnkitError, shown
+from .generator import check_example
+from .resident import example_name
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_MAX_TOKENS = 512  # a chat request without max_tokens: a batch runs until its longest row ends
@@ -59,6 +67,7 @@ class CompletionRequest:
     options: dict = field(default_factory=dict)  # temperature, top_p, stop, seed, ignore_eos
     texts: list[str] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)
+    example: str | None = None  # the text of style_example, whose style the server makes
 
     @property
     def prompt_field(self) -> str:  # the body's field that holds the prompts
@@ -96,8 +105,11 @@ def parse_request(body: dict, engine, base: str, chat: bool) -> CompletionReques
     prompts = 1 if chat else len(texts)
     if prompts * n > engine.max_batch:
         raise RequestError(f"{prompts} prompts x n={n} rows: at most {engine.max_batch} per request", "n")
-    return CompletionRequest(chat, body.get("model", base), request_styles(body, base, engine), n, stream,
-                             max_tokens, options, texts, messages)
+    example = style_example(body)
+    made = None if example is None else example_name(example)
+    styles = request_styles(body, base, engine, made)
+    return CompletionRequest(chat, answer_model(body.get("model", base), base, made, styles), styles, n, stream,
+                             max_tokens, options, texts, messages, example)
 
 
 def completion_texts(body: dict, engine) -> list[str]:
@@ -139,9 +151,30 @@ def parse_model(name, base: str) -> dict[str, float]:
     return styles
 
 
-def request_styles(body: dict, base: str, engine) -> dict[str, float]:
+def style_example(body: dict) -> str | None:
+    """The request's ``style_example``, checked as an example (:func:`hnkit.generator.check_example`)."""
+    text = body.get("style_example")
+    if text is None:
+        return None
+    try:
+        check_example(text)
+    except HnkitError as exc:
+        raise RequestError(f"style_example: {exc}", "style_example") from None
+    return text
+
+
+def answer_model(model: str, base: str, made: str | None, styles: dict) -> str:
+    """The model name the answer gives: the request's, naming the style made from its example."""
+    if made is None or made in parse_model(model, base):
+        return model
+    strength = styles.get(made, 0.0)
+    return f"{model}+{made}" + ("" if strength == 1 else f":{strength:g}")
+
+
+def request_styles(body: dict, base: str, engine, made: str | None = None) -> dict[str, float]:
     """The request's ``{style: strength}``, every name known (even at 0), the zeros left out. An error
-    names the field the strength came from: ``model`` (``base+noir:9``) or ``hypernetworks``."""
+    names the field the strength came from: ``model`` (``base+noir:9``) or ``hypernetworks``.
+    ``made``: the name of the style the request's example makes (strength 1 unless given)."""
     styles = parse_model(body.get("model", base), base)
     fields = dict.fromkeys(styles, "model")
     extra = body.get("hypernetworks")
@@ -150,6 +183,9 @@ def request_styles(body: dict, base: str, engine) -> dict[str, float]:
             raise RequestError("hypernetworks must be an object {style: strength}", "hypernetworks")
         styles.update(extra)
         fields.update(dict.fromkeys(extra, "hypernetworks"))
+    if made is not None:
+        styles.setdefault(made, 1.0)
+        fields.setdefault(made, "style_example")
     out = {}
     for name, s in styles.items():
         try:
@@ -159,7 +195,10 @@ def request_styles(body: dict, base: str, engine) -> dict[str, float]:
         if not math.isfinite(value):
             raise RequestError(f"strength of style {name!r} must be a finite number, got {shown(s)}", fields[name])
         try:
-            engine.check_styles({name: value})
+            if name == made:  # known once made
+                check_strength(name, value)
+            else:
+                engine.check_styles({name: value})
         except HnkitError as exc:
             raise RequestError(str(exc), fields[name]) from None
         out[name] = value

@@ -15,19 +15,26 @@ its library are on the model meanwhile, and sets their strengths per row. What i
   saw the same size, time and inode (:meth:`hnkit.StyleLibrary.refresh`), and :meth:`watch`, which
   lists the folder again in a thread of its own, checks each against the model
   (:func:`check_servable`) before the library shows it.
+- Styles made from examples (:class:`GeneratedStyles`, a request's ``style_example``) are served
+  by name beside the library's (:class:`ServedStyles`) while kept: at most ``max_kept``, the least
+  recently used dropped first. One is made once per text (its name is the text's hash) and never
+  changes; dropped, it is taken off at the next update like a removed file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from .attach import attach
 from .errors import HnkitError
 from .stack import Stack
-from .steer import StyleLibrary
 
 MAX_STYLES = 64  # styles attached at once (hnkit serve --max-styles): the others are read when named
+MAX_GENERATED = 32  # styles made from examples kept (hnkit serve --max-generated): about 10 MB each for SmolLM2
 
 
 def check_servable(model, name: str, hn) -> None:
@@ -72,7 +79,8 @@ class ResidentStyles:
 
     def signature(self, name: str):
         """What changes when a style's file is replaced (None for a plain mapping of networks)."""
-        return self.library.signature(name) if isinstance(self.library, StyleLibrary) else None
+        signature = getattr(self.library, "signature", None)  # a StyleLibrary's, or ServedStyles'
+        return signature(name) if signature is not None else None
 
     def attach(self):
         """Attach the resident styles at strength 0, in place of what was attached: one stack when they
@@ -169,3 +177,154 @@ class ResidentStyles:
         """Stop watching and take the styles off the model."""
         self._stop.set()
         self.remove()
+
+
+# -- styles made from examples ---------------------------------------------------------------------
+def example_name(text: str) -> str:
+    """The name of the style made from the example ``text``: ``example-`` and the first 12 hex digits
+    of its sha256 (UTF-8)."""
+    return "example-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+class GeneratorUnavailable(HnkitError):
+    """The server's style generator cannot be read: the server's fault, not the request's."""
+
+
+class GeneratedStyles:
+    """The styles a server made from examples (a request's ``style_example``), by :func:`example_name`:
+    at most ``max_kept`` (0: none are made), the least recently used dropped first. The generator
+    (``path``; None: the one hnkit ships) is read when first needed. Lookups may come from any
+    thread; :meth:`make` runs the model, so only the engine's thread calls it, between batches."""
+
+    def __init__(self, path=None, max_kept: int = MAX_GENERATED):
+        self.path, self.max_kept = path, max_kept
+        self.made = 0  # how many styles were made (one found here is not made again)
+        self._generator, self._refusal = None, None  # the generator, or why it does not fit the model
+        self._styles: OrderedDict[str, tuple] = OrderedDict()  # name -> (network, info), oldest first
+        self._lock = threading.Lock()
+
+    def generator(self, model):
+        """The generator, read once and checked against ``model``: an HnkitError naming both models
+        when it was made for another (said again, without reading the file again, at each call)."""
+        if self._generator is None and self._refusal is None:
+            from .generator import StyleGenerator
+
+            try:
+                generator = StyleGenerator.load(self.path)
+            except HnkitError as exc:  # not kept: the file may be put right while the server runs
+                raise GeneratorUnavailable(str(exc)) from None
+            try:
+                generator.check_model(model)
+                self._generator = generator
+            except HnkitError as exc:
+                self._refusal = str(exc)
+        if self._refusal is not None:
+            raise HnkitError(self._refusal)
+        return self._generator
+
+    def make(self, model, tokenizer, text: str) -> dict:
+        """The style of the example ``text``, made unless kept: ``{name, tokens, seconds, cached}``.
+        ``model`` must run bare meanwhile (its styles at strength 0)."""
+        if not self.max_kept:
+            raise HnkitError("this server makes no styles from examples (hnkit serve --max-generated 0)")
+        found = self.found(text)
+        if found is not None:
+            return found
+        generator = self.generator(model)
+        name, start = example_name(text), time.perf_counter()
+        hn = generator.make_style(model, text, tokenizer, name=name)
+        tokens = hn.extra["generated"]["example_tokens"]
+        info = {"name": name, "tokens": tokens, "seconds": round(time.perf_counter() - start, 3),
+                "description": f"made from an example of {tokens} tokens by {generator.name}",
+                "base_model": hn.base_model}
+        with self._lock:
+            self._styles[name] = (hn, info)
+            while len(self._styles) > self.max_kept:
+                self._styles.popitem(last=False)
+            self.made += 1
+        return {**self.public(info), "cached": False}
+
+    @staticmethod
+    def public(info: dict) -> dict:  # what the API says of a style made
+        return {k: info[k] for k in ("name", "tokens", "seconds")}
+
+    def found(self, text: str) -> dict | None:
+        """What :meth:`make` says of ``text``'s style when it is kept (then the most recently used)."""
+        with self._lock:
+            kept = self._styles.get(example_name(text))
+            if kept is None:
+                return None
+            self._styles.move_to_end(kept[1]["name"])
+            return {**self.public(kept[1]), "cached": True}
+
+    def used(self, names) -> None:
+        """Count ``names`` (those kept) as the most recently used."""
+        with self._lock:
+            for name in names:
+                if name in self._styles:
+                    self._styles.move_to_end(name)
+
+    def get(self, name: str):
+        """The network of the style ``name``, or None."""
+        kept = self._styles.get(name)
+        return None if kept is None else kept[0]
+
+    def info(self, name: str) -> dict | None:
+        """``{"description", "base_model"}`` of the style ``name``, or None."""
+        kept = self._styles.get(name)
+        return None if kept is None else {k: kept[1][k] for k in ("description", "base_model")}
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._styles)
+
+    def __contains__(self, name) -> bool:
+        return name in self._styles
+
+
+class ServedStyles(Mapping):
+    """What a server serves by name: the styles of ``library`` (a StyleLibrary, or a mapping of
+    networks) and those ``generated`` from examples (a name in both is the generated style); a
+    StyleLibrary's ``folder`` and ``refresh`` (:meth:`ResidentStyles.watch`)."""
+
+    def __init__(self, library, generated: GeneratedStyles):
+        self.library, self.generated = library, generated
+
+    def __getitem__(self, name: str):
+        hn = self.generated.get(name)
+        return self.library[name] if hn is None else hn
+
+    def __iter__(self):
+        yield from self.library
+        yield from (name for name in self.generated.names() if name not in self.library)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, name) -> bool:
+        return name in self.generated or name in self.library
+
+    def signature(self, name: str):
+        """What changes when a style's file is replaced: a made style never changes."""
+        if name in self.generated:
+            return ("generated",)
+        signature = getattr(self.library, "signature", None)
+        return signature(name) if signature is not None else None
+
+    def info(self, name: str) -> dict:
+        """``{"description", "base_model"}`` of a style."""
+        info = self.generated.info(name)
+        if info is not None:
+            return info
+        if hasattr(self.library, "info"):
+            return self.library.info(name)
+        hn = self.library[name]
+        return {"description": hn.description or "", "base_model": hn.base_model}
+
+    @property
+    def folder(self):
+        return self.library.folder
+
+    def refresh(self, check=None) -> dict:
+        """The library's :meth:`hnkit.StyleLibrary.refresh`."""
+        return self.library.refresh(check=check)

@@ -1,12 +1,21 @@
 """The HTTP side of ``hnkit serve``: an OpenAI-compatible completion server and the studio page.
 
 Endpoints (FastAPI): ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(with server-sent events when ``"stream": true``), ``GET /`` (the studio page),
-``GET /hnkit/styles`` and ``GET /hnkit/styles/{name}/front.png`` (what the page shows).
+(with server-sent events when ``"stream": true``), ``POST /v1/styles`` (a style from an example),
+``GET /`` (the studio page), ``GET /hnkit/styles`` and ``GET /hnkit/styles/{name}/front.png``
+(what the page shows).
 
 A request picks its styles in the model name, ``"base+noir:0.8+whimsy:-0.3"`` (a style without a
 strength gets 1), and/or in an extra body field ``"hypernetworks": {"noir": 0.8}`` (which wins for
 a style named in both). Every style named must exist, even at strength 0.
+
+A style from one paragraph: ``"style_example": "<text>"`` in a completion request, or
+``POST /v1/styles`` with ``{"example": "<text>"}`` (answered ``{"name", "tokens", "seconds",
+"cached"}``). The server's style generator (``hnkit serve --generator``) makes the style once, in the
+engine's thread between batches, and keeps it (``--max-generated``, least recently used dropped
+first) under the name ``example-<12 hex of the text's sha256>``, which the answer's ``model`` names
+and later requests may name like any style. A generator made for another model is a 400 naming
+both; one that cannot be read, a 503.
 
 What is refused, always with OpenAI's error JSON ``{"error": {"message", "type", "param", "code"}}``
 and one line in the log (path, status, reason); the server keeps serving:
@@ -36,10 +45,12 @@ import secrets
 import time
 from pathlib import Path
 
-from .engine import Engine, Job
+from .engine import Engine, EngineClosed, Job
 from .errors import HnkitError
+from .generator import check_example
 from .guards import BODY_TIMEOUT, MAX_BODY_BYTES, error_body, host_name, install_guards, read_json
 from .request_parsing import CompletionRequest, RequestError, max_tokens_for, parse_request, prompt_ids
+from .resident import GeneratorUnavailable
 
 STUDIO = Path(__file__).parent / "studio"
 DONE = "data: [DONE]\n\n"
@@ -252,9 +263,11 @@ def add_page_routes(app, engine: Engine, base: str, fronts) -> None:
     @app.get("/hnkit/styles")
     async def styles():
         pictures, attached = fronts(), set(getattr(engine, "members", ()))
+        made = getattr(engine, "generated", ())
         return {"model": base, "stacked": engine.stack is not None, "max_styles": getattr(engine, "max_styles", None),
                 "styles": [{"name": name, **style_info(engine.library, name), "attached": name in attached,
-                            "front": f"/hnkit/styles/{name}/front.png" if name in pictures else None}
+                            "front": f"/hnkit/styles/{name}/front.png" if name in pictures else None,
+                            "generated": name in made}
                            for name in engine.names]}
 
     @app.get("/hnkit/styles/{name}/front.png")
@@ -278,6 +291,8 @@ def add_completion_routes(app, engine: Engine, base: str, log, max_body_bytes: i
     async def respond(request: Request, chat: bool):
         body = await read_json(request, max_body_bytes, body_timeout)
         parsed = parse_request(body, engine, base, chat)
+        if parsed.example is not None:
+            await made_style(engine, parsed.example, "style_example", log, request.scope["path"])
         prompts = await asyncio.to_thread(prompt_ids, parsed, engine, prompt_limit)  # off the event loop
         run = Completion(engine, parsed, prompts, log, request.scope["path"])
         if parsed.stream:
@@ -292,3 +307,32 @@ def add_completion_routes(app, engine: Engine, base: str, log, max_body_bytes: i
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await respond(request, chat=True)
+
+    @app.post("/v1/styles")
+    async def make_style(request: Request):
+        body = await read_json(request, max_body_bytes, body_timeout)
+        try:
+            check_example(body.get("example"))
+        except HnkitError as exc:
+            raise RequestError(f"example: {exc}", "example") from None
+        made = await made_style(engine, body["example"], "example", log, "/v1/styles")
+        if made["cached"]:
+            log(f"/v1/styles 200 {made['name']} (made before)")
+        return made
+
+
+async def made_style(engine: Engine, text: str, param: str, log, path: str) -> dict:
+    """The style of the example ``text`` (:meth:`Engine.style_from_example`), logged when made; a
+    generator that does not fit the model is a 400 naming ``param``, one that cannot be read a 503."""
+    try:
+        made = await asyncio.wrap_future(engine.style_from_example(text))
+        if not made["cached"]:
+            log(f"{path} made {made['name']} from {made['tokens']} tokens in {made['seconds']:.2f}s")
+        return made
+    except EngineClosed as exc:
+        raise RequestError(str(exc), status=503, code="server_shutting_down") from None
+    except GeneratorUnavailable as exc:
+        raise RequestError(f"this server's style generator cannot be read: {exc}", param, status=503,
+                           code="generator_unavailable") from None
+    except HnkitError as exc:
+        raise RequestError(str(exc), param) from None

@@ -129,12 +129,13 @@ class ServerThread:
     and the styles left out), ``close()``. The engine runs in a thread of its own, unless
     ``engine_thread=False``: then the caller runs ``engine.serve_forever()`` (as ``hnkit serve``
     does, in the thread that loaded the model). ``engine`` serves that engine instead of loading
-    ``model`` and ``styles``. ``log`` replaces the request log's target; ``app_options`` go to
+    ``model`` and ``styles``. ``log`` replaces the request log's target; ``generator`` and
+    ``max_generated`` are ``--generator`` and ``--max-generated``; ``app_options`` go to
     :func:`hnkit.server.create_app` (``max_body_bytes``, ``allowed_hosts``, ...)."""
 
     def __init__(self, model, styles, api_key=None, max_batch=8, name="tiny", device="cpu", engine_thread=True,
                  header_timeout=None, max_connections=None, log=None, engine=None, max_styles=None,
-                 poll_interval=None, **app_options):
+                 poll_interval=None, generator=None, max_generated=None, **app_options):
         import argparse
         import threading
         import time
@@ -148,7 +149,9 @@ class ServerThread:
         args = argparse.Namespace(model=str(model), styles=str(styles), host="127.0.0.1", port=self.port,
                                   api_key=api_key, name=name, max_batch=max_batch, device=device,
                                   max_styles=max_styles or serve.MAX_STYLES,
-                                  poll_interval=serve.POLL_INTERVAL if poll_interval is None else poll_interval)
+                                  poll_interval=serve.POLL_INTERVAL if poll_interval is None else poll_interval,
+                                  generator=None if generator is None else str(generator),
+                                  max_generated=serve.MAX_GENERATED if max_generated is None else max_generated)
         self.lines: list[str] = []
         try:
             if engine is None:

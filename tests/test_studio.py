@@ -288,3 +288,41 @@ def test_the_sliders_follow_the_styles_folder(browser, served, tmp_path):
     finally:
         page.close()
         server.close()
+
+
+def test_a_pasted_paragraph_becomes_a_slider_that_generate_uses(browser, served, tmp_path):
+    from test_serve_generated import EXAMPLES, alone as alone_made, name_of
+
+    from hnkit.testing import ServerThread, build_tiny_generator
+
+    tiny = {"model": served["model"], "styles": served["styles"],
+            "generator": build_tiny_generator(served["model"], tmp_path / "gen.safetensors")}
+    server = ServerThread(served["model"], served["styles"], generator=tiny["generator"])
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_selector(".style-slider >> nth=2")
+        page.fill("#example", "too short")
+        page.click("#make-style")
+        page.wait_for_function("() => document.querySelector('#status').className === 'error'")
+        assert page.text_content("#status").startswith("paragraph: example: the example is too short")
+        assert page.locator(".invalid").evaluate_all("(es) => es.map((e) => e.id)") == ["example"]
+        page.fill("#example", EXAMPLES[4])
+        page.click("#make-style")
+        name = name_of(EXAMPLES[4])
+        slider = page.locator(f'.style-slider[data-style="{name}"]')
+        slider.wait_for()
+        assert page.locator(".style-slider").evaluate_all("(es) => es.map((e) => e.dataset.style)") == [
+            "gothic", "noir", "whimsy", name]  # beside the others
+        assert slider.input_value() == "1" and page.text_content("#status").startswith(f"made {name} from ")
+        assert page.locator(".invalid").count() == 0
+        greedy(page, 8)
+        page.fill("#prompt", "The grammar of")
+        page.click("#generate")
+        wait_done(page)
+        assert f"{name} 1" in page.text_content("#status")
+        assert page.text_content("#output") == "The grammar of" + alone_made(tiny, {EXAMPLES[4]: 1.0}, 8,
+                                                                             prompt="The grammar of")
+    finally:
+        page.close()
+        server.close()

@@ -17,6 +17,13 @@ system, put a whole file in place at once. A file that cannot be served is skipp
 (again only when it changes). At most ``--max-styles`` styles stay attached to the model; a request
 naming another reads it, and the least recently used one is taken off.
 
+A request may carry ``"style_example": "<a paragraph>"`` (or the page's "paste a paragraph"): the
+style generator (``--generator``, default the one hnkit ships, read at the first such request)
+makes that paragraph's style once and serves it in the same batches as the folder's styles, as
+``example-<hash>``, while it is among the ``--max-generated`` kept. An explicit ``--generator`` made
+for another model stops the server at start (one line naming both models); the default one is said
+not to fit at the request (a 400).
+
 Exposed beyond this machine, the server needs an API key (``HNKIT_API_KEY`` or ``--api-key-file``,
 which ``ps`` does not show), and it bounds its connections: a request's headers must arrive within
 ``--header-timeout`` seconds, and then its body within as many again (else a 408); an idle
@@ -42,6 +49,8 @@ from ..errors import HnkitError
 
 KEY_VARIABLE = "HNKIT_API_KEY"
 MAX_STYLES = 64  # hnkit.engine.MAX_STYLES (not imported here: hnkit.engine imports torch)
+MAX_GENERATED = 32  # hnkit.resident.MAX_GENERATED
+MAX_GENERATED_LIMIT = 4096  # at about 10 MB a style (SmolLM2-135M), 40 GB: beyond any use
 POLL_INTERVAL = 2.0  # seconds between two listings of the styles folder
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}  # the Host headers a loopback server answers
 
@@ -77,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-interval", type=float, default=POLL_INTERVAL, metavar="SECONDS",
                         help="list the styles folder every SECONDS and serve the styles added, replaced or "
                              f"removed (default: {POLL_INTERVAL:g}; 0: never)")
+    parser.add_argument("--generator", default=None, metavar="FILE",
+                        help="the style generator that makes a request's style_example into a style (default: "
+                             "the one hnkit ships, for SmolLM2-135M-Instruct, read at the first such request)")
+    parser.add_argument("--max-generated", type=int, default=MAX_GENERATED, metavar="N",
+                        help=f"styles made from examples kept (default: {MAX_GENERATED}); the least recently used "
+                             "is dropped first; 0: make none")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
 
@@ -230,6 +245,21 @@ def live_fronts(library):
     return fronts
 
 
+def style_generator(path, kept: int, model):
+    """The styles made from examples (:class:`hnkit.resident.GeneratedStyles`), ``kept`` at most; an
+    explicit generator ``path`` is read and checked against ``model`` now (one line naming both)."""
+    from ..resident import GeneratedStyles
+
+    generated = GeneratedStyles(path, kept)
+    if path is not None and kept:
+        try:
+            generated.generator(model)
+        except HnkitError as exc:
+            where = "" if str(exc).startswith(str(path)) else f"{path}: "
+            raise HnkitError(f"--generator {where}{exc}") from None
+    return generated
+
+
 def build(args, thread: bool = False, say=None):
     """The engine (its own thread with ``thread``; else the caller runs ``serve_forever``), the base
     model's name and the styles' front pictures, with everything checked (shared with the tests).
@@ -251,12 +281,17 @@ def build(args, thread: bool = False, say=None):
     base = args.name or Path(args.model.rstrip("/")).name
     if not base or "+" in base or ":" in base:
         raise HnkitError(f"--name {base!r}: a model name must be non-empty, without '+' or ':'")
+    path, kept = getattr(args, "generator", None), getattr(args, "max_generated", MAX_GENERATED)  # absent: defaults
+    if not 0 <= kept <= MAX_GENERATED_LIMIT:
+        raise HnkitError(f"--max-generated must be in 0..{MAX_GENERATED_LIMIT}, got {kept}")
     library = hnkit.StyleLibrary(args.styles, max_loaded=max_styles)
     device = choose_device(args.device)
     model, tokenizer = load_causal_lm(args.model)
     model.eval().to(device)
     usable_styles(library, model, say)
-    engine = Engine(model, tokenizer, library, max_batch=args.max_batch, thread=thread, max_styles=max_styles)
+    generated = style_generator(path, kept, model)
+    engine = Engine(model, tokenizer, library, max_batch=args.max_batch, thread=thread, max_styles=max_styles,
+                    generated=generated)
     if poll:
         engine.watch(poll, say)
     return engine, base, live_fronts(library)
