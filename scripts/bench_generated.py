@@ -93,6 +93,10 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny model, library and generator in --out/tiny: "
                                                       "a smoke run in about a minute")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--init-steps", type=int, default=0,
+                   help="also train the first held-out style with train-text --init from its generated style, "
+                        "and from the identity, this many steps (30 in the issue), checkpoints every 5: the "
+                        "steps each takes to reach the oracle's NLL at strength 1 (0: skip)")
     args = p.parse_args(argv)
     for name, value in (TINY if args.tiny else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -671,11 +675,58 @@ def run(bench: Bench) -> dict:
     for style in spaced(lib.training, args.train_styles):
         train[style] = measure_training(bench, style)
         show_style(f"training style {style} (its held-out documents)", train[style], args)
-    return {"heldout": results, "training": train}
+    init = measure_init(bench, held[0]) if args.init_steps else None
+    return {"heldout": results, "training": train, "init": init}
+
+
+INIT_EVERY = 5  # checkpoints of the --init runs measured
+
+
+def measure_init(bench: Bench, style: str) -> dict:
+    """``train-text --init`` from the generated style of the style's first example, and a run from
+    the identity, both ``--init-steps`` steps on the oracle's data: the NLL on the style's test
+    documents at strength 1 every INIT_EVERY steps, and the first step at or below the oracle's."""
+    from hnkit.commands.options import checkpoint_file
+
+    args, lib = bench.args, bench.lib
+    example = usable(lib.docs(style, "example"))[0]
+    oracle_label, oracle_id, oracle_make = bench.trained(f"oracle-{style}", lib.docs(style, "train"))
+    oracle_nll = bench.curve(style, oracle_label, oracle_id, oracle_make)["nll"][args.strengths.index(1.0)]
+    label, _, make = bench.generated(example)
+    start = bench.out / "init" / f"{label}.safetensors"
+    start.parent.mkdir(parents=True, exist_ok=True)
+    hnkit.save(make(), start)
+    data = write_docs(bench.out / "data" / f"oracle-{style}", lib.docs(style, "train"))
+    preserve = write_docs(bench.out / "data" / "neutral-preserve", lib.docs("neutral", "preserve"))
+    found = {"oracle_nll": oracle_nll, "steps": args.init_steps}
+    for name, extra in (("init", ["--init", str(start)]), ("identity", [])):
+        run = bench.out / "init" / f"{style}-{name}-{args.init_steps}"
+        setting = {**bench.train_setting(lib.docs(style, "train")), "steps": args.init_steps,
+                   "init": bench.gen.sha256 if extra else None}
+
+        def compute():
+            train_text(["--model", str(bench.model_dir), "--data", str(data), "--preserve-data", str(preserve),
+                        "--output", str(run), "--name", name, "--max-steps", str(args.init_steps),
+                        "--block-size", str(args.block_size), "--save-every", str(INIT_EVERY),
+                        "--keep-last", str(args.init_steps // INIT_EVERY + 1), "--force", *extra])
+            torch.set_num_threads(args.threads)
+            rows, curve = bench.rows(style), []
+            for step in range(INIT_EVERY, args.init_steps + 1, INIT_EVERY):
+                hn = hnkit.load(checkpoint_file(run / "checkpoints" / f"step-{step:07d}"))
+                curve.append((step, strength_curve(bench.model, hn, rows, bench.pad, [1.0])[0][0]))
+            return {"curve": curve}
+        curve = kept(bench.out, f"init-{style}-{name}", setting, compute)["curve"]
+        reached = [step for step, nll in curve if nll <= oracle_nll]
+        found[name] = {"curve": curve, "steps_to_oracle": reached[0] if reached else None}
+        console.log(f"{style}: from the {'generated style' if extra else 'identity'}: NLL "
+                    + ", ".join(f"{nll:.3f}@{step}" for step, nll in curve)
+                    + f" (oracle {oracle_nll:.3f} at strength 1 after {args.oracle_steps} steps)")
+    return found
 
 
 def timings(bench: Bench, found: dict) -> dict:
-    made = [p["seconds"] for group in found.values() for r in group.values() for p in r["methods"].get("generated", [])]
+    made = [p["seconds"] for group in (found["heldout"], found["training"]) for r in group.values()
+            for p in r["methods"].get("generated", [])]
     oracle = [bench.train_record(f"oracle-{s}", bench.lib.docs(s, "train"))["seconds"] for s in found["heldout"]]
     union = bench.train_record("union", bench.union_docs())["seconds"] if "union" in bench.args.only else None
     return {"make_style_median_s": median(made), "make_style_n": len(made), "oracle_train_median_s": median(oracle),
@@ -689,7 +740,7 @@ def report(bench: Bench, found: dict) -> dict:
                           f"<= {args.max_neutral_cost:.0%}")
     if train:
         show_summary(train, f"training styles ({len(found['training'])}), on their held-out documents")
-    for group, results in found.items():
+    for group, results in ((g, found[g]) for g in ("heldout", "training")):
         dropped = [s for s, r in results.items() if r["oracle_gain"] is None]
         if dropped:
             print(f"{group} styles where the oracle gains nothing within the neutral cost (no shares, left out): "
@@ -712,7 +763,7 @@ def report(bench: Bench, found: dict) -> dict:
     setting = {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}
     result = {"setting": {**setting, "model": str(bench.model_dir), "model_fingerprint": bench.fp},
               "methods": summary, "training_styles": train, "timings": timing, "generator": info, "targets": lines,
-              "styles": found}
+              "init": found.get("init"), "styles": {k: found[k] for k in ("heldout", "training")}}
     (bench.out / "summary.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {bench.out / 'summary.json'}, {', '.join(map(str, pngs))}")
     return result

@@ -44,5 +44,10 @@ def test_tiny_bench_measures_every_method_and_resumes(tmp_path):
     assert re.search(r"training [\w-]+: \d+ documents", again) is None
     assert kept["methods"] == methods
 
-    changed, _ = bench(tmp_path, "--oracle-steps", "4", "--only", "generated", "--train-styles", "0")
+    changed, summary = bench(tmp_path, "--oracle-steps", "4", "--only", "generated", "--train-styles", "0",
+                             "--init-steps", "10")
     assert "training oracle-desert: 8 documents, 4 steps" in changed  # not the 3-step oracle kept
+    init = summary["init"]  # train-text --init from a generated style, and from the identity
+    for start in ("init", "identity"):
+        assert [step for step, _ in init[start]["curve"]] == [5, 10]
+    assert init["init"]["curve"] != init["identity"]["curve"]
