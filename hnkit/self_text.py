@@ -18,22 +18,22 @@ class with images the model generated itself. How the blocks are made, and why:
   reseeded nor drawn from), so the same model writes the same blocks on any device, up to the
   model's own numerics.
 
-The blocks are cached in ``$HNKIT_CACHE/self_text`` (``<key>.int32`` and ``<key>.json`` with the
-sha256 of the token ids, checked when read), keyed by the model's files, the tokenizer, the block
-size, the count, the seed and :data:`METHOD`, so a second run and a ``--resume`` reuse them.
+The blocks are cached in ``$HNKIT_CACHE/self_text`` (:mod:`hnkit.token_cache`: ``<key>.int32`` and
+``<key>.json`` with the sha256 of the token ids, checked when read, as the file is small), keyed by
+the model's files, the tokenizer, the block size, the count, the seed and :data:`METHOD`, so a
+second run and a ``--resume`` reuse them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 from pathlib import Path
 
 import torch
 
+from . import token_cache
 from .errors import HnkitError
-from .util import atomic_write, cache_root
 
 MAX_BLOCKS = 64  # neutral blocks written at most (see the module docstring; measured in docs/benchmarks.md)
 BATCH = 64  # blocks sampled together: a decoding step reads all the weights whatever the rows (memory-bound),
@@ -73,38 +73,26 @@ def self_blocks(model, tokenizer, n: int, block_size: int, say=None) -> tuple[to
     """``n`` blocks of ``block_size`` tokens sampled from ``model`` as it is (attach nothing
     before), shape ``[n, block_size]``, and the sha256 of their token ids; cached on disk.
     ``say(line)``: where progress goes (a few lines), or None."""
-    from .text import _tokenizer_digest
-
     say = say or (lambda line: None)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise HnkitError("the tokenizer has no end-of-sequence token to start the neutral text from")
-    key = hashlib.sha256(f"{model_identity(model)}|{_tokenizer_digest(tokenizer)}|{eos}|{block_size}|{n}|"
-                         f"{SEED}|{METHOD}".encode()).hexdigest()[:24]
-    data, info = cache_root() / "self_text" / f"{key}.int32", cache_root() / "self_text" / f"{key}.json"
-    cached = _read_cache(data, info, n, block_size)
+    key = hashlib.sha256(f"{model_identity(model)}|{token_cache.tokenizer_digest(tokenizer)}|{eos}|{block_size}|"
+                         f"{n}|{SEED}|{METHOD}".encode()).hexdigest()[:24]
+    data, info = token_cache.entry("self_text", key)
+    cached = token_cache.read(data, info, block_size, rehash=True, sound=lambda record, size: (
+        (record["blocks"], record["block_size"], size) == (n, block_size, n * block_size * 4)))
     if cached is not None:
         say(f"neutral text for prior preservation: reusing the {n} blocks of {block_size} tokens cached in {data}")
-        return cached
+        return cached[0], cached[1]["sha256"]
     blocks = sample_blocks(model, eos, n, block_size, say)
-    digest = hashlib.sha256(blocks.to(torch.int32).numpy().tobytes()).hexdigest()
-    atomic_write(data, lambda f: f.write(blocks.to(torch.int32).numpy().tobytes()))
-    record = json.dumps({"blocks": n, "block_size": block_size, "sha256": digest, "method": METHOD}).encode()
-    atomic_write(info, lambda f: f.write(record))
-    return blocks, digest
+    raw = blocks.to(torch.int32).numpy().tobytes()
 
+    def write(f) -> dict:
+        f.write(raw)
+        return {"blocks": n, "block_size": block_size, "sha256": hashlib.sha256(raw).hexdigest(), "method": METHOD}
 
-def _read_cache(data: Path, info: Path, n: int, block_size: int) -> tuple[torch.Tensor, str] | None:
-    """The cached blocks and their sha256 when both files are there and the ids match the recorded
-    sha256; else None (they are written again)."""
-    try:
-        record, raw = json.loads(info.read_text()), data.read_bytes()
-        sound = (record["blocks"], record["block_size"]) == (n, block_size) and len(raw) == n * block_size * 4
-        if not sound or hashlib.sha256(raw).hexdigest() != record["sha256"]:
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return torch.frombuffer(bytearray(raw), dtype=torch.int32).view(n, block_size).long(), record["sha256"]
+    return blocks, token_cache.write(data, info, write)["sha256"]
 
 
 @torch.no_grad()

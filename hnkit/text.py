@@ -23,15 +23,14 @@ last partial block dropped, and ``<key>.json``, its size and the sha256 of all t
 (computed while they are written; a resume compares it, so the same text at another path or with
 new file times is the same data). The key hashes the data files (path, size, mtime), the
 tokenizer's serialized form, the block size, the text field and ``CACHE_FORMAT`` (how text is cut),
-so a second run does not tokenize again. Both files are written under temporary names (``mkstemp``,
-unique across the machines sharing a cache), synced and renamed into place; temporary files older
-than a day (runs killed while writing) are removed, and a cache file of the wrong size is
-tokenized again.
+so a second run does not tokenize again. :mod:`hnkit.token_cache` writes both files atomically
+and reads them back; a cache file that is not the size recorded (or not whole blocks) is tokenized
+again. Its sha256 is not checked when read: the record's covers the dropped partial block too, so
+the file alone cannot be checked against it (and a check would hash the whole file at every run).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from array import array
@@ -40,10 +39,10 @@ from pathlib import Path
 
 import torch
 
-from . import text_data
+from . import text_data, token_cache
 from .errors import HnkitError, first_line
 from .preserve import WEIGHT as PRESERVE_WEIGHT
-from .util import atomic_write, cache_root, model_source
+from .util import model_source
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -71,7 +70,6 @@ def context_length(model) -> int | None:
 # -- tokenizing ----------------------------------------------------------------------------------
 BATCH_CHARS = 512 * 1024  # characters per tokenizer call (8 pieces: enough to keep 8 cores busy)
 CACHE_FORMAT = "int32 token ids, pieces of 65536 cut by 3 rules, leading space dropped where a probe says"
-TEMP_MAX_AGE = 24 * 3600  # seconds: older temporary files in the cache are a killed run's leftovers
 
 
 def _cache_key(data: Path, tokenizer, block_size: int, text_field: str) -> str:
@@ -79,26 +77,10 @@ def _cache_key(data: Path, tokenizer, block_size: int, text_field: str) -> str:
     for f in text_data._data_files(data):
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(f"{_tokenizer_digest(tokenizer)}|{tokenizer.eos_token_id}|{block_size}|{text_field}|".encode())
+    tokenizer_digest = token_cache.tokenizer_digest(tokenizer)
+    h.update(f"{tokenizer_digest}|{tokenizer.eos_token_id}|{block_size}|{text_field}|".encode())
     h.update(f"{CACHE_FORMAT}|{text_data.PIECE_CHARS}".encode())  # the cache's format and how text is cut
     return h.hexdigest()[:24]
-
-
-def _tokenizer_digest(tokenizer) -> str:
-    """sha256 of the tokenizer's serialized form: a fast tokenizer's JSON, else its saved files."""
-    import tempfile
-
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        with tempfile.TemporaryDirectory() as folder:
-            tokenizer.save_pretrained(folder)
-            for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-                h.update(f"{f.relative_to(folder)}|{f.stat().st_size}|".encode())
-                h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def tokenized_blocks(data: str | os.PathLike, tokenizer, block_size: int, text_field: str = "text") -> torch.Tensor:
@@ -113,36 +95,21 @@ def tokenized_data(data: str | os.PathLike, tokenizer, block_size: int,
     if tokenizer.eos_token_id is None:
         raise HnkitError("the tokenizer has no end-of-sequence token to separate documents")
     key = _cache_key(Path(data), tokenizer, block_size, text_field)
-    cache, info = cache_root() / "text" / f"{key}.int32", cache_root() / "text" / f"{key}.json"
-    digest = _cached_digest(cache, info, block_size)
-    if digest is None:
-        digest = _write_cache(data, tokenizer, block_size, text_field, cache, info)
-    n = cache.stat().st_size // 4
-    return torch.from_file(str(cache), size=n, dtype=torch.int32).view(-1, block_size).long(), digest
+    cache, info = token_cache.entry("text", key)
+    found = token_cache.read(cache, info, block_size, lambda record, size: record["bytes"] == size)
+    if found is not None:
+        return found[0], found[1]["sha256"]
+    record = _write_cache(data, tokenizer, block_size, text_field, cache, info)
+    return token_cache.load(cache, block_size), record["sha256"]
 
 
-def _cached_digest(cache: Path, info: Path, block_size: int) -> str | None:
-    """The token ids' sha256 of a sound cache entry; None when there is none, or when its file is
-    not the size recorded or not whole blocks (then it is written again)."""
-    try:
-        record, size = json.loads(info.read_text()), cache.stat().st_size
-        digest = record["sha256"]
-        sound = record["bytes"] == size and size > 0 and size % (block_size * 4) == 0 and isinstance(digest, str)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return digest if sound else None
-
-
-def _write_cache(data, tokenizer, block_size: int, text_field: str, cache: Path, info: Path) -> str:
+def _write_cache(data, tokenizer, block_size: int, text_field: str, cache: Path, info: Path) -> dict:
     """Tokenize ``data`` into ``cache`` (int32 ids, whole blocks) and ``info`` (its size and the
-    ids' sha256), each written under a unique temporary name and renamed into place."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(cache.parent)
-    h, size = hashlib.sha256(), 0
+    sha256 of all the ids, the last partial block's too); returns the record."""
     strip = _marks_text_start(tokenizer)
 
-    def write(f) -> None:
-        nonlocal size
+    def write(f) -> dict:
+        h = hashlib.sha256()
         for ids in _token_ids(text_data.read_pieces(data, text_field, text_data.PIECE_CHARS,
                                                    text_data.MAX_LINE_BYTES), tokenizer, strip):
             h.update(ids.tobytes())
@@ -152,23 +119,9 @@ def _write_cache(data, tokenizer, block_size: int, text_field: str, cache: Path,
             raise HnkitError(f"{data}: only {n_tokens} tokens, fewer than one block of {block_size}")
         size = n_tokens // block_size * block_size * 4
         f.truncate(size)  # drop the last partial block
+        return {"bytes": size, "sha256": h.hexdigest()}
 
-    atomic_write(cache, write)
-    record = json.dumps({"bytes": size, "sha256": h.hexdigest()}).encode()
-    atomic_write(info, lambda f: f.write(record))
-    return h.hexdigest()
-
-
-def _remove_stale_temps(folder: Path) -> None:
-    """Delete the temporary files of runs killed while writing the cache (older than a day)."""
-    import time
-
-    for tmp in folder.glob(".*.tmp"):
-        try:
-            if time.time() - tmp.stat().st_mtime > TEMP_MAX_AGE:
-                tmp.unlink()
-        except OSError:
-            pass  # another run removed it first
+    return token_cache.write(cache, info, write)
 
 
 def _marks_text_start(tokenizer) -> bool:

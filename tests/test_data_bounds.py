@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from hnkit import text, text_data
+from hnkit import text, text_data, token_cache
 from hnkit.commands.cli import main
 from hnkit.errors import HnkitError
 from hnkit.text import tokenized_blocks
@@ -240,7 +240,7 @@ def test_old_temporary_files_are_removed_and_new_ones_kept(tiny_lm, tok, tmp_pat
     old, fresh = folder / ".x.int32.abc.tmp", folder / ".y.int32.def.tmp"  # a killed run's, a running one's
     old.write_bytes(b"1234")
     fresh.write_bytes(b"5678")
-    os.utime(old, (time.time() - 2 * text.TEMP_MAX_AGE,) * 2)
+    os.utime(old, (time.time() - 2 * token_cache.TEMP_MAX_AGE,) * 2)
     cached(tmp_path, monkeypatch, tiny_lm, tok)
     assert not old.exists() and fresh.exists()
     assert sorted(p.suffix for p in folder.iterdir()) == [".int32", ".json", ".tmp"]
