@@ -113,8 +113,11 @@ class StyleGenerator(nn.Module):
     def for_model(cls, model, config: GeneratorConfig | None = None, **kwargs) -> "StyleGenerator":
         """An untrained generator (it writes the identity) for ``model``'s attention sites."""
         target = find_target(model)
+        name = model_name(model)
+        if name and Path(name).is_dir():  # a local folder: its name, not where it lies on this machine
+            name = Path(name).name
         return cls(config or GeneratorConfig(), [(s.key, s.width) for s in target.sites], family=target.family,
-                   base_model=model_name(model), fingerprint=fingerprint(model), **kwargs)
+                   base_model=name, fingerprint=fingerprint(model), **kwargs)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "StyleGenerator":
