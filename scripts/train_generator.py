@@ -5,9 +5,10 @@
 
 Each step draws one training style per style row: the example is one of its documents (read by the frozen
 base model, as make_style reads it), the target a block of ANOTHER document of the same style; every row
-gets the style generated from its own example. Neutral rows (Python's reference manual, the library's
-"preserve" documents) carry the styles of the first rows and add the KL divergence from the bare model
-(hnkit's prior preservation), so a generated style keeps the model's ordinary language. The generator
+gets the style generated from its own example. Neutral rows (by default text the bare model writes
+itself, as train-text's prior preservation uses; or the library's neutral "preserve" documents) carry
+the styles of the first rows and add the KL divergence from the bare model, so a generated style keeps
+the model's ordinary language. The same neutral text centres and scales the generator's features. The generator
 starts as the identity (it writes x -> x) and only its own weights train; the base stays frozen.
 Only training styles' "train" documents are read: held-out styles and held-out documents stay unseen.
 """
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hnkit.generator import SHIPPED, GeneratorConfig, StyleGenerator  # noqa: E402
 from hnkit.preserve import Teacher, coarse_kl  # noqa: E402
+from hnkit.self_text import self_blocks  # noqa: E402
 from hnkit.targets import find_target  # noqa: E402
 from hnkit.util import cache_root  # noqa: E402
 
@@ -41,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--styles-per-step", type=int, default=4)
     p.add_argument("--neutral-rows", type=int, default=1)
     p.add_argument("--block", type=int, default=128, help="tokens of a target block")
+    p.add_argument("--neutral", choices=["self", "library"], default="self",
+                   help="neutral text: what the bare model writes itself (train-text's default preservation) "
+                        "or the library's neutral preserve documents")
     p.add_argument("--neutral-blocks", type=int, default=128, help="neutral blocks for the KL term")
     p.add_argument("--save-every", type=int, default=100, help="write the generator every N steps too")
     p.add_argument("--examples-per-style", type=int, default=12, help="documents per style read as examples")
@@ -156,7 +161,10 @@ def main(argv=None) -> None:
     styles, neutral_docs = load_library(Path(args.library), tokenizer)
     names = sorted(styles)
     gen = StyleGenerator.for_model(model, GeneratorConfig(), name=Path(args.output).stem)
-    neutral = packed_blocks(neutral_docs, args.block, pad, args.neutral_blocks)
+    if args.neutral == "self":  # cached under $HNKIT_CACHE/self_text, as train-text's
+        neutral, _ = self_blocks(model, tokenizer, args.neutral_blocks, args.block, print)
+    else:
+        neutral = packed_blocks(neutral_docs, args.block, pad, args.neutral_blocks)
     neutral_statistics(gen, model, neutral[:64])
     feats = {name: read_all(gen, model, styles[name][: args.examples_per_style], pad) for name in names}
     teacher = Teacher(model, neutral)
@@ -184,7 +192,7 @@ def main(argv=None) -> None:
 def save(gen, args, argv, step, seconds, prep, names, ema) -> None:
     gen.info = {"command": "python scripts/train_generator.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 "steps": step, "train_seconds": round(seconds), "prepare_seconds": round(prep),
-                "threads": args.threads, "styles": names, "machine": "2-core CPU" if args.threads == 2 else "",
+                "threads": args.threads, "styles": names, "neutral": args.neutral, "machine": "2-core CPU" if args.threads == 2 else "",
                 "last_nll": round(ema[0], 4), "last_kl": round(ema[1], 5)}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     gen.save(args.output)
