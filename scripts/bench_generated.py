@@ -576,9 +576,17 @@ def front_series(results: dict) -> dict:
         points = [p for r in results.values() for p in r["methods"].get(m, [])]
         curves = [p["curve"] for p in points if "share" in p.get("curve", {})]
         if curves:
-            series[m] = [(100 * median(c["neutral_cost"][k] for c in curves),
-                          100 * median(c["share"][k] for c in curves)) for k in range(len(curves[0]["share"]))]
+            found = [(100 * median(c["neutral_cost"][k] for c in curves),
+                      100 * median(c["share"][k] for c in curves)) for k in range(len(curves[0]["share"]))]
+            found = [(x, y) for x, y in found if x <= PLOT_MAX_COST and y >= PLOT_MIN_SHARE]
+            if found:
+                series[m] = found
     return series
+
+
+# The plots show the region that matters; a strength that wrecks the model (a style vector at
+# strength 1 can cost +80,000 % neutral perplexity) would squash every other point into a corner.
+PLOT_MAX_COST, PLOT_MIN_SHARE = 30.0, -100.0
 
 
 def targets(summary: dict, train: dict, timing: dict, gen: dict) -> list[str]:
@@ -759,7 +767,7 @@ def report(bench: Bench, found: dict) -> dict:
     for name, methods in PLOTS.items():  # line_plot has five colours: the generator and four others a plot
         pngs.append(line_plot({m: series[m] for m in methods if m in series}, bench.out / name,
                               title="median share of the oracle's gain % (up) against neutral cost % (right), "
-                                    "one point per strength"))
+                                    f"one point per strength (costs above +{PLOT_MAX_COST:.0f} % left out)"))
     setting = {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}
     result = {"setting": {**setting, "model": str(bench.model_dir), "model_fingerprint": bench.fp},
               "methods": summary, "training_styles": train, "timings": timing, "generator": info, "targets": lines,
