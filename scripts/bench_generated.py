@@ -54,10 +54,12 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hnkit  # noqa: E402
 from hnkit.errors import HnkitError  # noqa: E402
 from hnkit.generator import MIN_EXAMPLE_CHARS, SHIPPED, StyleGenerator, fingerprint  # noqa: E402
 from hnkit.plot import line_plot  # noqa: E402
+from train_generator import padded  # noqa: E402  (right-padded ids and a mask, as the generator is trained)
 from hnkit.targets import find_target  # noqa: E402
 from hnkit.text import context_length, load_causal_lm  # noqa: E402
 from hnkit.util import cache_root  # noqa: E402
@@ -161,15 +163,6 @@ def token_rows(tokenizer, texts: list[str], limit: int) -> list[list[int]]:
     """Each text's first ``limit`` token ids (texts of fewer than 2 tokens left out)."""
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:limit] for t in texts]
     return [r for r in rows if len(r) >= 2]
-
-
-def padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-    return ids, mask
 
 
 @torch.no_grad()
