@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
 from torch import nn
 
 from .errors import HnkitError, first_line
@@ -132,7 +133,7 @@ class StyleGenerator(nn.Module):
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name, "config": asdict(self.config),
                 "sites": self.sites, "family": self.family, "base_model": self.base_model,
                 "fingerprint": self.fingerprint, "info": self.info}
-        atomic_write(path, lambda f: f.write(_safetensors_bytes(tensors, {META_KEY: json.dumps(meta)})))
+        atomic_write(path, lambda f: f.write(st_save(tensors, metadata={META_KEY: json.dumps(meta)})))
         return path
 
     # -- reading an example --------------------------------------------------------------------
@@ -246,11 +247,6 @@ def hidden_multiplier(hidden: int, width: int) -> float:
     while int(width * m) < hidden:
         m = math.nextafter(m, math.inf)
     return m
-
-
-def _safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
-    from safetensors.torch import save
-    return save(tensors, metadata=metadata)
 
 
 def load_generator(path: Path) -> StyleGenerator:
