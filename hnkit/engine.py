@@ -43,7 +43,7 @@ import torch
 
 from .errors import HnkitError
 from .resident import MAX_STYLES, GeneratedStyles, ResidentStyles, ServedStyles, unknown_style
-from .steer import MAX_STRENGTH
+from .steer import check_strength
 from .text import context_length
 
 GREEDY_BELOW = 1e-5  # a lower temperature samples greedily: one-hot anyway, and dividing by a tinier one overflows
@@ -52,12 +52,6 @@ SHUTTING_DOWN = "the server is shutting down"
 
 class EngineClosed(RuntimeError):
     """What a task given to a closed engine (:meth:`Engine.call`) fails with."""
-
-
-def check_strength(name: str, s) -> None:
-    """Refuse a strength out of bounds for the style ``name``."""
-    if not isinstance(s, (int, float)) or isinstance(s, bool) or not -MAX_STRENGTH <= s <= MAX_STRENGTH:
-        raise HnkitError(f"strength of {name!r} must be a number in [{-MAX_STRENGTH:g}, {MAX_STRENGTH:g}], got {s!r}")
 
 
 @dataclass
@@ -111,10 +105,7 @@ class Engine:
         self.tasks: list[tuple] = []  # (function, Future) to run between two batches (:meth:`call`)
         self._changed = threading.Condition()
         self.busy = threading.Lock()  # held while a batch is taken and run: holding it queues requests up
-        # what the batches were; "attached": how many sets of styles were attached; "generated": how
-        # many styles were made from examples
-        self.stats = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0, "attached": self.resident.builds,
-                      "generated": 0}
+        self.counts = {"batches": 0, "rows": 0, "largest": 0, "cancelled": 0}  # what the batches were
         self._stop = threading.Event()
         self._thread = None
         if thread:
@@ -142,7 +133,7 @@ class Engine:
         for name, s in styles.items():
             if name not in self.library:
                 raise HnkitError(unknown_style(self.names, name))
-            check_strength(name, s)
+            check_strength(s, f"style {name!r}")
 
     def check(self, styles: dict[str, float], n_prompt: int, max_tokens: int) -> None:
         """Refuse what a batch could not run: unknown styles, bad strengths, more styles than can be
@@ -179,6 +170,12 @@ class Engine:
         future.set_exception(EngineClosed(SHUTTING_DOWN))
         return future
 
+    @property
+    def stats(self) -> dict:
+        """What the batches were, how many sets of styles were attached ("attached") and how many styles
+        were made from examples ("generated"), read from where each is counted."""
+        return {**self.counts, "attached": self.resident.builds, "generated": self.generated.made}
+
     def style_from_example(self, text: str) -> Future:
         """The style of the example ``text`` (:meth:`hnkit.resident.GeneratedStyles.make`), made
         unless kept: a Future of ``{name, tokens, seconds, cached}``, done at once when kept."""
@@ -191,10 +188,7 @@ class Engine:
 
     def _make_style(self, text: str) -> dict:
         self.resident.set_strengths([])  # every style at 0: the generator reads the bare model
-        try:
-            return self.generated.make(self.model, self.tokenizer, text)
-        finally:
-            self.stats["generated"] = self.generated.made
+        return self.generated.make(self.model, self.tokenizer, text)
 
     def close(self) -> None:
         """Stop serving and take the styles off the model. Jobs and tasks still waiting, and the rows
@@ -290,7 +284,6 @@ class Engine:
         needed = {name for j in jobs for name in j.styles}
         self.generated.used(needed)
         failed = self.resident.update(needed)
-        self.stats["attached"] = self.resident.builds
         for j in jobs:
             gone = next((name for name in j.styles if name in failed), None)
             if gone is not None:
@@ -300,8 +293,8 @@ class Engine:
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> None:
         """Generate every job to its end in one batch."""
-        self.stats.update(batches=self.stats["batches"] + 1, rows=self.stats["rows"] + len(jobs),
-                          largest=max(self.stats["largest"], len(jobs)))
+        self.counts.update(batches=self.counts["batches"] + 1, rows=self.counts["rows"] + len(jobs),
+                           largest=max(self.counts["largest"], len(jobs)))
         width = max(len(j.prompt_ids) for j in jobs)
         ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device)
         mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
@@ -374,7 +367,7 @@ class Engine:
     def _advance(self, job: Job, token: int) -> bool:
         """Take ``token`` into ``job``, emit what can be sent; False when the job has ended."""
         if job.cancelled:
-            self.stats["cancelled"] += 1
+            self.counts["cancelled"] += 1
             job.finish_reason = "cancelled"
             return False
         ended = None

@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from .engine import check_strength
+from .steer import check_strength
 from .errors import HnkitError, shown
 from .generator import check_example
 from .resident import example_name
@@ -196,7 +196,7 @@ def request_styles(body: dict, base: str, engine, made: str | None = None) -> di
             raise RequestError(f"strength of style {name!r} must be a finite number, got {shown(s)}", fields[name])
         try:
             if name == made:  # known once made
-                check_strength(name, value)
+                check_strength(value, f"style {name!r}")
             else:
                 engine.check_styles({name: value})
         except HnkitError as exc:

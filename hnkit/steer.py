@@ -28,7 +28,9 @@ MAX_STRENGTH = 4.0
 
 
 def check_strength(value: float, what: str) -> None:
-    """Refuse a strength outside [-MAX_STRENGTH, MAX_STRENGTH], naming ``what`` it is."""
+    """Refuse a strength that is not a number in [-MAX_STRENGTH, MAX_STRENGTH], naming ``what`` it is."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise HnkitError(f"{what}: strength {value!r} is not a number in [{-MAX_STRENGTH:g}, {MAX_STRENGTH:g}]")
     if not -MAX_STRENGTH <= value <= MAX_STRENGTH:
         raise HnkitError(f"{what}: strength {value:g} is outside [{-MAX_STRENGTH:g}, {MAX_STRENGTH:g}] "
                          "(beyond it a style is noise)")

@@ -166,7 +166,7 @@ def test_chat_completions_use_the_chat_template(served):
     ("/v1/completions", {"model": "tiny+pastel", "prompt": "x"}, 400, "unknown style 'pastel'"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "unknown model 'gpt-4'"),
     ("/v1/completions", {"model": "tiny+noir:lots", "prompt": "x"}, 400, "not a number"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "hypernetworks": {"noir": 99}}, 400, "strength of 'noir'"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "hypernetworks": {"noir": 99}}, 400, "style 'noir': strength 99 is outside"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "hypernetworks": {"noir": "high"}}, 400, "finite number"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "hypernetworks": ["noir"]}, 400, "hypernetworks must be"),
     ("/v1/completions", {"model": "tiny", "prompt": "word " * 200}, 400, "context"),

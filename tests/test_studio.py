@@ -197,7 +197,7 @@ def test_a_bad_strength_marks_the_control_that_set_it(page):
     page.fill("#factors", "1, 9")  # gothic at 9: past the largest strength
     page.click("#compare")
     page.wait_for_function("() => document.querySelector('#status').className === 'error'")
-    assert page.text_content("#status").startswith("factors: strength of 'gothic'")
+    assert page.text_content("#status").startswith("factors: style 'gothic': strength 9 is outside")
     assert page.locator(".invalid").evaluate_all("(es) => es.map((e) => e.id)") == ["factors"]
     page.fill("#factors", "1")
     page.click("#compare")
