@@ -59,7 +59,7 @@ import hnkit  # noqa: E402
 from hnkit.errors import HnkitError  # noqa: E402
 from hnkit.generator import MIN_EXAMPLE_CHARS, SHIPPED, StyleGenerator, fingerprint  # noqa: E402
 from hnkit.plot import line_plot  # noqa: E402
-from train_generator import padded  # noqa: E402  (right-padded ids and a mask, as the generator is trained)
+from train_generator import padded, read_all  # noqa: E402  (batched as the generator is trained)
 from hnkit.targets import find_target  # noqa: E402
 from hnkit.text import context_length, load_causal_lm  # noqa: E402
 from hnkit.util import cache_root  # noqa: E402
@@ -196,13 +196,6 @@ def strength_curve(model, hn, rows, pad: int, strengths: list[float]) -> tuple[l
 
 
 # -- the generator's reading, the style vector ---------------------------------------------------------
-def site_means(gen, model, rows: list[list[int]], pad: int, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's mean K/V input per site ``[N, L, D]`` (its first max_tokens tokens) and its token count."""
-    rows = [r[:gen.config.max_tokens] for r in rows]
-    means = [gen.read(model, *padded(rows[i:i + batch], pad)) for i in range(0, len(rows), batch)]
-    return torch.cat(means), torch.tensor([len(r) for r in rows], dtype=torch.float32)
-
-
 def vector_style(model, gen, example_ids: torch.Tensor, neutral_mean: torch.Tensor, name: str):
     """The style vector: a per-site "lowrank" network of rank 1 whose residual is the constant
     ``c = mean K/V input over the example - the same over neutral text`` (up.weight zero), for K and V."""
@@ -315,8 +308,9 @@ class Bench:
 
     def neutral_mean(self) -> torch.Tensor:
         if "neutral-mean" not in self.cache:
-            means, counts = site_means(self.gen, self.model, self.rows("neutral", "preserve")[:NEUTRAL_MEAN_DOCS],
-                                       self.pad)
+            rows = [r[:self.gen.config.max_tokens] for r in self.rows("neutral", "preserve")[:NEUTRAL_MEAN_DOCS]]
+            means = read_all(self.gen, self.model, rows, self.pad)
+            counts = torch.tensor([len(r) for r in rows], dtype=torch.float32)
             self.cache["neutral-mean"] = (means * counts[:, None, None]).sum(0) / counts.sum()
         return self.cache["neutral-mean"]
 
@@ -371,7 +365,7 @@ def style_features(bench: Bench) -> dict[str, torch.Tensor]:
         rows = token_rows(bench.tokenizer, bench.lib.docs(name, "train")[:FEATURE_DOCS], bench.gen.config.max_tokens)
         path = bench.out / f"features-{name}-{digest([bench.fp, bench.gen.config.max_tokens, rows])}.safetensors"
         if not path.exists():
-            means, _ = site_means(bench.gen, bench.model, rows, bench.pad)
+            means = read_all(bench.gen, bench.model, rows, bench.pad)
             save_file({"mean": means.mean(0).contiguous()}, str(path))
         out[name] = load_file(str(path))["mean"]
     return out
