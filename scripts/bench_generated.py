@@ -23,7 +23,8 @@ document on its own, its first --block-size tokens) and on neutral test document
 
 share = (NLL_bare - NLL_method) / (NLL_bare - NLL_oracle), each method (the oracle too) at its own best
 strength of the grid whose neutral perplexity is at most --max-neutral-cost above bare (none: share 0,
-and the table says so); the median over the examples, then over styles with its spread. --train-styles
+and the table says so); the median over the examples, then over styles with its spread (--baseline-examples N:
+prefix, vector and nearest on each style's first N examples only, as they cost trainings). --train-styles
 K training styles are measured too (generated and oracle on their held-out documents, examples from
 their training documents).
 
@@ -84,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/bench-generated", help="kept units of work, summary.json, shares.png")
     p.add_argument("--styles", type=int, help="held-out styles measured (0: all; default 0)")
     p.add_argument("--examples", type=int, help="example documents per held-out style (default 3)")
+    p.add_argument("--baseline-examples", type=int, default=None,
+                   help="prefix, vector and nearest on only the first this many examples of a style (default: "
+                        "every example; the generator and its controls always take every example)")
     p.add_argument("--train-styles", type=int, help="training styles also measured (default 2)")
     p.add_argument("--strengths", help="the strength grid (default 0.25,0.5,0.75,1,1.5,2)")
     p.add_argument("--oracle-steps", type=int, help="train-text steps of oracle, union, nearest (default 100)")
@@ -454,15 +458,17 @@ def measure_heldout(bench: Bench, style: str, features, neutral_examples: list[s
     examples = usable(lib.docs(style, "example"))[:bench.args.examples]
     if len(examples) < bench.args.examples:
         console.log(f"{style}: {len(examples)} example documents of at least {MIN_EXAMPLE_CHARS} characters")
+    baseline = bench.args.baseline_examples
     for j, example in enumerate(examples):
         console.log(f"{style}: example {j + 1} of {len(examples)}")
-        if "prefix" in only:
+        baselines_too = baseline is None or j < baseline
+        if "prefix" in only and baselines_too:
             run.add_prefix(example)
-        if "vector" in only:
+        if "vector" in only and baselines_too:
             run.add("vector", bench.vector(example), example=j)
         if "generated" in only:
             run.add("generated", bench.generated(example), example=j)
-        if "nearest" in only:
+        if "nearest" in only and baselines_too:
             name = nearest_style(bench, example, features)
             run.add("nearest", bench.trained(f"style-{name}", lib.docs(name, "train")), example=j, style=name)
         if "wrong-style" in only and wrong:

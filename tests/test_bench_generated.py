@@ -44,6 +44,12 @@ def test_tiny_bench_measures_every_method_and_resumes(tmp_path):
     assert re.search(r"training [\w-]+: \d+ documents", again) is None
     assert kept["methods"] == methods
 
+    _, fewer = bench(tmp_path, "--baseline-examples", "1")  # the baselines on each style's first example only
+    for r in fewer["styles"]["heldout"].values():
+        ms = r["methods"]
+        assert [len(ms[m]) for m in ("generated", "wrong-style", "wrong-neutral")] == [2, 2, 2]
+        assert [len(ms[m]) for m in ("prefix", "vector", "nearest")] == [1, 1, 1]
+
     changed, summary = bench(tmp_path, "--oracle-steps", "4", "--only", "generated", "--train-styles", "0",
                              "--init-steps", "10")
     assert "training oracle-desert: 8 documents, 4 steps" in changed  # not the 3-step oracle kept
