@@ -178,9 +178,13 @@ class StyleGenerator(nn.Module):
         return torch.stack(means, 1).to(self.mu.device)
 
     # -- writing a style -----------------------------------------------------------------------
+    def features(self, means: torch.Tensor) -> torch.Tensor:
+        """Site means ``[..., L, D]`` centred and scaled by the neutral text's: what the generator reads."""
+        return (means - self.mu) / self.sigma
+
     def codes(self, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gates ``g [B, L, 2, H]`` and shifts ``b2 [B, L, 2, D]`` for examples' site means ``[B, L, D]``."""
-        f = (means - self.mu) / self.sigma
+        f = self.features(means)
         e = torch.tanh(torch.einsum("nld,led->ne", f, self.q) / math.sqrt(len(self.sites)))
         g = torch.einsum("ne,ljhe->nljh", e, self.c) + self.c0
         low = torch.einsum("nljr,ljdr->nljd", torch.einsum("nld,ljrd->nljr", f, self.b), self.a)

@@ -378,8 +378,8 @@ def style_features(bench: Bench) -> dict[str, torch.Tensor]:
 def nearest_style(bench: Bench, example: str, styles: dict[str, torch.Tensor]) -> str:
     """The training style whose generator features (mean - mu) / sigma are nearest (cosine) to the example's."""
     gen = bench.gen
-    mine = ((gen.read(bench.model, gen.token_ids(bench.tokenizer, example))[0] - gen.mu) / gen.sigma).flatten()
-    sims = {name: F.cosine_similarity(mine, ((m - gen.mu) / gen.sigma).flatten(), dim=0).item()
+    mine = gen.features(gen.read(bench.model, gen.token_ids(bench.tokenizer, example))[0]).flatten()
+    sims = {name: F.cosine_similarity(mine, gen.features(m).flatten(), dim=0).item()
             for name, m in styles.items()}
     return max(sims, key=sims.get)
 

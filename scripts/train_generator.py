@@ -147,7 +147,7 @@ def nearest_styles(gen, feats: dict, k: int) -> dict:
     """Each style's ``k`` nearest other styles: cosine of their mean generator features (as make_style
     centres and scales them)."""
     names = sorted(feats)
-    centred = torch.stack([((feats[n].mean(0) - gen.mu) / gen.sigma).flatten() for n in names])
+    centred = torch.stack([gen.features(feats[n].mean(0)).flatten() for n in names])
     sims = torch.nn.functional.normalize(centred, dim=1) @ torch.nn.functional.normalize(centred, dim=1).T
     sims.fill_diagonal_(-2.0)
     return {n: [names[j] for j in sims[i].topk(min(k, len(names) - 1)).indices.tolist()] for i, n in enumerate(names)}
@@ -182,11 +182,12 @@ def step_loss(gen, model, target, rows, feats, neutral, teacher, args, pad, n_id
     ids, mask = padded([t for _, _, t in rows], pad, args.block)
     labels = ids.masked_fill(mask == 0, -100)
     own = torch.arange(s)
-    other = own ^ 1  # rows come in pairs of similar styles (episode): each row's wrong style is its pair's
     contrast = args.contrast_weight > 0
-    pick = torch.cat([own, other if contrast else own[:0], torch.arange(len(n_idx)) % s])
+    # the styles' codes per row: their own, then (contrast) their pair's: rows come in pairs of similar styles
+    scored = [own, own ^ 1] if contrast else [own]
+    pick = torch.cat(scored + [torch.arange(len(n_idx)) % s])  # neutral rows carry the first styles
     g, b2 = gen.codes(means)
-    batch = torch.cat([ids, ids, neutral[n_idx]] if contrast else [ids, neutral[n_idx]])
+    batch = torch.cat([ids] * len(scored) + [neutral[n_idx]])
     logits = styled_logits(gen, model, target, batch, g[pick], b2[pick])
     nll = F.cross_entropy(logits[:s, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
     kl = coarse_kl(teacher.values[n_idx], teacher.indices[n_idx], teacher.rest[n_idx], logits[len(batch) - len(n_idx):])
